@@ -1,0 +1,888 @@
+"""Shared pieces for the flow-matching RL scripts: schedules, samplers, advantages, models, rewards, run plumbing.
+
+Everything an algorithm file needs but that is not the algorithm itself lives here, so that `dgpo.py`,
+`flow_grpo.py`, ... each read top to bottom like the paper's Algorithm box. The math follows
+`ALGORITHMS.md` section 0 (rectified-flow convention of SD3/FLUX and diffusers):
+
+    x_s = (1 - s) * x0 + s * eps        s in [0, 1], s = 1 is pure noise
+    v   = v_theta(x_s, s, c)            target eps - x0
+    x0_hat  = x_s - s * v               (predicted clean sample)
+    eps_hat = x_s + (1 - s) * v         (predicted noise)
+    sigmas  = [1 = s_0 > s_1 > ... > s_N = 0]
+
+Sections: schedules, ODE solvers, the SDE step with log-probability, advantages and the PPO loss,
+policies (the model interface: toy2d, tiny-flux), rewards, tasks, arguments and presets, run plumbing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Cond = dict[str, torch.Tensor]  # a batch of prompt conditioning: every tensor has the batch as dim 0
+
+
+# ======================================================================================================
+# Schedules
+# ======================================================================================================
+
+
+def static_shift(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's static timestep shift `k s / (1 + (k - 1) s)` (shift 3 for SD3.5, DanceGRPO and G2RPO's FLUX)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flux_mu(image_seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """FLUX's resolution-dependent shift parameter: the line through (256, 0.5) and (4096, 1.15)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flux_time_shift(s: torch.Tensor, mu: float) -> torch.Tensor:
+    """FLUX's exponential time shift `e^mu / (e^mu + (1/s - 1))`."""
+    return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+
+
+def make_sigmas(num_steps: int, shift: Optional[float] = None, image_seq_len: Optional[int] = None) -> torch.Tensor:
+    """The N+1 noise levels `[1, ..., 0]` of an N-step sampler, float64 on the CPU.
+
+    - `shift` given: static shift of `linspace(1, 0, N+1)` (SD3 pipeline, DanceGRPO, G2RPO).
+    - `image_seq_len` given: FLUX's dynamic shift of `linspace(1, 1/N, N)`, then 0 appended; this is
+      exactly what `FluxPipeline` hands to `FlowMatchEulerDiscreteScheduler` (and Flow-GRPO's FLUX code).
+    - neither: the plain linear schedule.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift is not None and image_seq_len is not None:
+        raise ValueError("give either a static `shift` or an `image_seq_len` for FLUX's dynamic shift, not both")
+    if image_seq_len is not None:
+        s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+        return torch.cat([flux_time_shift(s, flux_mu(image_seq_len)), s.new_zeros(1)])
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return static_shift(s, shift) if shift is not None else s
+
+
+def _as_batch(s, x: torch.Tensor) -> torch.Tensor:
+    """A noise level (python float, 0-d or (B,) tensor) as a float32 tensor broadcastable against x."""
+    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+    return s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim else s
+
+
+# ======================================================================================================
+# ODE solvers
+# ======================================================================================================
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """`x' = x + (s' - s) v`. The step to s' = 0 lands exactly on `x0_hat = x - s v`."""
+    return x + (_as_batch(sigma_next, x) - _as_batch(sigma, x)) * v
+
+
+def dpm_solver_2m_step(x, v, sigma, sigma_next, prev: Optional[tuple] = None):
+    """One DPM-Solver++(2M) step in data prediction for flow matching (midpoint form, as diffusers).
+
+    With `alpha_s = 1 - s`, `lambda_s = log(alpha_s / s)`, `h = lambda' - lambda`, `D0 = x0_hat`:
+        first order:  x' = (s'/s) x - alpha' (e^{-h} - 1) D0
+        second order: x' = (s'/s) x - alpha' (e^{-h} - 1) D0 - 0.5 alpha' (e^{-h} - 1) D1,
+                      D1 = (D0 - D_prev) / r0,  r0 = h_prev / h.
+    `prev` is the `(D_prev, h_prev)` the previous step returned (None on the first step: first order).
+    The step to s' = 0 returns D0 (first order there, as diffusers' `lower_order_final`).
+    Returns `(x', (D0, h))` to feed into the next call.
+    """
+    s, s_next = float(sigma), float(sigma_next)
+    d0 = x - s * v
+    if s_next == 0.0:
+        return d0, None
+    lam = math.log((1 - s) / s) if s < 1 else -math.inf
+    lam_next = math.log((1 - s_next) / s_next)
+    h = lam_next - lam
+    alpha_next = 1 - s_next
+    phi = math.expm1(-h)  # e^{-h} - 1
+    x_next = (s_next / s) * x - alpha_next * phi * d0
+    if prev is not None and math.isfinite(h):
+        d_prev, h_prev = prev
+        d1 = (d0 - d_prev) / (h_prev / h)
+        x_next = x_next - 0.5 * alpha_next * phi * d1
+    return x_next, (d0, h)
+
+
+@torch.no_grad()
+def sample_ode(policy: "Policy", x: torch.Tensor, sigmas: torch.Tensor, cond: Cond, solver: str = "dpm2m",
+               return_trajectory: bool = False):
+    """Integrate the probability-flow ODE from `x` at `sigmas[0]` down to `sigmas[-1]`.
+
+    Returns the final state, or with `return_trajectory` the list of all N+1 states `[x_0, ..., x_N]`
+    (x_0 the input), which is what Neighbor GRPO and G2RPO store for training.
+    """
+    if solver not in ("euler", "dpm2m"):
+        raise ValueError(f"unknown ODE solver {solver!r}: use 'euler' or 'dpm2m'")
+    states, prev = [x], None
+    for j in range(len(sigmas) - 1):
+        v = policy.velocity(x, sigmas[j], cond)
+        if solver == "euler":
+            x = euler_step(x, v, sigmas[j], sigmas[j + 1])
+        else:
+            x, prev = dpm_solver_2m_step(x, v, sigmas[j], sigmas[j + 1], prev)
+        states.append(x)
+    return states if return_trajectory else x
+
+
+# ======================================================================================================
+# The SDE step with log-probability (Flow-GRPO; G2RPO and Pro-GRPO use the same)
+# ======================================================================================================
+
+
+def sde_step_with_logprob(x, v, sigma, sigma_next, noise_level: float, prev_sample=None, generator=None,
+                          variant: str = "flow_grpo"):
+    """One reverse-SDE step `s -> s'` and the Gaussian log-density of its outcome.
+
+    variant "flow_grpo" (Flow-GRPO's `sde` type), noise level a:
+        std  = a * sqrt(s / (1 - s))              (s = 1 in the DENOMINATOR replaced by sigmas[1], as the
+                                                   official code; at s = 1 that is s', so no extra argument)
+        mean = x + [v + std^2 / (2 s) * (x + (1 - s) v)] * dt,     dt = s' - s < 0
+        x'   = mean + std * sqrt(-dt) * z
+    variant "dance_grpo" (DanceGRPO's `flux_step`): the same drift with a constant eta in place of std,
+        and step std `eta * sqrt(s - s')`.
+
+    The drift adds the score term `-(x + (1 - s) v) / s` so that the SDE keeps the ODE's marginals; with
+    a = 0 the step is the Euler step. `log_prob` is computed in float32 and averaged (not summed) over all
+    non-batch dims, as both official codes do. Passing `prev_sample` scores that outcome instead of sampling
+    (the training-time recomputation); it is detached, so gradients flow only through the mean.
+    Returns `(x', log_prob, mean, std)` like the official code: `std` is the SDE's diffusion coefficient
+    (a sqrt(s/(1-s)), or eta), so x' ~ N(mean, (std sqrt(-dt))^2 I); Flow-GRPO's KL divides by 2 std^2.
+    """
+    x, v = x.float(), v.float()
+    s, s_next = _as_batch(sigma, x), _as_batch(sigma_next, x)
+    dt = s_next - s
+    if variant == "flow_grpo":
+        std = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
+        step_std = std * torch.sqrt(-dt)
+    elif variant == "dance_grpo":
+        std = torch.full_like(s, noise_level)
+        step_std = std * torch.sqrt(-dt)
+    else:
+        raise ValueError(f"unknown SDE variant {variant!r}: use 'flow_grpo' or 'dance_grpo'")
+    mean = x + (v + std**2 / (2 * s) * (x + (1 - s) * v)) * dt
+    if prev_sample is None:
+        z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+        prev_sample = mean + step_std * z.to(x.device)
+    prev_sample = prev_sample.detach().float()
+    if noise_level == 0:  # deterministic step: the density is a point mass, report 0
+        return mean, torch.zeros(x.shape[0], device=x.device), mean, std
+    log_prob = -((prev_sample - mean) ** 2) / (2 * step_std**2) - torch.log(step_std) - 0.5 * math.log(2 * math.pi)
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std
+
+
+# ======================================================================================================
+# Group advantages and the PPO-clipped loss
+# ======================================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, std: str = "group", clip: float = 5.0, eps: float = 1e-4):
+    """GRPO advantages `A_i = (r_i - mean_group) / (std + eps)`, clipped to [-clip, clip].
+
+    `rewards` has the group as its LAST dimension, e.g. (num_groups, G). `std="group"` divides by each
+    group's std (DanceGRPO, G2RPO); `std="global"` by the std of all rewards given (Flow-GRPO's default,
+    which gathers the rewards of every process first). The mean is always the group's.
+    """
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    if std == "group":
+        scale = rewards.std(dim=-1, keepdim=True) if rewards.shape[-1] > 1 else torch.ones_like(rewards[..., :1])
+    elif std == "global":
+        scale = rewards.std()
+    else:
+        raise ValueError(f"unknown std mode {std!r}: use 'group' or 'global'")
+    return (centred / (scale + eps)).clamp(-clip, clip)
+
+
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
+    """PPO's clipped surrogate `mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps)))`, rho = exp(logp - logp_old).
+
+    Returns `(loss, stats)` with the clip fraction and the approx-KL `0.5 (logp - logp_old)^2` of the
+    official Flow-GRPO logging.
+    """
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+             "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean().item()}
+    return loss, stats
+
+
+# ======================================================================================================
+# Policies: the one interface every algorithm uses, whatever model is behind it
+# ======================================================================================================
+
+
+def select(cond: Cond, index) -> Cond:
+    """Rows `index` of every tensor of a conditioning batch (use it to repeat prompts into groups)."""
+    return {k: t[index] for k, t in cond.items()}
+
+
+class Policy:
+    """A flow-matching model as the RL scripts see it.
+
+    - `velocity(x, sigma, cond)`: v_theta; counts NFE with and without gradient.
+    - `encode_prompts(prompts)` -> cond; `decode(x)` -> what rewards score; `initial_noise(n, generator)`.
+    - `trainable_parameters()`; `reference()`: context in which `velocity` is the frozen base model
+      (LoRA adapters disabled, or a frozen copy for full fine-tuning).
+    - `save(dir)` / `load(dir)` for the trained weights.
+    Subclasses implement `_forward(net, x, sigma, cond)`.
+    """
+
+    default_shift: Optional[float] = None  # static shift; None and `image_seq_len` None means linear
+    image_seq_len: Optional[int] = None  # set for FLUX: its schedules use the dynamic shift
+
+    def __init__(self, net: nn.Module, reference_net: Optional[nn.Module] = None):
+        self.net = net
+        self.reference_net = reference_net  # frozen copy (full fine-tuning); None with LoRA
+        self.nfe = {"no_grad": 0, "grad": 0}
+        self._count = True
+        self._use_reference = False
+        self.accelerator = None
+
+    # --- the model call ---------------------------------------------------------------------------------
+    def velocity(self, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
+        if self._count:
+            self.nfe["grad" if torch.is_grad_enabled() else "no_grad"] += x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        net = self.net
+        if self._use_reference and self.reference_net is not None:
+            net = self.reference_net
+        autocast = self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+        with autocast:
+            return self._forward(net, x, sigma, cond).float()
+
+    def _forward(self, net, x, sigma, cond):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def nfe_paused(self):
+        """Evaluation does not count toward the training NFE totals."""
+        self._count = False
+        try:
+            yield
+        finally:
+            self._count = True
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Inside this context `velocity` is the frozen reference (base) model."""
+        if self.reference_net is None and not self._has_adapters():
+            raise RuntimeError("this policy keeps no reference model: build it with keep_reference=True "
+                               "(full fine-tuning) or with LoRA (lora_rank > 0)")
+        self._use_reference = True
+        adapters = self._has_adapters()
+        if adapters:
+            self._unwrapped().disable_adapters()
+        try:
+            yield
+        finally:
+            self._use_reference = False
+            if adapters:
+                self._unwrapped().enable_adapters()
+
+    def _has_adapters(self) -> bool:
+        return bool(getattr(self._unwrapped(), "peft_config", None))
+
+    def _unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.net) if self.accelerator is not None else self.net
+
+    # --- training plumbing ------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def prepare(self, accelerator, optimizer):
+        """Hand the trainable network and its optimizer to accelerate (DDP/FSDP wrapping, autocast)."""
+        self.accelerator = accelerator
+        self.net, optimizer = accelerator.prepare(self.net, optimizer)
+        return optimizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # --- data in and out --------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> Cond:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def initial_noise(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """N(0, I) noise of the sampler's state shape; drawn on the generator's device, then moved."""
+        gen_device = generator.device if generator is not None else self.device
+        return torch.randn((n, *self.sample_shape()), generator=generator, device=gen_device).to(self.device)
+
+    def sigmas(self, num_steps: int, shift: Optional[float] = None) -> torch.Tensor:
+        """This model's sampling schedule: a static `shift` if given, else the model's default."""
+        if shift is not None:
+            return make_sigmas(num_steps, shift=shift)
+        if self.image_seq_len is not None:
+            return make_sigmas(num_steps, image_seq_len=self.image_seq_len)
+        return make_sigmas(num_steps, shift=self.default_shift)
+
+    def save(self, directory: str | Path):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, directory: str | Path):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------------
+# toy2d: a 2D flow model on an 8-mode ring. Prompt c asks for mode c; the base model ignores the prompt.
+# ------------------------------------------------------------------------------------------------------
+
+TOY_NUM_MODES = 8
+TOY_RING_RADIUS = 4.0
+TOY_MODE_STD = 0.25
+
+
+def toy_modes() -> torch.Tensor:
+    """The 8 ring modes mu_c, shape (8, 2)."""
+    angle = torch.arange(TOY_NUM_MODES) * (2 * math.pi / TOY_NUM_MODES)
+    return TOY_RING_RADIUS * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+
+
+class ToyVelocityNet(nn.Module):
+    """MLP v(x, s, c): x (B, 2), s (B,), prompt id c (B,) -> (B, 2). Sinusoidal features of s."""
+
+    def __init__(self, hidden: int = 256, depth: int = 3, num_prompts: int = TOY_NUM_MODES, emb_dim: int = 32):
+        super().__init__()
+        self.prompt_emb = nn.Embedding(num_prompts, emb_dim)
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(6), persistent=False)
+        layers, width = [], 2 + 1 + 2 * len(self.freqs) + emb_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 2))
+
+    def forward(self, x, sigma, prompt_id):
+        ts = sigma[:, None] * self.freqs
+        h = torch.cat([x, sigma[:, None], ts.sin(), ts.cos(), self.prompt_emb(prompt_id)], dim=-1)
+        return self.mlp(h)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FLOWRL_CACHE", Path.home() / ".cache" / "flowrl"))
+
+
+def pretrain_toy_base(config: dict, log: Callable[[str], None] = print) -> ToyVelocityNet:
+    """Flow-matching pretraining of the toy base model on the ring (data independent of the prompt).
+
+    Cached on disk under $FLOWRL_CACHE (default ~/.cache/flowrl), keyed by a hash of its config, so only the
+    first run pays the few seconds it takes.
+    """
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    path = _cache_dir() / f"toy2d-base-{key}.pt"
+    net = ToyVelocityNet(hidden=config["hidden"], depth=config["depth"])
+    if path.exists():
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net
+    log(f"[toy2d] pretraining the base flow model ({config['steps']} steps); cached at {path}")
+    g = torch.Generator().manual_seed(config["seed"])
+    opt = torch.optim.Adam(net.parameters(), lr=config["lr"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config["steps"])
+    modes = toy_modes()
+    for _ in range(config["steps"]):
+        n = config["batch"]
+        x0 = modes[torch.randint(TOY_NUM_MODES, (n,), generator=g)] + TOY_MODE_STD * torch.randn(n, 2, generator=g)
+        eps = torch.randn(n, 2, generator=g)
+        s = torch.rand(n, generator=g)
+        xs = (1 - s[:, None]) * x0 + s[:, None] * eps
+        c = torch.randint(TOY_NUM_MODES, (n,), generator=g)  # the prompt carries no information here
+        loss = F.mse_loss(net(xs, s, c), eps - x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    return net
+
+
+TOY_BASE_CONFIG = {"hidden": 128, "depth": 3, "steps": 3000, "batch": 512, "lr": 3e-3, "seed": 0,
+                   "modes": TOY_NUM_MODES, "radius": TOY_RING_RADIUS, "std": TOY_MODE_STD}
+
+
+class Toy2DPolicy(Policy):
+    """toy2d: prompts are "mode 0" ... "mode 7"; the sample is a point in the plane. Full fine-tuning."""
+
+    default_shift = None
+
+    def __init__(self, device="cpu", keep_reference: bool = True, log=print):
+        net = pretrain_toy_base(TOY_BASE_CONFIG, log).to(device)
+        reference = copy.deepcopy(net).requires_grad_(False).eval() if keep_reference else None
+        super().__init__(net, reference)
+
+    def _forward(self, net, x, sigma, cond):
+        return net(x, sigma, cond["prompt_id"])
+
+    def encode_prompts(self, prompts):
+        return {"prompt_id": torch.tensor([parse_toy_prompt(p) for p in prompts], device=self.device)}
+
+    def decode(self, x):
+        return x.float()
+
+    def sample_shape(self):
+        return (2,)
+
+    def save(self, directory):
+        from safetensors.torch import save_file
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self._unwrapped().state_dict().items()},
+                  str(Path(directory) / "model.safetensors"))
+
+    def load(self, directory):
+        from safetensors.torch import load_file
+        self._unwrapped().load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+
+
+def parse_toy_prompt(prompt: str) -> int:
+    try:
+        word, idx = prompt.split()
+        assert word == "mode" and 0 <= int(idx) < TOY_NUM_MODES
+        return int(idx)
+    except (ValueError, AssertionError):
+        raise ValueError(f"toy2d prompts are 'mode 0' ... 'mode {TOY_NUM_MODES - 1}', got {prompt!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# tiny-flux: FLUX.1-dev's code path (FluxTransformer2DModel, packed latents, RoPE ids, guidance embedding,
+# AutoencoderKL, LoRA through peft) with diffusers' tiny test configs and random weights.
+# ------------------------------------------------------------------------------------------------------
+
+# Reference LoRA targets for FLUX (DanceGRPO / Flow-GRPO): attention projections and both feed-forwards.
+FLUX_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2"]
+
+
+class HashTextEncoder:
+    """A stand-in text encoder for the random-weight FLUX: each prompt maps to fixed pseudo-random
+    embeddings seeded by a hash of its text. It has no semantics; it only gives every prompt its own
+    `prompt_embeds` (T, D) and `pooled_prompt_embeds` (D_pooled), exactly the tensors FLUX consumes."""
+
+    def __init__(self, seq_len: int, dim: int, pooled_dim: int):
+        self.seq_len, self.dim, self.pooled_dim = seq_len, dim, pooled_dim
+
+    def __call__(self, prompts: list[str]):
+        embeds, pooled = [], []
+        for p in prompts:
+            g = torch.Generator().manual_seed(int(hashlib.sha256(p.encode()).hexdigest()[:15], 16))
+            embeds.append(torch.randn(self.seq_len, self.dim, generator=g))
+            pooled.append(torch.randn(self.pooled_dim, generator=g))
+        return torch.stack(embeds), torch.stack(pooled)
+
+
+class FluxPolicy(Policy):
+    """FLUX: the sampler state is the PACKED latent (B, (H/2)(W/2), 4 C); `decode` unpacks and runs the VAE.
+
+    The transformer takes `timestep = s` and `guidance = scale` (it multiplies both by 1000 internally, as
+    `FluxPipeline` expects). The reference is the same transformer with its LoRA adapters disabled, or a
+    frozen copy under full fine-tuning (only when asked for: it doubles the weights' memory).
+    """
+
+    def __init__(self, transformer, vae, text_encoder, resolution: int, guidance_scale: float = 3.5,
+                 lora_rank: int = 0, lora_alpha: Optional[float] = None, keep_reference: bool = False,
+                 device="cpu"):
+        self.vae = vae.to(device).requires_grad_(False).eval()
+        self.text_encoder = text_encoder
+        self.guidance_scale = guidance_scale
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        latent_hw = resolution // self.vae_scale_factor
+        if latent_hw % 2:
+            raise ValueError(f"resolution {resolution} gives an odd latent size {latent_hw}; FLUX packs 2x2 patches")
+        self.resolution, self.latent_hw = resolution, latent_hw
+        self.latent_channels = vae.config.latent_channels
+        self.image_seq_len = (latent_hw // 2) ** 2
+        transformer = transformer.to(device)
+        reference = None
+        if lora_rank > 0:
+            from peft import LoraConfig
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank,
+                                               init_lora_weights="gaussian", target_modules=FLUX_LORA_TARGETS))
+        elif keep_reference:
+            reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+        super().__init__(transformer, reference)
+        h = latent_hw // 2
+        ids = torch.zeros(h, h, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(h)[None, :]
+        self.img_ids = ids.reshape(h * h, 3).to(device)
+        self.txt_ids = torch.zeros(text_encoder.seq_len, 3, device=device)
+
+    def _forward(self, net, x, sigma, cond):
+        dtype = next(net.parameters()).dtype
+        guidance = None
+        if self._unwrapped().config.guidance_embeds:
+            guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=torch.float32)
+        return net(hidden_states=x.to(dtype), timestep=sigma, guidance=guidance,
+                   pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+                   encoder_hidden_states=cond["prompt_embeds"].to(dtype), txt_ids=self.txt_ids,
+                   img_ids=self.img_ids, return_dict=False)[0]
+
+    def encode_prompts(self, prompts):
+        embeds, pooled = self.text_encoder(prompts)
+        return {"prompt_embeds": embeds.to(self.device), "pooled_prompt_embeds": pooled.to(self.device)}
+
+    def sample_shape(self):
+        return (self.image_seq_len, 4 * self.latent_channels)
+
+    def unpack(self, x):
+        b, h = x.shape[0], self.latent_hw
+        x = x.view(b, h // 2, h // 2, self.latent_channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, self.latent_channels, h, h)
+
+    @torch.no_grad()
+    def decode(self, x, chunk: int = 16):
+        """Packed latents -> images in [0, 1], (B, 3, H, W), decoded in chunks to bound memory."""
+        cfg = self.vae.config
+        out = []
+        for xc in x.split(chunk):
+            latents = self.unpack(xc) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            img = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            out.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    def save(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self._unwrapped()
+        if self._has_adapters():
+            from diffusers import FluxPipeline
+            from peft.utils import get_peft_model_state_dict
+            # the file `FluxPipeline.load_lora_weights(directory)` reads back
+            FluxPipeline.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(model))
+        else:
+            model.save_pretrained(directory / "transformer")
+
+    def load(self, directory):
+        directory = Path(directory)
+        model = self._unwrapped()
+        if self._has_adapters():
+            from diffusers import FluxPipeline
+            from peft.utils import set_peft_model_state_dict
+            state = FluxPipeline.lora_state_dict(directory)
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            set_peft_model_state_dict(model, state)
+        else:
+            from diffusers import FluxTransformer2DModel
+            model.load_state_dict(FluxTransformer2DModel.from_pretrained(directory / "transformer").state_dict())
+
+
+def build_tiny_flux(resolution=32, guidance_scale=3.5, lora_rank=8, lora_alpha=None, keep_reference=False,
+                    device="cpu", seed=0) -> FluxPolicy:
+    """FLUX.1-dev's architecture in diffusers' tiny test config (random weights, nothing downloaded)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    return FluxPolicy(transformer, vae, HashTextEncoder(seq_len=8, dim=32, pooled_dim=32), resolution=resolution,
+                      guidance_scale=guidance_scale, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      keep_reference=keep_reference, device=device)
+
+
+# ======================================================================================================
+# Rewards
+# ======================================================================================================
+# A reward is a callable `(decoded_samples, prompts) -> (B,) float tensor`; REWARDS maps names to factories.
+
+
+def toy_mode_reward(points: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """toy2d: `exp(-|x - mu_c|^2 / 2)`, closeness to the mode the prompt asks for (1 at the mode)."""
+    mu = toy_modes().to(points.device)[[parse_toy_prompt(p) for p in prompts]]
+    return torch.exp(-((points - mu) ** 2).sum(-1) / 2)
+
+
+def toy_on_manifold(points: torch.Tensor, prompts: list[str] = None) -> torch.Tensor:
+    """toy2d quality metric: 1 where the sample lies within 1.0 of SOME ring mode (on the data manifold)."""
+    dist = torch.cdist(points.float(), toy_modes().to(points.device))
+    return (dist.min(dim=-1).values < 1.0).float()
+
+
+COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
+          "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0),
+          "orange": (1.0, 0.5, 0.0), "purple": (0.5, 0.0, 0.5), "gray": (0.5, 0.5, 0.5), "pink": (1.0, 0.75, 0.8)}
+
+
+def mean_color_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """tiny-flux: `1 - |mean RGB - colour named by the prompt| / sqrt(3)`, in [0, 1]. Prompts end in a colour."""
+    try:
+        target = torch.tensor([COLORS[p.split()[-1]] for p in prompts], device=images.device)
+    except KeyError as e:
+        raise ValueError(f"mean_color prompts must end in one of {sorted(COLORS)}; got {e.args[0]!r}") from None
+    return 1 - (images.float().mean(dim=(2, 3)) - target).norm(dim=-1) / math.sqrt(3)
+
+
+REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward}
+
+
+def get_reward(name: str) -> Callable:
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; available: {sorted(REWARDS)}")
+    return REWARDS[name]
+
+
+# ======================================================================================================
+# Tasks: a model with its prompts, its training reward and its quality metrics
+# ======================================================================================================
+
+
+@dataclass
+class Task:
+    policy: Policy
+    reward_fn: Callable
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    metrics: dict[str, Callable] = field(default_factory=dict)  # name -> (samples, prompts) -> (B,) per-sample
+
+
+MODELS = ("toy2d", "tiny-flux")
+
+
+def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
+    """Build the model named by `args.model` with its default prompts, reward and metrics."""
+    if args.model == "toy2d":
+        prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
+        return Task(Toy2DPolicy(device=device, keep_reference=keep_reference, log=log), get_reward(args.reward or "toy_mode"),
+                    prompts, prompts, {"on_manifold": toy_on_manifold})
+    if args.model == "tiny-flux":
+        policy = build_tiny_flux(resolution=args.resolution, guidance_scale=args.guidance_scale,
+                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
+                                 device=device, seed=args.seed)
+        colors = list(COLORS)
+        return Task(policy, get_reward(args.reward or "mean_color"), [f"a photo of {c}" for c in colors[:8]],
+                    [f"a photo of {c}" for c in colors[8:]])
+    if args.model in ("flux", "sd3"):
+        raise NotImplementedError(f"--model {args.model} (real weights from a local path) is not implemented yet in this "
+                                  f"version; use --model tiny-flux to run the same FLUX code path with random weights")
+    raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
+
+
+@torch.no_grad()
+def evaluate(task: Task, args) -> dict[str, float]:
+    """Deterministic-ODE evaluation on the eval prompts with fixed seeds (the same noise before and after).
+
+    Returns the mean reward and the mean of each task metric. NFE spent here is not counted.
+    """
+    policy = task.policy
+    prompts = [p for p in task.eval_prompts for _ in range(args.eval_samples_per_prompt)]
+    generator = torch.Generator().manual_seed(args.eval_seed)
+    noise = policy.initial_noise(len(prompts), generator)
+    sigmas = policy.sigmas(args.eval_steps, args.shift)
+    rewards, metrics = [], {k: [] for k in task.metrics}
+    chunk = args.eval_batch_size or len(prompts)
+    with policy.nfe_paused():
+        for i in range(0, len(prompts), chunk):
+            p = prompts[i:i + chunk]
+            x0 = sample_ode(policy, noise[i:i + chunk], sigmas, policy.encode_prompts(p), solver=args.eval_solver)
+            samples = policy.decode(x0)
+            rewards.append(task.reward_fn(samples, p))
+            for k, fn in task.metrics.items():
+                metrics[k].append(fn(samples, p))
+    out = {"reward": torch.cat(rewards).mean().item()}
+    out.update({k: torch.cat(v).mean().item() for k, v in metrics.items()})
+    return out
+
+
+# ======================================================================================================
+# Arguments and presets
+# ======================================================================================================
+
+
+def arg(default, help: str, **kw):
+    """A dataclass field with its help text (HfArgumentParser turns it into a --flag)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class CommonArgs:
+    """Flags shared by every script. Each script subclasses this with its method's hyperparameters."""
+
+    # run
+    model: str = arg("toy2d", f"which model: {', '.join(MODELS)}")
+    preset: Optional[str] = arg(None, "named setting (see the script's PRESETS); default: the one named after --model")
+    iterations: int = arg(100, "RL iterations (rollout + update)")
+    seed: int = arg(0, "seed; each process adds its rank for rollout noise")
+    output_dir: Optional[str] = arg(None, "where metrics.jsonl, summary.json and weights go (default under runs/)")
+    report_to: str = arg("none", "also log to 'tensorboard' or 'wandb' through accelerate's trackers")
+    mixed_precision: str = arg("no", "'no', 'bf16' or 'fp16' (accelerate autocast)")
+    log_every: int = arg(10, "print a console line every N iterations")
+    save_weights: bool = arg(True, "save the trained weights to <output_dir>/final at the end")
+    # model
+    reward: Optional[str] = arg(None, f"training reward (default: the model's); available: {sorted(REWARDS)}")
+    resolution: int = arg(32, "image resolution in pixels (image models)")
+    guidance_scale: float = arg(3.5, "FLUX guidance embedding value (FLUX.1-dev is guidance-distilled: no CFG)")
+    lora_rank: int = arg(0, "LoRA rank for image models; 0 means full fine-tuning")
+    lora_alpha: Optional[float] = arg(None, "LoRA alpha (default 2 x rank, as the reference code)")
+    # sampling
+    num_steps: int = arg(10, "sampling steps N of a training rollout")
+    shift: Optional[float] = arg(None, "static timestep shift; default: the model's (FLUX: dynamic shift, toy: none)")
+    prompts_per_iteration: int = arg(8, "prompts (groups) per iteration per process")
+    group_size: int = arg(16, "samples per prompt, G")
+    rollout_batch_size: int = arg(0, "model-call batch during rollouts (0: all samples at once)")
+    # optimisation
+    learning_rate: float = arg(1e-3, "AdamW learning rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    adam_beta2: float = arg(0.999, "AdamW beta2")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    # evaluation
+    eval_every: int = arg(0, "also evaluate every N iterations (0: only before and after training)")
+    eval_steps: int = arg(20, "ODE steps of the evaluation sampler")
+    eval_solver: str = arg("euler", "evaluation ODE solver: 'euler' or 'dpm2m'")
+    eval_samples_per_prompt: int = arg(64, "evaluation samples per eval prompt")
+    eval_batch_size: int = arg(0, "model-call batch during evaluation (0: all at once)")
+    eval_seed: int = arg(12345, "seed of the fixed evaluation noise (distinct from training seeds)")
+
+
+def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = None):
+    """Parse flags into `args_cls`: dataclass defaults < preset < command line (or a .json/.yaml file).
+
+    The preset defaults to the one named after `--model`. A single argument ending in .json/.yaml is read
+    as a config file by HfArgumentParser (its keys are the field names).
+    """
+    from transformers import HfArgumentParser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(args_cls)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        reader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        (args,) = reader(argv[0])
+        return _check_args(args, presets)
+    pre = HfArgumentParser(args_cls)
+    known, _ = pre.parse_known_args(argv)
+    name = known.preset or known.model
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; available: {', '.join(presets)}")
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    bad = set(presets[name]) - names
+    if bad:
+        raise ValueError(f"preset {name!r} sets unknown fields {sorted(bad)}")
+    parser.set_defaults(**presets[name], preset=name)
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    return _check_args(args, presets)
+
+
+def _check_args(args, presets):
+    if args.model not in MODELS + ("flux", "sd3"):
+        raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
+    if args.eval_solver not in ("euler", "dpm2m"):
+        raise SystemExit(f"unknown eval solver {args.eval_solver!r}: use 'euler' or 'dpm2m'")
+    return args
+
+
+# ======================================================================================================
+# Run plumbing: accelerator, seeding, logging, metrics.jsonl / summary.json
+# ======================================================================================================
+
+
+class Run:
+    """One training run: the Accelerator, per-process seeding, console + jsonl + tracker logging, summary."""
+
+    def __init__(self, args, algorithm: str):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        self.args, self.algorithm = args, algorithm
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                                       log_with=None if args.report_to == "none" else args.report_to,
+                                       cpu=not torch.cuda.is_available())
+        set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
+        self.is_main = self.accelerator.is_main_process
+        if args.output_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.output_dir = str(Path("runs") / f"{algorithm}_{args.model}_s{args.seed}_{stamp}")
+        self.out = Path(args.output_dir)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            (self.out / "metrics.jsonl").write_text("")
+        if args.report_to != "none":
+            self.accelerator.init_trackers(algorithm, config={k: v for k, v in dataclasses.asdict(args).items()
+                                                              if isinstance(v, (int, float, str, bool))})
+        self.start = time.time()
+        self.eval_seconds = 0.0
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def print(self, msg: str):
+        if self.is_main:
+            from tqdm.auto import tqdm
+            tqdm.write(msg)
+
+    def progress(self, iterations: int):
+        from tqdm.auto import tqdm
+        # disable=None: a bar on a terminal only; logs get the console lines instead
+        return tqdm(range(iterations), desc=self.algorithm, disable=None if self.is_main else True, dynamic_ncols=True)
+
+    def evaluate(self, task: Task, label: str) -> dict[str, float]:
+        t0 = time.time()
+        result = evaluate(task, self.args)
+        self.eval_seconds += time.time() - t0
+        self.print(f"[eval {label}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    def log(self, iteration: int, metrics: dict):
+        """One line of metrics.jsonl per iteration, a console line every `log_every`, and the trackers."""
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+            if self.args.log_every and (iteration % self.args.log_every == 0 or iteration == self.args.iterations - 1):
+                self.print(f"it {iteration:4d}  " + "  ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
+        if self.args.report_to != "none":
+            self.accelerator.log(metrics, step=iteration)
+
+    def finish(self, task: Task, before: dict, after: dict, **extra) -> dict:
+        """Write summary.json (keys every benchmark reads) and the trained weights."""
+        wall = time.time() - self.start
+        nfe = task.policy.nfe
+        summary = {"algorithm": self.algorithm, "model": self.args.model, "preset": self.args.preset,
+                   "iterations": self.args.iterations, "seed": self.args.seed,
+                   "eval_reward_before": before["reward"], "eval_reward_after": after["reward"],
+                   "nfe_rollout": nfe["no_grad"], "nfe_train": nfe["grad"],
+                   "wall_seconds": wall, "train_seconds": wall - self.eval_seconds,
+                   "num_processes": self.accelerator.num_processes}
+        for k in before:
+            if k != "reward":
+                summary[f"{k}_before"], summary[f"{k}_after"] = before[k], after[k]
+        summary.update(extra)
+        self.accelerator.wait_for_everyone()
+        if self.args.save_weights:
+            if self.is_main:
+                task.policy.save(self.out / "final")
+            summary["weights"] = str(self.out / "final")
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.print(f"summary: {self.out / 'summary.json'}\n" + json.dumps(summary, indent=2))
+        if self.args.report_to != "none":
+            self.accelerator.end_training()
+        return summary

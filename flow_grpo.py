@@ -1,0 +1,222 @@
+"""Flow-GRPO / DanceGRPO: GRPO on an SDE version of the flow sampler. The baseline all four papers compare to.
+
+Flow-GRPO (Liu et al. 2025, official code yifan123/flow_grpo) and DanceGRPO (Xue et al. 2025, official code
+XueZeyue/DanceGRPO) turn the deterministic flow ODE into an SDE with the same marginals, so that every
+sampling step is a Gaussian policy pi_theta(x_{j+1} | x_j, c) with a log-probability. Then:
+
+    1. rollout   G samples per prompt with the SDE, storing every state x_j and log pi_old(x_{j+1} | x_j)
+    2. reward    score the final samples; GRPO advantages A_i = (r_i - mean_group) / std
+    3. update    for the trained steps j: recompute log pi_theta(x_{j+1} | x_j) and minimise PPO's clipped
+                 surrogate  max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),  rho = pi_theta / pi_old
+                 (+ optional KL to the frozen reference, Flow-GRPO)
+    4. evaluate  with the plain deterministic ODE (the SDE exists only for exploration in training)
+
+Every step of every trajectory is a training sample: NFE_theta per sample is the number of trained steps
+(9 of 10 for Flow-GRPO SD3, 60% of 15 for DanceGRPO FLUX), which is the cost the later methods attack.
+
+Run:
+    python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~1 minute
+    python flow_grpo.py --preset toy2d-dancegrpo            # DanceGRPO's variant on the toy
+    python flow_grpo.py --model tiny-flux --iterations 2    # the FLUX code path, random weights
+    accelerate launch flow_grpo.py --preset dancegrpo-flux  # (needs --model flux: not available yet)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import (CommonArgs, Run, arg, group_advantages, load_task, parse_args, ppo_clip_loss,
+                    sde_step_with_logprob, select)
+
+
+@dataclass
+class Args(CommonArgs):
+    # the SDE (ALGORITHMS.md section 0)
+    sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta")
+    noise_level: float = arg(0.7, "Flow-GRPO's a (0.7 SD3, 0.9 FLUX) or DanceGRPO's eta (0.3)")
+    # which transitions train
+    timestep_fraction: float = arg(0.99, "train int(N * fraction) transitions per sample (0.99: all but the last)")
+    shuffle_timesteps: bool = arg(False, "each sample trains its own random transitions (DanceGRPO) "
+                                         "instead of the first ones in order (Flow-GRPO)")
+    # GRPO / PPO
+    adv_std: str = arg("global", "advantage std: 'global' (Flow-GRPO) or 'group' (DanceGRPO)")
+    adv_clip: float = arg(5.0, "advantage clip")
+    clip_range: float = arg(1e-4, "PPO ratio clip eps")
+    kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO SD3 0.01-0.04; 0 for FLUX)")
+    updates_per_iteration: int = arg(2, "optimizer steps per iteration, each on 1/this of the samples "
+                                        "(Flow-GRPO: 2, so the second one is off-policy and the clip acts)")
+    train_micro_batch_size: int = arg(0, "samples per forward/backward (0: the whole minibatch); memory only")
+
+
+# Presets are named after the setting they reproduce; command-line flags override them.
+PRESETS = {
+    # Flow-GRPO's algorithm on the toy: SDE a = 0.7 at all 10 steps, 9 trained in order, global std.
+    # Toy-sized lr, group and clip: 2D log-probs are averaged over 2 dims, not 16k, so ratios move more.
+    "toy2d": dict(model="toy2d", iterations=400, num_steps=10, noise_level=0.7, group_size=16,
+                  prompts_per_iteration=8, learning_rate=1e-3, clip_range=0.2, adv_std="global", log_every=50),
+    # DanceGRPO's algorithm on the toy: constant eta 0.3, each sample trains a random 60% of its steps.
+    "toy2d-dancegrpo": dict(model="toy2d", iterations=400, num_steps=10, sde_variant="dance_grpo",
+                            noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True, adv_std="group",
+                            group_size=16, prompts_per_iteration=8, learning_rate=1e-3, clip_range=0.2,
+                            log_every=50),
+    # The FLUX code path with random weights: a smoke test of packing, guidance, LoRA and VAE decoding.
+    "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
+                      lora_rank=8, learning_rate=1e-3, eval_steps=6, eval_samples_per_prompt=2, log_every=1),
+    # Flow-GRPO, SD3.5-M, PickScore/GenEval configs (32 GPUs; its 1-GPU config uses group 8).
+    "flow-grpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, noise_level=0.7, group_size=24,
+                          lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04,
+                          adv_std="global", timestep_fraction=0.99, eval_steps=40, eval_samples_per_prompt=1,
+                          updates_per_iteration=2, iterations=1000, train_micro_batch_size=8,
+                          rollout_batch_size=8, eval_batch_size=8, mixed_precision="bf16"),
+    # DanceGRPO, FLUX.1-dev (16 steps, shift 3, 720 px, guidance 3.5, full fine-tune, eta 0.3, 60% of steps).
+    "dancegrpo-flux": dict(model="flux", resolution=720, num_steps=16, shift=3.0, sde_variant="dance_grpo",
+                           noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True, group_size=12,
+                           lora_rank=0, learning_rate=1e-5, weight_decay=1e-4, clip_range=1e-4, kl_beta=0.0,
+                           adv_std="group", guidance_scale=3.5, prompts_per_iteration=1, iterations=200,
+                           train_micro_batch_size=1, rollout_batch_size=1, eval_batch_size=1,
+                           eval_samples_per_prompt=1, mixed_precision="bf16"),
+}
+
+
+# ======================================================================================================
+# ALGO LOGIC: SDE rollout, storing every state and the log-probability of every step
+# ======================================================================================================
+
+
+@torch.no_grad()
+def sde_rollout(policy, noise, sigmas, cond, args):
+    """Sample with the SDE at every step. Returns states (N+1, B, ...) and old log-probs (N, B).
+
+    The log-probs are those of the sampling weights, i.e. log pi_old; `rollout_batch_size` only chunks the
+    model calls (memory), the result is the same.
+    """
+    states, log_probs = [], []
+    chunk = args.rollout_batch_size or noise.shape[0]
+    for i in range(0, noise.shape[0], chunk):
+        x, c = noise[i:i + chunk], select(cond, slice(i, i + chunk))
+        xs, lps = [x], []
+        for j in range(len(sigmas) - 1):
+            v = policy.velocity(x, sigmas[j], c)
+            x, lp, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], args.noise_level,
+                                                variant=args.sde_variant)
+            xs.append(x)
+            lps.append(lp)
+        states.append(torch.stack(xs))
+        log_probs.append(torch.stack(lps))
+    return torch.cat(states, dim=1), torch.cat(log_probs, dim=1)
+
+
+def trained_steps(batch: int, num_steps: int, args, generator=None) -> torch.Tensor:
+    """(B, n_train) indices of the transitions each sample trains on.
+
+    Flow-GRPO: the first int(N * 0.99) = N - 1 steps in order, the same for every sample.
+    DanceGRPO: each sample its own random int(N * 0.6) steps (`shuffle_timesteps`).
+    """
+    n_train = max(1, int(num_steps * args.timestep_fraction))
+    if args.shuffle_timesteps:
+        return torch.stack([torch.randperm(num_steps, generator=generator)[:n_train] for _ in range(batch)])
+    return torch.arange(n_train).expand(batch, n_train)
+
+
+def grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, idx, steps, args):
+    """The PPO-clipped GRPO loss of samples `idx` at their transitions `steps` (one per sample).
+
+    Recomputes v_theta(x_j) WITH gradient and scores the stored x_{j+1} under the new Gaussian policy; the
+    ratio is exp(log pi_theta - log pi_old). Flow-GRPO's KL term is the squared distance of the two policies'
+    means over 2 std^2 (the closed-form KL of Gaussians with the same std, up to the sqrt(-dt) factor).
+    """
+    x, x_next = states[steps, idx], states[steps + 1, idx]
+    s, s_next = sigmas[steps], sigmas[steps + 1]
+    c = select(cond, idx)
+    v = policy.velocity(x, s, c)
+    _, log_prob, mean, std = sde_step_with_logprob(x, v, s, s_next, args.noise_level, prev_sample=x_next,
+                                                   variant=args.sde_variant)
+    loss, stats = ppo_clip_loss(log_prob, old_log_probs[steps, idx], advantages[idx], args.clip_range)
+    stats["policy_loss"] = loss.item()
+    if args.kl_beta > 0:
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, s, c)
+        _, _, mean_ref, _ = sde_step_with_logprob(x, v_ref, s, s_next, args.noise_level, prev_sample=x_next,
+                                                  variant=args.sde_variant)
+        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)
+        loss = loss + args.kl_beta * kl.mean()
+        stats["kl"] = kl.mean().item()
+    return loss, stats
+
+
+# ======================================================================================================
+# Main loop
+# ======================================================================================================
+
+
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+
+    # TRY NOT TO MODIFY: accelerator, seeding, model, optimizer
+    run = Run(args, "flow_grpo")
+    acc = run.accelerator
+    task = load_task(args, keep_reference=args.kl_beta > 0, device=run.device, log=run.print)
+    policy = task.policy
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
+    optimizer = policy.prepare(acc, optimizer)
+    sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
+    prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
+    P, G = args.prompts_per_iteration, args.group_size
+    run.print(f"flow_grpo | model {args.model} | preset {args.preset} | {P} prompts x G={G} per process | "
+              f"{args.num_steps} SDE steps ({args.sde_variant}, a={args.noise_level}) | "
+              f"sigmas {[round(s, 3) for s in sigmas.tolist()]}")
+
+    before = run.evaluate(task, "before")
+    for it in run.progress(args.iterations):
+        t0 = time.time()
+        nfe0 = dict(policy.nfe)
+
+        # ALGO LOGIC 1: rollout. P prompts, each repeated G times (one group), SDE sampling.
+        pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
+        prompts = [task.train_prompts[i] for i in pick for _ in range(G)]
+        cond = policy.encode_prompts(prompts)
+        states, old_log_probs = sde_rollout(policy, policy.initial_noise(P * G), sigmas, cond, args)
+
+        # ALGO LOGIC 2: rewards and group advantages. Rewards of all processes are gathered so the global std
+        # is the whole batch's (Flow-GRPO); each process keeps the rows of its own groups.
+        rewards = task.reward_fn(policy.decode(states[-1]), prompts).to(run.device)
+        all_rewards = acc.gather(rewards.view(P, G))
+        advantages = group_advantages(all_rewards, std=args.adv_std, clip=args.adv_clip)
+        advantages = advantages[acc.process_index * P:(acc.process_index + 1) * P].reshape(-1)
+
+        # ALGO LOGIC 3: PPO updates over the stored transitions. Each update takes a random 1/U of the samples,
+        # accumulates gradients over their trained steps (and micro-batches), then steps the optimizer once.
+        steps = trained_steps(P * G, args.num_steps, args).to(run.device)
+        stats = []
+        for batch in torch.randperm(P * G, device=run.device).chunk(args.updates_per_iteration):
+            micro = batch.split(args.train_micro_batch_size or len(batch))
+            for j in range(steps.shape[1]):
+                for mb in micro:
+                    loss, st = grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, mb, steps[mb, j],
+                                         args)
+                    acc.backward(loss * len(mb) / len(batch) / steps.shape[1])
+                    stats.append(st)
+            grad_norm = acc.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+
+        # TRY NOT TO MODIFY: logging
+        metrics = {"reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
+                   "reward/group_std": all_rewards.std(dim=1).mean(), "grad_norm": grad_norm,
+                   "nfe/rollout": policy.nfe["no_grad"] - nfe0["no_grad"], "nfe/train": policy.nfe["grad"] - nfe0["grad"],
+                   "time/iteration_seconds": time.time() - t0}
+        metrics.update({f"loss/{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+        if args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < args.iterations:
+            metrics.update({f"eval/{k}": v for k, v in run.evaluate(task, f"it {it + 1}").items()})
+        run.log(it, metrics)
+
+    after = run.evaluate(task, "after")
+    return run.finish(task, before, after)
+
+
+if __name__ == "__main__":
+    main()

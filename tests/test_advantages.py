@@ -1,0 +1,64 @@
+"""Group advantages and the PPO-clipped loss."""
+
+import pytest
+import torch
+
+import common
+
+
+def test_group_advantages_zero_mean_unit_std_per_group():
+    r = torch.randn(6, 12) * torch.arange(1, 7)[:, None] + torch.arange(6)[:, None]
+    a = common.group_advantages(r, std="group", clip=100.0)
+    torch.testing.assert_close(a.mean(-1), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.std(-1), torch.ones(6), atol=1e-3, rtol=0)
+
+
+def test_global_std_divides_by_the_whole_batch_std_but_centres_per_group():
+    r = torch.randn(4, 8)
+    a = common.group_advantages(r, std="global", clip=100.0, eps=0.0)
+    torch.testing.assert_close(a, (r - r.mean(-1, keepdim=True)) / r.std())
+    torch.testing.assert_close(a.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+def test_advantages_are_clipped():
+    r = torch.tensor([[0.0] * 99 + [1.0]])  # one outlier: z-score ~ 9.9
+    a = common.group_advantages(r, std="group", clip=5.0)
+    assert a.max().item() == 5.0 and a.min().item() > -5.0
+
+
+def test_constant_group_gives_negligible_advantage():
+    # the group mean of 0.3s is off by float rounding (~3e-8); dividing by eps = 1e-4 leaves ~3e-4, not 0
+    a = common.group_advantages(torch.full((2, 8), 0.3), std="group")
+    assert a.abs().max() < 1e-3
+
+
+def test_unknown_std_mode_is_an_error():
+    with pytest.raises(ValueError, match="std mode"):
+        common.group_advantages(torch.randn(2, 4), std="batch")
+
+
+def test_ppo_loss_matches_the_formula_and_its_gradient_has_the_sign_of_A():
+    old = torch.randn(32)
+    new = (old + 0.01 * torch.randn(32)).requires_grad_(True)
+    adv = torch.randn(32)
+    eps = 1e-3
+    loss, stats = common.ppo_clip_loss(new, old, adv, eps)
+    ratio = torch.exp(new - old)
+    expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    # unclipped samples push log pi up where A > 0 (gradient of the loss negative) and down where A < 0;
+    # clipped ones (ratio outside the range in the direction A favours) get no gradient at all
+    active = new.grad != 0
+    assert (torch.sign(new.grad[active]) == -torch.sign(adv[active])).all()
+    clipped_out = ((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))
+    assert torch.equal(~active, clipped_out)
+    assert stats["clipfrac"] == pytest.approx(((ratio - 1).abs() > eps).float().mean().item())
+
+
+def test_ppo_loss_at_ratio_one_is_the_policy_gradient():
+    logp = torch.randn(10, requires_grad=True)
+    adv = torch.randn(10)
+    loss, _ = common.ppo_clip_loss(logp, logp.detach(), adv, 1e-4)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -adv / 10)

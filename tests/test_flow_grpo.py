@@ -1,0 +1,126 @@
+"""flow_grpo.py end to end, and the shared argument handling."""
+
+import json
+
+import pytest
+import torch
+
+import common
+import flow_grpo
+
+
+def run(tmp_path, *argv):
+    summary = flow_grpo.main([*argv, "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
+    return summary
+
+
+def test_toy2d_flow_grpo_raises_eval_reward(tmp_path):
+    s = run(tmp_path, "--iterations", "250", "--seed", "0")
+    for key in ["algorithm", "model", "iterations", "eval_reward_before", "eval_reward_after", "nfe_rollout",
+                "nfe_train", "wall_seconds", "on_manifold_before", "on_manifold_after"]:
+        assert key in s
+    assert s["eval_reward_before"] < 0.2
+    assert s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s
+    assert s["on_manifold_after"] > s["on_manifold_before"] - 0.1, s
+    # NFE arithmetic: 8 prompts x 16 samples x 10 SDE steps without gradient, 9 trained steps with gradient
+    assert s["nfe_rollout"] == 250 * 8 * 16 * 10
+    assert s["nfe_train"] == 250 * 8 * 16 * 9
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 250 and json.loads(lines[0])["iteration"] == 0
+
+
+def test_toy2d_dancegrpo_preset_trains_random_60_percent_of_steps(tmp_path):
+    s = run(tmp_path, "--preset", "toy2d-dancegrpo", "--iterations", "3")
+    assert s["nfe_train"] == 3 * 8 * 16 * 6  # int(10 * 0.6) transitions per sample
+
+
+def test_trained_steps_orders():
+    class A:
+        timestep_fraction, shuffle_timesteps = 0.99, False
+    assert flow_grpo.trained_steps(3, 10, A).tolist() == [list(range(9))] * 3
+    A.timestep_fraction, A.shuffle_timesteps = 0.6, True
+    steps = flow_grpo.trained_steps(50, 10, A, torch.Generator().manual_seed(0))
+    assert steps.shape == (50, 6)
+    assert all(len(set(row)) == 6 for row in steps.tolist())  # distinct steps per sample
+    assert len({tuple(row) for row in steps.tolist()}) > 1  # and different between samples
+
+
+def test_rollout_log_probs_are_recomputed_exactly_before_the_update():
+    """The ratio is 1 at the first update: training recomputes the same log-probs the rollout stored."""
+    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--num-steps", "5"])
+    policy = common.Toy2DPolicy(keep_reference=False)
+    cond = policy.encode_prompts(["mode 2"] * 6)
+    sigmas = policy.sigmas(5)
+    states, old = flow_grpo.sde_rollout(policy, policy.initial_noise(6), sigmas, cond, args)
+    assert states.shape == (6, 6, 2) and old.shape == (5, 6)
+    idx = torch.arange(6)
+    for j in range(5):
+        steps = torch.full((6,), j)
+        _, st = flow_grpo.grpo_loss(policy, states, old, torch.randn(6), sigmas, cond, idx, steps, args)
+        assert st["approx_kl"] < 1e-10 and st["clipfrac"] == 0
+
+
+def test_tiny_flux_lora_iteration_changes_only_lora_and_keeps_reference(tmp_path):
+    argv = ["--model", "tiny-flux", "--iterations", "1", "--kl-beta", "0.01", "--learning-rate", "1e-2",
+            "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"]
+    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
+    base = common.build_tiny_flux(resolution=args.resolution, lora_rank=0, seed=args.seed)
+    base_state = {k: v.clone() for k, v in base.net.state_dict().items()}
+
+    captured = {}
+    original = common.Run.finish
+
+    def finish(self, task, before, after, **extra):
+        captured["policy"] = task.policy
+        return original(self, task, before, after, **extra)
+
+    common.Run.finish = finish
+    try:
+        s = flow_grpo.main(argv)
+    finally:
+        common.Run.finish = original
+    policy = captured["policy"]
+    state = policy._unwrapped().state_dict()
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    assert lora and any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # LoRA moved
+    for k, v in state.items():  # every non-LoRA weight is bit-identical to the base model
+        if "lora_" not in k:
+            assert torch.equal(v, base_state[k.replace(".base_layer", "")]), k
+    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    cond = policy.encode_prompts(["a photo of red"] * 2)
+    with torch.no_grad(), policy.reference():
+        ref = policy.velocity(x, 0.5, cond)
+    with torch.no_grad():
+        torch.testing.assert_close(ref, base.velocity(x, 0.5, cond))
+        assert not torch.allclose(policy.velocity(x, 0.5, cond), ref)
+    assert s["nfe_train"] > 0
+
+
+def test_tiny_flux_two_iterations_write_summary(tmp_path):
+    s = run(tmp_path, "--model", "tiny-flux", "--iterations", "2")
+    assert s["model"] == "tiny-flux" and s["iterations"] == 2
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def test_preset_then_command_line_precedence():
+    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, [])
+    assert a.preset == "toy2d" and a.model == "toy2d" and a.learning_rate == 1e-3
+    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "dancegrpo-flux", "--model", "tiny-flux"])
+    assert a.model == "tiny-flux" and a.sde_variant == "dance_grpo" and a.num_steps == 16 and a.shift == 3.0
+    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux", "--group_size", "3"])
+    assert a.preset == "tiny-flux" and a.group_size == 3 and a.lora_rank == 8
+
+
+def test_config_file(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"model": "toy2d", "iterations": 7, "noise_level": 0.5}))
+    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, [str(tmp_path / "c.json")])
+    assert a.iterations == 7 and a.noise_level == 0.5
+
+
+def test_bad_preset_and_model_are_clear_errors():
+    with pytest.raises(SystemExit, match="unknown preset"):
+        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])
+    with pytest.raises(SystemExit, match="unknown model"):
+        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
