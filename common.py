@@ -383,7 +383,7 @@ class ToyVelocityNet(nn.Module):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("FLOWRL_CACHE", Path.home() / ".cache" / "flowrl"))
+    return Path(os.environ.get("FLOWRL_CACHE") or Path.home() / ".cache" / "flowrl")
 
 
 def pretrain_toy_base(config: dict, log: Callable[[str], None] = print) -> ToyVelocityNet:

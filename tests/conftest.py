@@ -12,7 +12,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # The toy base model is cached per config; tests share one cache dir so it is pretrained once per session.
-os.environ.setdefault("FLOWRL_CACHE", str(ROOT / ".cache" / "test"))
+os.environ["FLOWRL_CACHE"] = os.environ.get("FLOWRL_CACHE") or str(ROOT / ".cache" / "test")
 torch.set_num_threads(2)
 
 import common  # noqa: E402
@@ -48,3 +48,17 @@ class GaussianPolicy(common.Policy):
 @pytest.fixture
 def gaussian_policy():
     return GaussianPolicy()
+
+
+@pytest.fixture
+def capture_policy(monkeypatch):
+    """Run a script's main() and keep the trained policy: returns a dict filled with it at Run.finish."""
+    captured = {}
+    original = common.Run.finish
+
+    def finish(self, task, before, after, **extra):
+        captured["policy"] = task.policy
+        return original(self, task, before, after, **extra)
+
+    monkeypatch.setattr(common.Run, "finish", finish)
+    return captured

@@ -61,26 +61,14 @@ def test_rollout_log_probs_are_recomputed_exactly_before_the_update():
         assert st["approx_kl"] < 1e-10 and st["clipfrac"] == 0
 
 
-def test_tiny_flux_lora_iteration_changes_only_lora_and_keeps_reference(tmp_path):
+def test_tiny_flux_lora_iteration_changes_only_lora_and_keeps_reference(tmp_path, capture_policy):
     argv = ["--model", "tiny-flux", "--iterations", "1", "--kl-beta", "0.01", "--learning-rate", "1e-2",
             "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"]
     args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
     base = common.build_tiny_flux(resolution=args.resolution, lora_rank=0, seed=args.seed)
     base_state = {k: v.clone() for k, v in base.net.state_dict().items()}
-
-    captured = {}
-    original = common.Run.finish
-
-    def finish(self, task, before, after, **extra):
-        captured["policy"] = task.policy
-        return original(self, task, before, after, **extra)
-
-    common.Run.finish = finish
-    try:
-        s = flow_grpo.main(argv)
-    finally:
-        common.Run.finish = original
-    policy = captured["policy"]
+    s = flow_grpo.main(argv)
+    policy = capture_policy["policy"]
     state = policy._unwrapped().state_dict()
     lora = {k: v for k, v in state.items() if "lora_" in k}
     assert lora and any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # LoRA moved

@@ -1,0 +1,263 @@
+"""DGPO: Direct Group Preference Optimization (Luo et al., ICLR 2026; official code Luo-Yihong/DGPO).
+
+GRPO's strength is the group-relative signal, not the policy gradient. DGPO keeps the signal and drops the
+stochastic policy: rollouts are plain deterministic ODE samples, and training is a Bradley-Terry preference
+"the group's better half beats its worse half", which for a diffusion model reduces to a weighted difference
+of denoising losses at ONE timestep (no trajectory, no log-probabilities, no SDE):
+
+    1. rollout   G samples per prompt with a deterministic ODE (DPM-Solver++, 10 steps) from theta_minus
+                 (= theta for the first iterations, then an EMA of theta); keep only x0
+    2. reward    GRPO advantages A_i; G+ = {A > 0}, G- = {A <= 0}, weights w = |A|
+                 (A has zero mean, so sum_{G+} w = sum_{G-} w and the partition function Z(c) cancels)
+    3. update    at M timesteps t from [t_min, 1] (the timestep clip), with one noise eps shared by the group:
+                 l_i     = || v_theta(x_t,i, t, c) - (eps - x0_i) ||^2        (denoising loss, Eq. 17's L_dsm)
+                 l_ref,i = the same for the frozen reference
+                 L = -log sigmoid(-beta * sum_i A_i (l_i - l_ref,i))          (paper Eq. 17)
+    4. evaluate  with the plain ODE
+
+Cost per sample and iteration: `num_steps` rollout NFE (no grad) and M training NFE (with grad) plus M
+reference NFE (no grad), versus Flow-GRPO's N-1 gradient NFE on an SDE trajectory.
+
+Run:
+    python dgpo.py                                   # toy2d, CPU
+    python dgpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
+    accelerate launch dgpo.py --preset dgpo-sd3      # paper setting (needs --model sd3: not available yet)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import CommonArgs, Run, arg, group_advantages, load_task, parse_args, sample_ode, select
+
+
+@dataclass
+class Args(CommonArgs):
+    # rollout
+    rollout_solver: str = arg("dpm2m", "rollout ODE solver: 'dpm2m' (paper: Flow-DPM-Solver) or 'euler'")
+    ema_start: int = arg(0, "iterations during which theta_minus = theta; after them rollouts use the EMA "
+                            "(paper/code: 200 for OCR/PickScore, 500 for GenEval)")
+    ema_decay: float = arg(0.3, "EMA decay mu of theta_minus: mu * ema + (1 - mu) * theta after every "
+                                "optimizer step (paper 0.3; the code ramps min(0.3, 0.001 * step))")
+    # the group preference loss
+    beta: float = arg(100.0, "beta of Eq. 17 (100; 10 for PickScore); the sigmoid sees beta * S_g / G, as the code")
+    adv_std: str = arg("group", "advantage std: 'group' (paper: intra-group normalisation) or 'global'")
+    adv_clip: float = arg(5.0, "advantage clip (clipping slightly breaks sum A = 0; rare in practice)")
+    # timesteps
+    num_train_timesteps: int = arg(4, "M: timesteps trained per iteration, one optimizer step each")
+    t_min: float = arg(0.6, "timestep clip: train only at t >= t_min (the low-noise end carries the "
+                            "few-step rollouts' artifacts). Nodes of the rollout schedule in [t_min, 1] are drawn")
+    # optional terms of the official code
+    kl_beta: float = arg(0.0, "weight of the KL term beta_kl * mean((v_theta - v_ref)^2) (official code; 0 = off)")
+    clip_dsm: bool = arg(False, "PPO-style clip of the denoising-loss ratio exp(l_old - l) against the EMA model")
+    clip_range: float = arg(1e-4, "ratio clip range for --clip-dsm")
+    train_micro_batch_groups: int = arg(0, "whole groups per forward/backward (0: all); memory only. Whole groups, "
+                                           "because S_g needs every sample of its group")
+
+
+PRESETS = {
+    # The toy: G 16 x 8 prompts, 10 DPM-Solver++ steps, 4 timesteps per iteration from the 7 nodes t >= 0.4,
+    # EMA rollouts after 50 iterations. beta 1, not 100: the toy's per-sample denoising losses differ by O(1)
+    # (an average over 2 dims), images' by ~1e-3 (over ~16k dims); at beta 100 the sigmoid saturates and the
+    # negatives are pushed off the ring (eval reward 0.29, on-manifold 0.44 after 150 iterations).
+    "toy2d": dict(model="toy2d", iterations=600, num_steps=10, group_size=16, prompts_per_iteration=8,
+                  learning_rate=1e-3, beta=1.0, num_train_timesteps=4, t_min=0.4, ema_start=50, log_every=50),
+    "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
+                      lora_rank=8, learning_rate=1e-3, num_train_timesteps=2, t_min=0.5, eval_steps=6,
+                      eval_samples_per_prompt=2, log_every=1),
+    # Paper, SD3.5-M 512 px: G 24, beta 100, LoRA r32, lr 3e-4, 10-step ODE rollouts, shift 3, EMA rollouts after
+    # 200 steps, M = 4 timesteps from the first 7 nodes (t >= shift(0.4) = 0.667). CFG 4.5 in rollouts and
+    # CFG-free training arrive with the SD3 model.
+    "dgpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, group_size=24, beta=100.0, lora_rank=32,
+                     lora_alpha=64, learning_rate=3e-4, num_train_timesteps=4, t_min=0.66, ema_start=200,
+                     ema_decay=0.3, eval_steps=40, eval_samples_per_prompt=1, iterations=1000,
+                     rollout_batch_size=8, train_micro_batch_groups=1, eval_batch_size=8, mixed_precision="bf16"),
+}
+
+
+# ======================================================================================================
+# ALGO LOGIC: the group preference loss (paper Eq. 17, official surrogate)
+# ======================================================================================================
+
+
+def dgpo_loss(dsm, dsm_ref, advantages, group_index, beta, num_groups=None, all_reduce=None):
+    """DGPO's group preference loss, as the official code computes it.
+
+    Eq. 17:  L = -log sigmoid(-beta' S_g),  S_g = sum_{i in g} A_i (l_i - l_ref,i)
+             (= sum_{G+} w (l - l_ref) - sum_{G-} w (l - l_ref) with w = |A|)
+    Its gradient is dL/dl_i = beta' sigmoid(beta' S_g) A_i: positive advantage lowers that sample's denoising
+    loss (raises its likelihood), negative raises it, and the sigmoid weight fades once the group is
+    already ranked right. The official code optimises the surrogate
+             loss = mean_i[ sigmoid(beta S_g / G).detach() * A_i * l_i ]
+    i.e. Eq. 17 with beta' = beta / G (group mean in the sigmoid), whose gradient equals Eq. 17's times
+    1 / (beta' N), N the number of samples. Only `dsm` carries gradient.
+
+    group_index (N,) names each sample's group in [0, num_groups); `all_reduce` (a sum over processes) makes
+    S_g and G whole when a group's samples sit on several processes.
+    """
+    num_groups = num_groups or int(group_index.max()) + 1
+    term = advantages * (dsm.detach() - dsm_ref.detach())
+    sums = torch.zeros(num_groups, device=dsm.device, dtype=term.dtype).index_add_(0, group_index, term)
+    sizes = torch.zeros(num_groups, device=dsm.device, dtype=term.dtype).index_add_(
+        0, group_index, torch.ones_like(term))
+    if all_reduce is not None:
+        sums, sizes = all_reduce(sums), all_reduce(sizes)
+    weight = torch.sigmoid(beta * sums / sizes.clamp(min=1))[group_index]
+    return (weight.detach() * advantages * dsm).mean()
+
+
+def dsm_loss(v, target):
+    """Per-sample denoising (flow-matching) loss ||v - (eps - x0)||^2, averaged over dims as the code."""
+    return (v.float() - target).pow(2).flatten(1).mean(1)
+
+
+def train_timesteps(sigmas, t_min, m, generator=None):
+    """The timestep clip: M distinct nodes of the rollout schedule with t >= t_min (official code draws M of
+    the first 5 or 7 nodes of its 10-step schedule; the paper writes t ~ U[t_min, T])."""
+    nodes = torch.nonzero((sigmas >= t_min) & (sigmas > 0)).flatten()
+    if len(nodes) < m:
+        raise ValueError(f"only {len(nodes)} schedule nodes have t >= t_min={t_min}; lower --t-min or "
+                         f"--num-train-timesteps ({m})")
+    return sigmas[nodes[torch.randperm(len(nodes), generator=generator)[:m]]]
+
+
+# ======================================================================================================
+# ALGO LOGIC: theta_minus, the EMA sampling model
+# ======================================================================================================
+
+
+class EMA:
+    """theta_minus: an exponential moving average of the trainable parameters, swapped in for rollouts."""
+
+    def __init__(self, params, decay):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside, the model's trainable parameters hold the EMA values; the live ones are restored after."""
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(live, self.params):
+                    p.copy_(v)
+
+
+# ======================================================================================================
+# Main loop
+# ======================================================================================================
+
+
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+
+    # TRY NOT TO MODIFY: accelerator, seeding, model, optimizer
+    run = Run(args, "dgpo")
+    acc = run.accelerator
+    task = load_task(args, keep_reference=True, device=run.device, log=run.print)
+    policy = task.policy
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
+    optimizer = policy.prepare(acc, optimizer)
+    ema = EMA(policy.trainable_parameters(), args.ema_decay)
+    sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
+    # prompts and timesteps: per-process prompt streams; timesteps and group noise come from shared seeds
+    prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
+    shared_gen = torch.Generator().manual_seed(args.seed)
+    P, G = args.prompts_per_iteration, args.group_size
+    world, rank = acc.num_processes, acc.process_index
+    all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if world > 1 else None
+    run.print(f"dgpo | model {args.model} | preset {args.preset} | {P} prompts x G={G} per process | "
+              f"{args.num_steps}-step {args.rollout_solver} ODE rollouts | M={args.num_train_timesteps} "
+              f"timesteps from t >= {args.t_min} | beta {args.beta}")
+
+    before = run.evaluate(task, "before")
+    for it in run.progress(args.iterations):
+        t0 = time.time()
+        nfe0 = dict(policy.nfe)
+
+        # ALGO LOGIC 1: deterministic ODE rollout from theta_minus (theta until ema_start, then the EMA)
+        pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
+        prompts = [task.train_prompts[i] for i in pick for _ in range(G)]
+        cond = policy.encode_prompts(prompts)
+        noise = policy.initial_noise(P * G)
+        rollout_model = ema.swapped_in() if it >= args.ema_start else contextlib.nullcontext()
+        chunk = args.rollout_batch_size or P * G
+        with rollout_model:
+            x0 = torch.cat([sample_ode(policy, noise[i:i + chunk], sigmas, select(cond, slice(i, i + chunk)),
+                                       solver=args.rollout_solver) for i in range(0, P * G, chunk)])
+
+        # ALGO LOGIC 2: rewards -> advantages; the groups are this process's P prompts (global ids rank*P + k)
+        rewards = task.reward_fn(policy.decode(x0), prompts).to(run.device)
+        all_rewards = acc.gather(rewards.view(P, G))
+        advantages = group_advantages(all_rewards, std=args.adv_std, clip=args.adv_clip)
+        advantages = advantages[rank * P:(rank + 1) * P].reshape(-1)
+        group_index = torch.arange(P, device=run.device).repeat_interleave(G) + rank * P
+
+        # ALGO LOGIC 3: M timesteps from [t_min, 1]; at each, one noise per group, policy and reference
+        # denoising losses, the group preference loss, one optimizer step, and the EMA update.
+        stats = {"dgpo_loss": 0.0, "dsm": 0.0, "dsm_minus_ref": 0.0, "kl": 0.0, "clipfrac": 0.0}
+        for t in train_timesteps(sigmas, args.t_min, args.num_train_timesteps, shared_gen):
+            group_noise = policy.initial_noise(world * P, shared_gen)[rank * P:(rank + 1) * P]
+            eps = group_noise.repeat_interleave(G, dim=0)  # the same eps for every sample of a group
+            x_t = (1 - t) * x0 + t * eps
+            target = eps - x0
+            for mb in torch.arange(P * G, device=run.device).split(G * (args.train_micro_batch_groups or P)):
+                c = select(cond, mb)
+                with torch.no_grad(), policy.reference():
+                    v_ref = policy.velocity(x_t[mb], t, c)
+                v = policy.velocity(x_t[mb], t, c)
+                dsm, dsm_ref = dsm_loss(v, target[mb]), dsm_loss(v_ref, target[mb])
+                if args.clip_dsm:  # official option: freeze samples whose loss ratio vs the EMA left the range
+                    with torch.no_grad(), ema.swapped_in():
+                        dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])
+                    ratio = torch.exp(dsm_old - dsm.detach())
+                    a = advantages[mb]
+                    frozen = torch.where(a > 0, ratio > 1 + args.clip_range, ratio < 1 - args.clip_range)
+                    dsm = torch.where(frozen, dsm.detach(), dsm)
+                    stats["clipfrac"] += frozen.float().mean().item() * len(mb) / (P * G)
+                loss = dgpo_loss(dsm, dsm_ref, advantages[mb], group_index[mb], args.beta, num_groups=world * P,
+                                 all_reduce=all_reduce)
+                if args.kl_beta > 0:
+                    kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()
+                    loss = loss + args.kl_beta * kl
+                    stats["kl"] += kl.item() * len(mb) / (P * G) / args.num_train_timesteps
+                share = len(mb) / (P * G)
+                acc.backward(loss * share)
+                stats["dgpo_loss"] += loss.item() * share / args.num_train_timesteps
+                stats["dsm"] += dsm.mean().item() * share / args.num_train_timesteps
+                stats["dsm_minus_ref"] += (dsm - dsm_ref).mean().item() * share / args.num_train_timesteps
+            grad_norm = acc.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update()
+
+        # TRY NOT TO MODIFY: logging
+        metrics = {"reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
+                   "reward/group_std": all_rewards.std(dim=1).mean(), "grad_norm": grad_norm,
+                   "nfe/rollout": policy.nfe["no_grad"] - nfe0["no_grad"], "nfe/train": policy.nfe["grad"] - nfe0["grad"],
+                   "time/iteration_seconds": time.time() - t0, **{f"loss/{k}": v for k, v in stats.items()}}
+        if args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < args.iterations:
+            metrics.update({f"eval/{k}": v for k, v in run.evaluate(task, f"it {it + 1}").items()})
+        run.log(it, metrics)
+
+    after = run.evaluate(task, "after")
+    return run.finish(task, before, after)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""DGPO: the partition-function cancellation, the loss gradient against Eq. 17, shared noise, the timestep
+clip, the frozen reference, and end-to-end training."""
+
+import json
+
+import pytest
+import torch
+
+import common
+import dgpo
+
+
+def eq17(dsm, dsm_ref, adv, group_index, beta):
+    """Paper Eq. 17 summed over groups: sum_g -log sigmoid(-beta * S_g), S_g = sum_{i in g} A_i (l_i - l_ref,i)."""
+    s = torch.zeros(int(group_index.max()) + 1, dtype=dsm.dtype).index_add(0, group_index, adv * (dsm - dsm_ref))
+    return -torch.nn.functional.logsigmoid(-beta * s).sum()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_partition_function_cancels_sum_of_weights_equal(seed):
+    """sum_{G+} |A| == sum_{G-} |A| for any rewards: A has zero mean within the group (no clip active)."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.rand(6, 24, generator=g) ** 3 * 10  # skewed, arbitrary scale
+    for std in ("group", "global"):
+        a = common.group_advantages(rewards, std=std, clip=1e9)
+        pos = torch.where(a > 0, a, torch.zeros_like(a)).sum(-1)
+        neg = torch.where(a <= 0, -a, torch.zeros_like(a)).sum(-1)
+        torch.testing.assert_close(pos, neg, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_loss_gradient_is_eq17_gradient_up_to_the_documented_constant(seed):
+    """d loss / d l_i = sigmoid(beta' S_g) A_i / N, and Eq. 17's gradient is beta' sigmoid(beta' S_g) A_i with
+    beta' = beta / G; so grad(surrogate) == grad(Eq. 17) / (beta' N), and it has the sign of A_i."""
+    g = torch.Generator().manual_seed(seed)
+    num_groups, G, beta = 3, 8, 20.0
+    group_index = torch.arange(num_groups).repeat_interleave(G)
+    adv = common.group_advantages(torch.randn(num_groups, G, generator=g)).reshape(-1)
+    dsm_ref = torch.rand(num_groups * G, generator=g, dtype=torch.float64)
+    dsm = (dsm_ref + 0.05 * torch.randn(num_groups * G, generator=g, dtype=torch.float64)).requires_grad_(True)
+    a = adv.double()
+
+    dgpo.dgpo_loss(dsm, dsm_ref, a, group_index, beta).backward()
+    ours = dsm.grad.clone()
+    dsm.grad = None
+    eq17(dsm, dsm_ref, a, group_index, beta / G).backward()
+    paper = dsm.grad
+    n = num_groups * G
+    torch.testing.assert_close(ours, paper / (beta / G * n))
+    nonzero = a != 0
+    assert (torch.sign(ours[nonzero]) == torch.sign(a[nonzero])).all()
+
+
+def test_only_dsm_carries_gradient():
+    dsm = torch.rand(8, requires_grad=True)
+    ref = torch.rand(8, requires_grad=True)
+    dgpo.dgpo_loss(dsm, ref, torch.randn(8), torch.zeros(8, dtype=torch.long), 10.0).backward()
+    assert dsm.grad is not None and ref.grad is None
+
+
+def test_all_reduced_group_sums_reproduce_the_single_process_gradient():
+    """A group split over two 'processes': with group sums and sizes all-reduced, the two halves' gradients
+    together equal the gradient of the whole group computed in one place."""
+    g = torch.Generator().manual_seed(0)
+    G = 8
+    adv = common.group_advantages(torch.randn(2, G, generator=g)).reshape(-1)
+    group_index = torch.arange(2).repeat_interleave(G)
+    ref = torch.rand(2 * G, generator=g)
+    dsm = (ref + 0.1 * torch.randn(2 * G, generator=g)).requires_grad_(True)
+    dgpo.dgpo_loss(dsm, ref, adv, group_index, 50.0).backward()
+    whole = dsm.grad.clone()
+
+    halves = [torch.arange(0, 2 * G, 2), torch.arange(1, 2 * G, 2)]  # each process holds half of every group
+    parts = []
+    for h in halves:  # the sums each process would contribute, gathered as an all-reduce would
+        term = adv[h] * (dsm[h].detach() - ref[h])
+        parts.append((torch.zeros(2).index_add(0, group_index[h], term),
+                      torch.zeros(2).index_add(0, group_index[h], torch.ones(len(h)))))
+    total_sums, total_sizes = parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
+    grad = torch.zeros(2 * G)
+    for h in halves:
+        x = dsm.detach()[h].clone().requires_grad_(True)
+        fake_reduce = iter([total_sums, total_sizes])
+        loss = dgpo.dgpo_loss(x, ref[h], adv[h], group_index[h], 50.0, num_groups=2,
+                              all_reduce=lambda t: next(fake_reduce))
+        # each process's loss is a mean over its N/2 samples; DDP averages gradients over the 2 processes
+        (loss / 2).backward()
+        grad[h] = x.grad
+    torch.testing.assert_close(grad, whole)
+
+
+def test_timestep_clip_draws_distinct_schedule_nodes_at_or_above_t_min():
+    sigmas = common.make_sigmas(10, shift=3.0)
+    for seed in range(20):
+        ts = dgpo.train_timesteps(sigmas, 0.66, 4, torch.Generator().manual_seed(seed))
+        assert len(set(ts.tolist())) == 4 and (ts >= 0.66).all() and all(t in sigmas for t in ts)
+    with pytest.raises(ValueError, match="t_min"):
+        dgpo.train_timesteps(sigmas, 0.95, 4)
+
+
+def test_ema_swaps_in_and_restores():
+    net = torch.nn.Linear(2, 2)
+    ema = dgpo.EMA(net.parameters(), decay=0.3)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update()
+    torch.testing.assert_close(ema.shadow[0], 0.3 * start + 0.7 * (start + 1))
+    with ema.swapped_in():
+        torch.testing.assert_close(net.weight, ema.shadow[0])
+    torch.testing.assert_close(net.weight.detach(), start + 1)
+
+
+def test_training_uses_group_shared_noise_and_clipped_timesteps(tmp_path, monkeypatch, capture_policy):
+    """Spy on the training forward passes: every trained t is >= t_min, and the noise eps = x_t + (1 - t)
+    target recovered from each sample is identical within its group and differs between groups."""
+    seen = []
+    original_dsm = dgpo.dsm_loss
+    original_velocity = common.Policy.velocity
+    last = {}
+
+    def velocity(self, x, sigma, cond):
+        if torch.is_grad_enabled():
+            last["x"], last["t"] = x.detach().clone(), float(sigma)
+        return original_velocity(self, x, sigma, cond)
+
+    def dsm_loss(v, target):
+        if v.requires_grad:
+            seen.append((last["t"], last["x"] + (1 - last["t"]) * target))
+        return original_dsm(v, target)
+
+    monkeypatch.setattr(common.Policy, "velocity", velocity)
+    monkeypatch.setattr(dgpo, "dsm_loss", dsm_loss)
+    dgpo.main(["--iterations", "2", "--group-size", "4", "--prompts-per-iteration", "3", "--t-min", "0.5",
+               "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"])
+    assert len(seen) == 2 * 4  # 2 iterations x M = 4 timesteps
+    for t, eps in seen:
+        assert t >= 0.5
+        eps = eps.view(3, 4, 2)
+        torch.testing.assert_close(eps, eps[:, :1].expand_as(eps), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(eps[0, 0], eps[1, 0])
+    # the frozen reference is the pretrained base, untouched by training
+    policy = capture_policy["policy"]
+    base = common.Toy2DPolicy(keep_reference=False).net.state_dict()
+    for k, v in policy.reference_net.state_dict().items():
+        assert torch.equal(v, base[k]), k
+    assert any(not torch.equal(v, base[k]) for k, v in policy.net.state_dict().items())
+
+
+def test_nfe_accounting(tmp_path):
+    s = dgpo.main(["--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights",
+                   "false"])
+    B = 8 * 16
+    assert s["nfe_rollout"] == 2 * (B * 10 + B * 4)  # 10 ODE steps + the reference at M = 4 timesteps
+    assert s["nfe_train"] == 2 * B * 4
+
+
+def test_toy2d_dgpo_raises_eval_reward(tmp_path):
+    s = dgpo.main(["--iterations", "300", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s == json.loads((tmp_path / "summary.json").read_text())
+    assert s["algorithm"] == "dgpo" and s["eval_reward_before"] < 0.2
+    assert s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s
+    assert s["on_manifold_after"] > s["on_manifold_before"] - 0.15, s
+
+
+def test_tiny_flux_runs(tmp_path):
+    s = dgpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s["model"] == "tiny-flux" and s["nfe_train"] == 2 * 2 * 4 * 2
