@@ -225,6 +225,35 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
     return loss, stats
 
 
+def sde_grpo_loss(policy: "Policy", states, old_log_probs, advantages, sigmas, cond: Cond, idx, steps, args):
+    """The PPO-clipped GRPO loss of samples `idx` at their SDE transitions `steps` (one per sample), shared by the
+    SDE-based scripts (Flow-GRPO, DanceGRPO, Pro-GRPO).
+
+    states (N+1, B, ...) and old_log_probs (N, B) come from the rollout. Recomputes v_theta(x_j) WITH gradient
+    and scores the stored x_{j+1} under the new Gaussian policy; ratio = exp(log pi_theta - log pi_old).
+    With `args.kl_beta > 0` adds Flow-GRPO's KL to the frozen reference: the squared distance of the two
+    policies' means over 2 std^2 (the closed-form KL of Gaussians with the same std, up to the step's dt).
+    Reads `args.noise_level`, `args.sde_variant`, `args.clip_range`, `args.kl_beta`.
+    """
+    x, x_next = states[steps, idx], states[steps + 1, idx]
+    s, s_next = sigmas[steps], sigmas[steps + 1]
+    c = select(cond, idx)
+    v = policy.velocity(x, s, c)
+    _, log_prob, mean, std = sde_step_with_logprob(x, v, s, s_next, args.noise_level, prev_sample=x_next,
+                                                   variant=args.sde_variant)
+    loss, stats = ppo_clip_loss(log_prob, old_log_probs[steps, idx], advantages[idx], args.clip_range)
+    stats["policy_loss"] = loss.item()
+    if args.kl_beta > 0:
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, s, c)
+        _, _, mean_ref, _ = sde_step_with_logprob(x, v_ref, s, s_next, args.noise_level, prev_sample=x_next,
+                                                  variant=args.sde_variant)
+        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)
+        loss = loss + args.kl_beta * kl.mean()
+        stats["kl"] = kl.mean().item()
+    return loss, stats
+
+
 # ======================================================================================================
 # Policies: the one interface every algorithm uses, whatever model is behind it
 # ======================================================================================================

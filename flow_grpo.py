@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, group_advantages, load_task, parse_args, ppo_clip_loss,
+from common import (CommonArgs, Run, arg, group_advantages, load_task, parse_args, sde_grpo_loss,
                     sde_step_with_logprob, select)
 
 
@@ -121,32 +121,6 @@ def trained_steps(batch: int, num_steps: int, args, generator=None) -> torch.Ten
     return torch.arange(n_train).expand(batch, n_train)
 
 
-def grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, idx, steps, args):
-    """The PPO-clipped GRPO loss of samples `idx` at their transitions `steps` (one per sample).
-
-    Recomputes v_theta(x_j) WITH gradient and scores the stored x_{j+1} under the new Gaussian policy; the
-    ratio is exp(log pi_theta - log pi_old). Flow-GRPO's KL term is the squared distance of the two policies'
-    means over 2 std^2 (the closed-form KL of Gaussians with the same std, up to the sqrt(-dt) factor).
-    """
-    x, x_next = states[steps, idx], states[steps + 1, idx]
-    s, s_next = sigmas[steps], sigmas[steps + 1]
-    c = select(cond, idx)
-    v = policy.velocity(x, s, c)
-    _, log_prob, mean, std = sde_step_with_logprob(x, v, s, s_next, args.noise_level, prev_sample=x_next,
-                                                   variant=args.sde_variant)
-    loss, stats = ppo_clip_loss(log_prob, old_log_probs[steps, idx], advantages[idx], args.clip_range)
-    stats["policy_loss"] = loss.item()
-    if args.kl_beta > 0:
-        with torch.no_grad(), policy.reference():
-            v_ref = policy.velocity(x, s, c)
-        _, _, mean_ref, _ = sde_step_with_logprob(x, v_ref, s, s_next, args.noise_level, prev_sample=x_next,
-                                                  variant=args.sde_variant)
-        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)
-        loss = loss + args.kl_beta * kl.mean()
-        stats["kl"] = kl.mean().item()
-    return loss, stats
-
-
 # ======================================================================================================
 # Main loop
 # ======================================================================================================
@@ -196,8 +170,8 @@ def main(argv=None):
             micro = batch.split(args.train_micro_batch_size or len(batch))
             for j in range(steps.shape[1]):
                 for mb in micro:
-                    loss, st = grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, mb, steps[mb, j],
-                                         args)
+                    loss, st = sde_grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, mb, steps[mb, j],
+                                             args)
                     acc.backward(loss * len(mb) / len(batch) / steps.shape[1])
                     stats.append(st)
             grad_norm = acc.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)

@@ -57,7 +57,7 @@ def test_rollout_log_probs_are_recomputed_exactly_before_the_update():
     idx = torch.arange(6)
     for j in range(5):
         steps = torch.full((6,), j)
-        _, st = flow_grpo.grpo_loss(policy, states, old, torch.randn(6), sigmas, cond, idx, steps, args)
+        _, st = common.sde_grpo_loss(policy, states, old, torch.randn(6), sigmas, cond, idx, steps, args)
         assert st["approx_kl"] < 1e-10 and st["clipfrac"] == 0
 
 

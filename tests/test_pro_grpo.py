@@ -1,0 +1,105 @@
+"""Pro-GRPO: OVF against brute force, the funnel's NFE, the free proxy, equality with the baseline."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import common
+import flow_grpo
+import pro_grpo
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_ovf_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 13, (1,), generator=g))
+    k = int(torch.randint(1, n + 1, (1,), generator=g))
+    r = torch.rand(n, generator=g) if seed % 3 else torch.randint(0, 4, (n,), generator=g).float()  # with ties
+    best = max(r[list(c)].var(unbiased=False).item() if k > 1 else 0.0 for c in itertools.combinations(range(n), k))
+    idx = pro_grpo.optimal_variance_filter(r, k)
+    assert len(idx) == k and len(set(idx.tolist())) == k
+    got = r[idx].var(unbiased=False).item() if k > 1 else 0.0
+    assert got == pytest.approx(best, abs=1e-6)
+
+
+def test_ovf_keeps_the_extremes_of_a_clustered_group():
+    r = torch.tensor([0.50, 0.51, 0.49, 0.50, 0.95, 0.05, 0.50, 0.52])
+    assert sorted(pro_grpo.optimal_variance_filter(r, 2).tolist()) == [4, 5]
+
+
+def test_funnel_nfe_arithmetic():
+    # paper: 48 x 6 steps (0..5, pruned after computing v_5) + 24 x 2 (6, 7) + 12 x 2 (8, 9)
+    assert pro_grpo.funnel_nfe(10, [48, 24, 12], [5, 7]) == 48 * 6 + 24 * 2 + 12 * 2
+    assert pro_grpo.funnel_nfe(10, [24], []) == 240
+
+
+class Args:
+    noise_level, sde_variant = 0.7, "flow_grpo"
+
+
+def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
+    policy = common.Toy2DPolicy(keep_reference=False)
+    sigmas = policy.sigmas(10)
+    calls = []
+
+    def reward(samples, prompts):
+        calls.append(samples.clone())
+        return common.toy_mode_reward(samples, prompts)
+
+    prompts = ["mode 1", "mode 5", "mode 2"]
+    survivors, states, log_probs, alive, proxies = pro_grpo.expand_and_prune_rollout(
+        policy, prompts, sigmas, Args, [16, 8, 4], [5, 7], reward)
+    # exactly the funnel's model calls: proxies reuse the step's velocity and pruned trajectories stop
+    assert policy.nfe == {"no_grad": 3 * pro_grpo.funnel_nfe(10, [16, 8, 4], [5, 7]), "grad": 0}
+    assert states.shape == (11, 12, 2) and log_probs.shape == (10, 12)
+    assert survivors == [p for p in prompts for _ in range(4)] and len(calls) == 2
+    assert [p.shape for p in proxies] == [(3, 16), (3, 8)]
+    # the proxy at step 5 is the reward of x0_hat = x_5 - s_5 v(x_5) for the trajectories alive then; the
+    # survivors' stored x_5 must be among the scored states' preimages
+    with policy.nfe_paused(), torch.no_grad():
+        x5 = states[5]
+        v5 = policy.velocity(x5, sigmas[5], policy.encode_prompts(survivors))
+    x0_hat = x5 - sigmas[5].float() * v5
+    scored = calls[0]
+    for row in x0_hat:
+        assert torch.isclose(scored, row, atol=1e-5).all(-1).any()
+
+
+def test_no_expansion_no_pruning_is_the_baseline(tmp_path):
+    """Same seed, group 8, no funnel, per-group std: Pro-GRPO's iteration is Flow-GRPO's, loss for loss."""
+    common_flags = ["--iterations", "2", "--log-every", "0", "--seed", "3", "--adv-std", "group"]
+    a = flow_grpo.main(common_flags + ["--group-size", "8", "--output-dir", str(tmp_path / "a")])
+    b = pro_grpo.main(common_flags + ["--group-sizes", "8", "--prune-steps", "", "--output-dir", str(tmp_path / "b")])
+    la = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(la, lb):
+        for k in ["reward/mean", "loss/policy_loss", "loss/approx_kl", "grad_norm", "nfe/rollout", "nfe/train"]:
+            assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9), k
+    assert a["eval_reward_after"] == pytest.approx(b["eval_reward_after"], rel=1e-6)
+    from safetensors.torch import load_file
+    wa, wb = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k])
+
+
+def test_bad_funnels_are_clear_errors():
+    for flags in (["--group-sizes", "8,16", "--prune-steps", "5"], ["--group-sizes", "16,8", "--prune-steps", "12"],
+                  ["--group-sizes", "16,8,4", "--prune-steps", "5"]):
+        with pytest.raises(SystemExit):
+            pro_grpo.parse_funnel(common.parse_args(pro_grpo.Args, pro_grpo.PRESETS, flags))
+
+
+def test_toy2d_pro_grpo_raises_eval_reward_and_reports_nfe(tmp_path):
+    s = pro_grpo.main(["--iterations", "250", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s["eval_reward_before"] < 0.2 and s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s
+    assert s["on_manifold_after"] > s["on_manifold_before"] - 0.1, s
+    assert s["nfe_rollout"] == 250 * 8 * pro_grpo.funnel_nfe(10, [32, 16, 8], [5, 7])
+    assert s["nfe_train"] == 250 * 8 * 8 * 9
+    assert s["nfe_rollout_unpruned_same_final_group"] == 250 * 8 * 8 * 10
+
+
+def test_tiny_flux_runs(tmp_path):
+    s = pro_grpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s["nfe_rollout"] == 2 * 2 * pro_grpo.funnel_nfe(6, [8, 4, 2], [3, 4])
