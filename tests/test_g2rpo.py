@@ -1,0 +1,96 @@
+"""G2RPO: the completion grids, singular stochasticity, MGAI advantages, NFE accounting, training."""
+
+import pytest
+import torch
+
+import common
+import g2rpo
+
+
+@pytest.mark.parametrize("num_steps,shift,ks,lams", [(16, 3.0, range(8), (1, 2, 3)), (10, None, range(5), (1, 2, 3)),
+                                                     (6, None, range(6), (1, 2, 4))])
+def test_granular_sigmas(num_steps, shift, ks, lams):
+    sigmas = common.make_sigmas(num_steps, shift=shift)
+    for k in ks:
+        for lam in lams:
+            grid = g2rpo.granular_sigmas(sigmas, k, lam)
+            assert torch.equal(grid[:k + 2], sigmas[:k + 2])  # the anchor's nodes and the first fine step
+            assert grid[-1].item() == 0.0
+            assert (grid[1:] < grid[:-1]).all()
+            assert set(grid.tolist()) <= set(sigmas.tolist())
+            if lam == 1:
+                assert torch.equal(grid, sigmas)
+
+
+def test_granular_sigmas_example():
+    s = common.make_sigmas(10)  # 1.0, 0.9, ..., 0.0
+    grid = g2rpo.granular_sigmas(s, 1, 3)  # [s0 s1 s2] + s[3::3] = s3 s6 s9, then 0
+    torch.testing.assert_close(grid, torch.tensor([1.0, 0.9, 0.8, 0.7, 0.4, 0.1, 0.0], dtype=s.dtype))
+
+
+def test_mixed_advantages_are_the_sum_of_per_granularity_z_scores():
+    r = torch.rand(3, 4, 12)
+    expected = sum(common.group_advantages(r[j], std="group", clip=1e9) for j in range(3))
+    torch.testing.assert_close(g2rpo.mixed_advantages(r, clip=1e9), expected)
+    assert g2rpo.mixed_advantages(r * 100, clip=2.0).abs().max() <= 2.0
+
+
+class Args:
+    noise_level, rollout_batch_size = 0.7, 0
+
+
+def test_singular_rollout_branches_share_x_k_and_completion_is_deterministic(monkeypatch):
+    policy = common.Toy2DPolicy(keep_reference=False)
+    sigmas = policy.sigmas(10)
+    seen = []
+    original = g2rpo.sde_step_with_logprob
+
+    def spy(x, *a, **kw):
+        seen.append(x.clone())
+        return original(x, *a, **kw)
+
+    monkeypatch.setattr(g2rpo, "sde_step_with_logprob", spy)
+    anchor, branches = g2rpo.singular_rollout(policy, ["mode 1", "mode 6"], sigmas, [0, 2, 4], [1, 2], 6, Args,
+                                              common.toy_mode_reward)
+    assert anchor.shape == (11, 2, 2) and len(branches) == 3 and len(seen) == 3
+    for x_k, b in zip(seen, branches):
+        x_k = x_k.view(2, 6, 2)
+        assert torch.equal(x_k, x_k[:, :1].expand_as(x_k))  # every branch starts from the SAME state, bit for bit
+        torch.testing.assert_close(x_k[:, 0], anchor[b["k"]])
+        assert b["x_next"].view(2, 6, 2).std(1).min() > 0  # and they differ only after the one SDE step
+        assert b["rewards"].shape == (2, 2, 6)
+    # the rest is deterministic: completing the same x_{k+1} twice gives the same sample
+    b = branches[1]
+    grid = g2rpo.granular_sigmas(sigmas, 2, 2)[3:]
+    cond = policy.encode_prompts(["mode 1"] * 6 + ["mode 6"] * 6)
+    a1 = common.sample_ode(policy, b["x_next"], grid, cond, solver="euler")
+    a2 = common.sample_ode(policy, b["x_next"], grid, cond, solver="euler")
+    assert torch.equal(a1, a2)
+    torch.testing.assert_close(common.toy_mode_reward(a1, ["mode 1"] * 6 + ["mode 6"] * 6).view(2, 6),
+                               b["rewards"][1])
+
+
+def test_nfe_accounting_matches_the_schedule(tmp_path):
+    s = g2rpo.main(["--iterations", "2", "--prompts-per-iteration", "3", "--group-size", "4", "--output-dir",
+                    str(tmp_path), "--log-every", "0", "--save-weights", "false"])
+    sigmas = common.make_sigmas(10)
+    completion = sum(g2rpo.completion_nfe(sigmas, k, lam) for k in range(5) for lam in (1, 2, 3))
+    assert s["nfe_rollout"] == 2 * 3 * (10 + 4 * completion)  # anchor + G branches x every grid
+    assert s["nfe_train"] == 2 * 3 * 5  # one gradient NFE per k per group
+
+
+def test_toy2d_g2rpo_raises_eval_reward(tmp_path):
+    s = g2rpo.main(["--iterations", "150", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s["eval_reward_before"] < 0.2 and s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s
+    assert s["on_manifold_after"] > s["on_manifold_before"] - 0.15, s
+
+
+def test_tiny_flux_runs(tmp_path):
+    s = g2rpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s["nfe_train"] == 2 * 2 * 3  # 6 steps: branch at k = 0, 1, 2
+
+
+def test_bad_schedules_are_clear_errors():
+    for flags in (["--granularities", "0,1"], ["--branch-steps", "3,12"]):
+        with pytest.raises(SystemExit):
+            g2rpo.parse_schedule(common.parse_args(g2rpo.Args, g2rpo.PRESETS, flags))
