@@ -1,0 +1,129 @@
+"""Neighbor GRPO: the neighbourhood noise, the quasi-norm, pull and push, the ratio, NFE, training."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import neighbor_grpo as ng
+
+
+def test_perturbed_noise_keeps_unit_variance_and_correlation():
+    g = torch.Generator().manual_seed(0)
+    eps_star = torch.randn(4000, 8, generator=g)
+    out = ng.perturb_noise(eps_star, 3, 0.3, generator=g)
+    assert out.shape == (12000, 8)
+    base = eps_star.repeat_interleave(3, dim=0)
+    assert out.var().item() == pytest.approx(1.0, abs=0.02)
+    corr = ((out - out.mean()) * (base - base.mean())).mean() / (out.std() * base.std())
+    assert corr.item() == pytest.approx(math.sqrt(1 - 0.09), abs=0.01)
+    # the neighbours of one base noise differ from each other (sigma delta_i are independent)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_quasi_norm_p2_gives_unit_l2_norm_per_group():
+    a = torch.randn(5, 12)
+    torch.testing.assert_close(ng.quasi_norm_advantages(a, 2.0).norm(dim=-1), torch.ones(5))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8, 2.0])
+def test_quasi_norm_is_invariant_to_scaling(p):
+    a = torch.randn(3, 8)
+    torch.testing.assert_close(ng.quasi_norm_advantages(7.5 * a, p), ng.quasi_norm_advantages(a, p))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8, 1.5])
+def test_quasi_norm_downweights_flat_relative_to_peaked(p):
+    G = 12
+    flat = torch.tensor([1.0, -1.0] * (G // 2)) / math.sqrt(G)  # unit L2, every sample equally (un)informative
+    peaked = torch.zeros(G)
+    peaked[0], peaked[1] = 1 / math.sqrt(2), -1 / math.sqrt(2)  # unit L2, two decisive samples
+    f, pk = ng.quasi_norm_advantages(flat, p), ng.quasi_norm_advantages(peaked, p)
+    assert f.norm() < pk.norm()
+    # at p = 2 both keep the same weight
+    torch.testing.assert_close(ng.quasi_norm_advantages(flat, 2.0).norm(), ng.quasi_norm_advantages(peaked, 2.0).norm())
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_pull_and_push_on_the_anchor(sign):
+    """One positive-advantage candidate pulls the anchor toward it; a negative one pushes it away."""
+    g = torch.Generator().manual_seed(1)
+    candidates = torch.randn(1, 6, 2, generator=g)
+    anchor = (candidates[:, :1] + 0.3 * torch.randn(1, 1, 2, generator=g)).clone().requires_grad_(True)
+    adv = torch.zeros(1, 6)
+    adv[0, 3] = sign
+    tau = torch.full((1, 1, 1), 0.5)
+    old = ng.surrogate_log_policy(anchor.detach(), candidates, tau)
+    loss, _ = ng.neighbor_grpo_loss(ng.surrogate_log_policy(anchor, candidates, tau), old, adv, clip_range=0.2)
+    loss.backward()
+    dist = lambda a: (a - candidates[0, 3]).norm().item()
+    moved = anchor.detach() - 1e-2 * anchor.grad
+    assert (dist(moved) < dist(anchor.detach())) == (sign > 0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_one_sgd_step_of_the_model_moves_the_recomputed_anchor(sign):
+    """Through the network: the anchor recomputed by one Euler step moves toward (A > 0) or away (A < 0)."""
+    policy = common.Toy2DPolicy(keep_reference=False)
+    sigmas = policy.sigmas(10)
+    G, j = 6, 5
+    cond = policy.encode_prompts(["mode 2"] * G)
+    with torch.no_grad():
+        states = torch.stack(common.sample_ode(policy, ng.perturb_noise(torch.randn(1, 2), G, 0.3), sigmas, cond,
+                                               return_trajectory=True))
+    rows = torch.tensor([0])
+    target = states[j, 4]
+    with torch.no_grad():
+        a0 = ng.recompute_anchor(policy, states, sigmas, cond, rows, j)
+        tau = 1.0 * ng.neighbor_distances(a0.view(1, 1, 2), states[j].view(1, G, 2)).mean(-1, keepdim=True)
+        old = ng.surrogate_log_policy(a0.view(1, 1, 2), states[j].view(1, G, 2), tau)
+    adv = torch.zeros(1, G)
+    adv[0, 4] = sign
+    anchor = ng.recompute_anchor(policy, states, sigmas, cond, rows, j)
+    loss, stats = ng.neighbor_grpo_loss(ng.surrogate_log_policy(anchor.view(1, 1, 2), states[j].view(1, G, 2), tau),
+                                        old, adv, 0.2)
+    assert stats["approx_kl"] == 0.0  # the ratio is exactly 1 before the update
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p -= 1e-3 * p.grad
+        a1 = ng.recompute_anchor(policy, states, sigmas, cond, rows, j)
+    assert ((a1 - target).norm() < (a0 - target).norm()) == (sign > 0)
+
+
+def test_ratio_is_one_before_the_first_update_and_nfe_theta_is_B_times_K(tmp_path):
+    s = ng.main(["--iterations", "2", "--updates-per-iteration", "1", "--num-anchors", "3",
+                 "--num-train-timesteps", "4", "--output-dir", str(tmp_path), "--log-every", "0",
+                 "--save-weights", "false"])
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # with one update all ratios are taken at the pre-update weights: exactly 1
+    assert all(l["loss/approx_kl"] == 0.0 and l["loss/clipfrac"] == 0.0 for l in lines)
+    P, G, B, K, N = 8, 16, 3, 4, 10
+    assert s["nfe_train"] == 2 * P * B * K  # gradient NFE per group per iteration = B x K
+    assert s["nfe_rollout"] == 2 * P * (G * N + B * K)  # the ODE rollout + pi_old at the anchors
+
+
+def test_the_second_update_is_off_policy(tmp_path):
+    ng.main(["--iterations", "3", "--updates-per-iteration", "2", "--num-anchors", "4",
+             "--num-train-timesteps", "4", "--output-dir", str(tmp_path), "--log-every", "0",
+             "--save-weights", "false"])
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(l["loss/approx_kl"] > 0 for l in lines)
+
+
+def test_toy2d_neighbor_grpo_raises_eval_reward(tmp_path):
+    s = ng.main(["--iterations", "200", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s["eval_reward_before"] < 0.2 and s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s
+    assert s["on_manifold_after"] > s["on_manifold_before"] - 0.15, s
+
+
+def test_tiny_flux_runs(tmp_path):
+    s = ng.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert s["nfe_train"] == 2 * 2 * 2 * 2  # 2 iterations x 2 groups x B 2 x K 2
+
+
+def test_bad_sizes_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="num_anchors"):
+        ng.main(["--num-anchors", "20", "--output-dir", str(tmp_path)])
