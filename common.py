@@ -259,6 +259,11 @@ def sde_grpo_loss(policy: "Policy", states, old_log_probs, advantages, sigmas, c
 # ======================================================================================================
 
 
+def mean_stats(stats: list[dict]) -> dict:
+    """Average a list of per-step statistics dicts key by key."""
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
 def select(cond: Cond, index) -> Cond:
     """Rows `index` of every tensor of a conditioning batch (use it to repeat prompts into groups)."""
     return {k: t[index] for k, t in cond.items()}
@@ -700,8 +705,8 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     """Build the model named by `args.model` with its default prompts, reward and metrics."""
     if args.model == "toy2d":
         prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
-        return Task(Toy2DPolicy(device=device, keep_reference=keep_reference, log=log), get_reward(args.reward or "toy_mode"),
-                    prompts, prompts, {"on_manifold": toy_on_manifold})
+        policy = Toy2DPolicy(device=device, keep_reference=keep_reference, log=log)
+        return Task(policy, get_reward(args.reward or "toy_mode"), prompts, prompts, {"on_manifold": toy_on_manifold})
     if args.model == "tiny-flux":
         policy = build_tiny_flux(resolution=args.resolution, guidance_scale=args.guidance_scale,
                                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
@@ -710,8 +715,9 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
         return Task(policy, get_reward(args.reward or "mean_color"), [f"a photo of {c}" for c in colors[:8]],
                     [f"a photo of {c}" for c in colors[8:]])
     if args.model in ("flux", "sd3"):
-        raise NotImplementedError(f"--model {args.model} (real weights from a local path) is not implemented yet in this "
-                                  f"version; use --model tiny-flux to run the same FLUX code path with random weights")
+        raise NotImplementedError(f"--model {args.model} (real weights from a local path) is not implemented yet in "
+                                  f"this version; use --model tiny-flux to run the same FLUX code path with random "
+                                  f"weights")
     raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
 
 
@@ -878,6 +884,31 @@ class Run:
         self.print(f"[eval {label}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
+    def make_optimizer(self, policy: Policy):
+        """AdamW over the trainable parameters, handed with the model to accelerate (DDP/FSDP, autocast)."""
+        a = self.args
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=a.learning_rate, weight_decay=a.weight_decay,
+                                      betas=(0.9, a.adam_beta2))
+        return policy.prepare(self.accelerator, optimizer)
+
+    def begin_iteration(self, policy: Policy):
+        self._t0, self._nfe0 = time.time(), dict(policy.nfe)
+
+    def end_iteration(self, iteration: int, task: Task, rewards: torch.Tensor, losses: dict, **extra):
+        """Log one iteration: reward statistics of the (gathered) rewards (groups, G), this iteration's NFE
+        without and with gradient, its time, the loss statistics, any extra metric, and an evaluation every
+        `--eval-every` iterations."""
+        nfe = task.policy.nfe
+        metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
+                   "reward/group_std": rewards.std(dim=-1).mean(),
+                   "nfe/rollout": nfe["no_grad"] - self._nfe0["no_grad"], "nfe/train": nfe["grad"] - self._nfe0["grad"],
+                   "time/iteration_seconds": time.time() - self._t0,
+                   **{f"loss/{k}": v for k, v in losses.items()}, **extra}
+        every = self.args.eval_every
+        if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
+            metrics.update({f"eval/{k}": v for k, v in self.evaluate(task, f"it {iteration + 1}").items()})
+        self.log(iteration, metrics)
+
     def log(self, iteration: int, metrics: dict):
         """One line of metrics.jsonl per iteration, a console line every `log_every`, and the trackers."""
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
@@ -893,11 +924,13 @@ class Run:
     def finish(self, task: Task, before: dict, after: dict, **extra) -> dict:
         """Write summary.json (keys every benchmark reads) and the trained weights."""
         wall = time.time() - self.start
-        nfe = task.policy.nfe
+        # NFE totals of the whole run: every process's model calls
+        nfe = self.accelerator.reduce(torch.tensor([task.policy.nfe["no_grad"], task.policy.nfe["grad"]],
+                                                   device=self.device), reduction="sum").tolist()
         summary = {"algorithm": self.algorithm, "model": self.args.model, "preset": self.args.preset,
                    "iterations": self.args.iterations, "seed": self.args.seed,
                    "eval_reward_before": before["reward"], "eval_reward_after": after["reward"],
-                   "nfe_rollout": nfe["no_grad"], "nfe_train": nfe["grad"],
+                   "nfe_rollout": nfe[0], "nfe_train": nfe[1],
                    "wall_seconds": wall, "train_seconds": wall - self.eval_seconds,
                    "num_processes": self.accelerator.num_processes}
         for k in before:

@@ -27,7 +27,6 @@ Run:
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 import torch
@@ -170,9 +169,7 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=True, device=run.device, log=run.print)
     policy = task.policy
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
-    optimizer = policy.prepare(acc, optimizer)
+    optimizer = run.make_optimizer(policy)
     ema = EMA(policy.trainable_parameters(), args.ema_decay)
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     # prompts and timesteps: per-process prompt streams; timesteps and group noise come from shared seeds
@@ -187,8 +184,7 @@ def main(argv=None):
 
     before = run.evaluate(task, "before")
     for it in run.progress(args.iterations):
-        t0 = time.time()
-        nfe0 = dict(policy.nfe)
+        run.begin_iteration(policy)
 
         # ALGO LOGIC 1: deterministic ODE rollout from theta_minus (theta until ema_start, then the EMA)
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
@@ -247,13 +243,7 @@ def main(argv=None):
             ema.update()
 
         # TRY NOT TO MODIFY: logging
-        metrics = {"reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
-                   "reward/group_std": all_rewards.std(dim=1).mean(), "grad_norm": grad_norm,
-                   "nfe/rollout": policy.nfe["no_grad"] - nfe0["no_grad"], "nfe/train": policy.nfe["grad"] - nfe0["grad"],
-                   "time/iteration_seconds": time.time() - t0, **{f"loss/{k}": v for k, v in stats.items()}}
-        if args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < args.iterations:
-            metrics.update({f"eval/{k}": v for k, v in run.evaluate(task, f"it {it + 1}").items()})
-        run.log(it, metrics)
+        run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm)
 
     after = run.evaluate(task, "after")
     return run.finish(task, before, after)

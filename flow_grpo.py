@@ -23,12 +23,11 @@ Run:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, group_advantages, load_task, parse_args, sde_grpo_loss,
+from common import (CommonArgs, Run, arg, group_advantages, load_task, mean_stats, parse_args, sde_grpo_loss,
                     sde_step_with_logprob, select)
 
 
@@ -134,9 +133,7 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=args.kl_beta > 0, device=run.device, log=run.print)
     policy = task.policy
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
-    optimizer = policy.prepare(acc, optimizer)
+    optimizer = run.make_optimizer(policy)
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
     P, G = args.prompts_per_iteration, args.group_size
@@ -146,8 +143,7 @@ def main(argv=None):
 
     before = run.evaluate(task, "before")
     for it in run.progress(args.iterations):
-        t0 = time.time()
-        nfe0 = dict(policy.nfe)
+        run.begin_iteration(policy)
 
         # ALGO LOGIC 1: rollout. P prompts, each repeated G times (one group), SDE sampling.
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
@@ -179,14 +175,7 @@ def main(argv=None):
             optimizer.zero_grad()
 
         # TRY NOT TO MODIFY: logging
-        metrics = {"reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
-                   "reward/group_std": all_rewards.std(dim=1).mean(), "grad_norm": grad_norm,
-                   "nfe/rollout": policy.nfe["no_grad"] - nfe0["no_grad"], "nfe/train": policy.nfe["grad"] - nfe0["grad"],
-                   "time/iteration_seconds": time.time() - t0}
-        metrics.update({f"loss/{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]})
-        if args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < args.iterations:
-            metrics.update({f"eval/{k}": v for k, v in run.evaluate(task, f"it {it + 1}").items()})
-        run.log(it, metrics)
+        run.end_iteration(it, task, all_rewards, mean_stats(stats), grad_norm=grad_norm)
 
     after = run.evaluate(task, "after")
     return run.finish(task, before, after)

@@ -25,7 +25,6 @@ Run:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -153,21 +152,19 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=False, device=run.device, log=run.print)
     policy = task.policy
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
-    optimizer = policy.prepare(acc, optimizer)
+    optimizer = run.make_optimizer(policy)
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
     P, G = args.prompts_per_iteration, args.group_size
-    rollout_nfe = args.num_steps + G * sum(completion_nfe(sigmas, k, lam) for k in branch_steps for lam in granularities)
+    completions = sum(completion_nfe(sigmas, k, lam) for k in branch_steps for lam in granularities)
+    rollout_nfe = args.num_steps + G * completions
     run.print(f"g2rpo | model {args.model} | preset {args.preset} | {P} prompts x G={G} per process | branch at "
               f"k={branch_steps} | Lambda={granularities} | rollout NFE per prompt {rollout_nfe}, "
               f"gradient NFE per prompt {len(branch_steps)}")
 
     before = run.evaluate(task, "before")
     for it in run.progress(args.iterations):
-        t0 = time.time()
-        nfe0 = dict(policy.nfe)
+        run.begin_iteration(policy)
 
         # ALGO LOGIC 1-3: anchor, one-step branches, multi-granularity completion and rewards
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
@@ -196,14 +193,8 @@ def main(argv=None):
 
         # TRY NOT TO MODIFY: logging (the reward of the full-resolution completion, lam = Lambda[0])
         all_rewards = acc.gather(torch.stack([b["rewards"][0] for b in branches]).to(run.device))
-        metrics = {"reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
-                   "reward/group_std": all_rewards.std(dim=-1).mean(),
-                   "reward/anchor": task.reward_fn(policy.decode(anchor[-1]), prompts).mean(), "grad_norm": grad_norm,
-                   "nfe/rollout": policy.nfe["no_grad"] - nfe0["no_grad"], "nfe/train": policy.nfe["grad"] - nfe0["grad"],
-                   "time/iteration_seconds": time.time() - t0, **{f"loss/{k}": v for k, v in stats.items()}}
-        if args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < args.iterations:
-            metrics.update({f"eval/{k}": v for k, v in run.evaluate(task, f"it {it + 1}").items()})
-        run.log(it, metrics)
+        run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm,
+                          **{"reward/anchor": task.reward_fn(policy.decode(anchor[-1]), prompts).mean()})
 
     after = run.evaluate(task, "after")
     return run.finish(task, before, after, branch_steps=branch_steps, granularities=granularities)

@@ -30,13 +30,12 @@ Run:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, euler_step, group_advantages, load_task, parse_args, sample_ode,
-                    select)
+from common import (CommonArgs, Run, arg, euler_step, group_advantages, load_task, mean_stats, parse_args,
+                    sample_ode, select)
 
 
 @dataclass
@@ -163,9 +162,7 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=False, device=run.device, log=run.print)
     policy = task.policy
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
-    optimizer = policy.prepare(acc, optimizer)
+    optimizer = run.make_optimizer(policy)
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
     run.print(f"neighbor_grpo | model {args.model} | preset {args.preset} | {P} prompts x G={G} neighbours "
@@ -174,8 +171,7 @@ def main(argv=None):
 
     before = run.evaluate(task, "before")
     for it in run.progress(args.iterations):
-        t0 = time.time()
-        nfe0 = dict(policy.nfe)
+        run.begin_iteration(policy)
 
         # ALGO LOGIC 1: neighbourhood rollout, deterministic ODE from perturbed initial noise, all states kept
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
@@ -229,14 +225,7 @@ def main(argv=None):
 
         # TRY NOT TO MODIFY: logging
         all_rewards = acc.gather(rewards)
-        metrics = {"reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
-                   "reward/group_std": all_rewards.std(dim=1).mean(), "grad_norm": grad_norm,
-                   "nfe/rollout": policy.nfe["no_grad"] - nfe0["no_grad"], "nfe/train": policy.nfe["grad"] - nfe0["grad"],
-                   "time/iteration_seconds": time.time() - t0}
-        metrics.update({f"loss/{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]})
-        if args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < args.iterations:
-            metrics.update({f"eval/{k}": v for k, v in run.evaluate(task, f"it {it + 1}").items()})
-        run.log(it, metrics)
+        run.end_iteration(it, task, all_rewards, mean_stats(stats), grad_norm=grad_norm)
 
     after = run.evaluate(task, "after")
     return run.finish(task, before, after)

@@ -1,6 +1,5 @@
 """Shared test fixtures: an isolated model cache, and a velocity field that is EXACT for Gaussian data."""
 
-import math
 import os
 import sys
 from pathlib import Path

@@ -112,3 +112,20 @@ def test_bad_preset_and_model_are_clear_errors():
         common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])
     with pytest.raises(SystemExit, match="unknown model"):
         common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
+
+
+def test_two_process_run_sums_nfe_over_processes(tmp_path):
+    """A real 2-process (gloo) run, as `torchrun` starts it on CPU: each process samples its own groups."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(flow_grpo.__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(root / "flow_grpo.py"), "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0",
+           "--save-weights", "false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["num_processes"] == 2
+    assert s["nfe_train"] == 2 * 2 * 8 * 16 * 9 and s["nfe_rollout"] == 2 * 2 * 8 * 16 * 10

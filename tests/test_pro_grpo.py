@@ -79,7 +79,8 @@ def test_no_expansion_no_pruning_is_the_baseline(tmp_path):
             assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9), k
     assert a["eval_reward_after"] == pytest.approx(b["eval_reward_after"], rel=1e-6)
     from safetensors.torch import load_file
-    wa, wb = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    wa = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k])
 
