@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -771,6 +772,9 @@ class CommonArgs:
     mixed_precision: str = arg("no", "'no', 'bf16' or 'fp16' (accelerate autocast)")
     log_every: int = arg(10, "print a console line every N iterations")
     save_weights: bool = arg(True, "save the trained weights to <output_dir>/final at the end")
+    checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)")
+    checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints")
+    resume_from_checkpoint: Optional[str] = arg(None, "resume from a checkpoint directory, or 'latest' in --output-dir")
     # model
     reward: Optional[str] = arg(None, f"training reward (default: the model's); available: {sorted(REWARDS)}")
     resolution: int = arg(32, "image resolution in pixels (image models)")
@@ -849,19 +853,27 @@ class Run:
                                        cpu=not torch.cuda.is_available())
         set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
         self.is_main = self.accelerator.is_main_process
+        resume = args.resume_from_checkpoint
+        if args.output_dir is None and resume not in (None, "latest"):
+            args.output_dir = str(Path(resume).resolve().parent.parent)  # <output_dir>/checkpoints/checkpoint-N
         if args.output_dir is None:
+            if resume == "latest":
+                raise SystemExit("--resume-from-checkpoint latest needs the --output-dir of the run to resume")
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{algorithm}_{args.model}_s{args.seed}_{stamp}")
         self.out = Path(args.output_dir)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-            (self.out / "metrics.jsonl").write_text("")
+            if resume is None:
+                (self.out / "metrics.jsonl").write_text("")
         if args.report_to != "none":
             self.accelerator.init_trackers(algorithm, config={k: v for k, v in dataclasses.asdict(args).items()
                                                               if isinstance(v, (int, float, str, bool))})
-        self.start = time.time()
+        self.start_time = time.time()
         self.eval_seconds = 0.0
+        self.elapsed_before = 0.0  # wall seconds of the run before a resume
+        self.first_iteration = 0
 
     @property
     def device(self):
@@ -872,10 +884,70 @@ class Run:
             from tqdm.auto import tqdm
             tqdm.write(msg)
 
+    def start(self, task: Task, **state) -> dict[str, float]:
+        """Begin training: resume from a checkpoint if asked, else evaluate the base model. Returns the
+        "before" evaluation. `state` names whatever else a checkpoint must restore for an exact resume: torch
+        Generators and objects with state_dict / load_state_dict (the model, optimizer and RNGs are handled)."""
+        self.task, self.state = task, state
+        if self.args.resume_from_checkpoint is None:
+            self.before = self.evaluate(task, "before")
+            return self.before
+        path = self._resolve_checkpoint(self.args.resume_from_checkpoint)
+        self.accelerator.load_state(str(path))
+        saved = torch.load(path / f"run_state_{self.accelerator.process_index}.pt", weights_only=False)
+        for name, obj in state.items():
+            if isinstance(obj, torch.Generator):
+                obj.set_state(saved["state"][name])
+            else:
+                obj.load_state_dict(saved["state"][name])
+        progress = saved["progress"]
+        task.policy.nfe = dict(progress["nfe"])
+        self.first_iteration, self.before = progress["iteration"], progress["before"]
+        self.elapsed_before, self.eval_seconds = progress["elapsed"], progress["eval_seconds"]
+        if self.is_main:  # drop metrics logged after the checkpoint: those iterations run again
+            log = self.out / "metrics.jsonl"
+            lines = log.read_text().splitlines() if log.exists() else []
+            kept = [l for l in lines if json.loads(l)["iteration"] < self.first_iteration]
+            log.write_text("".join(l + "\n" for l in kept))
+        self.print(f"resumed from {path} at iteration {self.first_iteration}")
+        return self.before
+
+    def _resolve_checkpoint(self, resume: str) -> Path:
+        if resume == "latest":
+            found = sorted((self.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            if not found:
+                raise SystemExit(f"no checkpoint to resume in {self.out / 'checkpoints'}")
+            return found[-1]
+        path = Path(resume)
+        if not (path / f"run_state_{self.accelerator.process_index}.pt").exists():
+            raise SystemExit(f"{path} is not a checkpoint of this script (no run_state_*.pt); "
+                             f"checkpoints live in <output_dir>/checkpoints/checkpoint-N")
+        return path
+
+    def save_checkpoint(self, iterations_done: int):
+        """<output_dir>/checkpoints/checkpoint-N: accelerate's state (model, optimizer, every process's RNGs), each
+        process's run state (generators, EMA, counters, the before-evaluation), and the weights in the format
+        the policy's `save` writes (for FLUX LoRA: what `FluxPipeline.load_lora_weights` reads)."""
+        path = self.out / "checkpoints" / f"checkpoint-{iterations_done}"
+        self.accelerator.save_state(str(path))
+        state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                 for name, obj in self.state.items()}
+        progress = {"iteration": iterations_done, "nfe": dict(self.task.policy.nfe), "before": self.before,
+                    "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
+        torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self.task.policy.save(path / "weights")
+            limit = self.args.checkpoints_total_limit
+            found = sorted((self.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            for p in found[:-limit] if limit > 0 else []:
+                shutil.rmtree(p)
+
     def progress(self, iterations: int):
         from tqdm.auto import tqdm
         # disable=None: a bar on a terminal only; logs get the console lines instead
-        return tqdm(range(iterations), desc=self.algorithm, disable=None if self.is_main else True, dynamic_ncols=True)
+        return tqdm(range(self.first_iteration, iterations), initial=self.first_iteration, total=iterations,
+                    desc=self.algorithm, disable=None if self.is_main else True, dynamic_ncols=True)
 
     def evaluate(self, task: Task, label: str) -> dict[str, float]:
         t0 = time.time()
@@ -908,6 +980,9 @@ class Run:
         if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
             metrics.update({f"eval/{k}": v for k, v in self.evaluate(task, f"it {iteration + 1}").items()})
         self.log(iteration, metrics)
+        every = self.args.checkpoint_every
+        if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
+            self.save_checkpoint(iteration + 1)
 
     def log(self, iteration: int, metrics: dict):
         """One line of metrics.jsonl per iteration, a console line every `log_every`, and the trackers."""
@@ -923,7 +998,7 @@ class Run:
 
     def finish(self, task: Task, before: dict, after: dict, **extra) -> dict:
         """Write summary.json (keys every benchmark reads) and the trained weights."""
-        wall = time.time() - self.start
+        wall = self.elapsed_before + time.time() - self.start_time
         # NFE totals of the whole run: every process's model calls
         nfe = self.accelerator.reduce(torch.tensor([task.policy.nfe["no_grad"], task.policy.nfe["grad"]],
                                                    device=self.device), reduction="sum").tolist()

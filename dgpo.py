@@ -141,6 +141,13 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
 
+    def state_dict(self):
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+
     @contextlib.contextmanager
     def swapped_in(self):
         """Inside, the model's trainable parameters hold the EMA values; the live ones are restored after."""
@@ -182,7 +189,8 @@ def main(argv=None):
               f"{args.num_steps}-step {args.rollout_solver} ODE rollouts | M={args.num_train_timesteps} "
               f"timesteps from t >= {args.t_min} | beta {args.beta}")
 
-    before = run.evaluate(task, "before")
+    # evaluate the base model, or resume (the generators and the EMA are part of the checkpoint)
+    before = run.start(task, prompt_gen=prompt_gen, shared_gen=shared_gen, ema=ema)
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 

@@ -141,7 +141,7 @@ def main(argv=None):
               f"{args.num_steps} SDE steps ({args.sde_variant}, a={args.noise_level}) | "
               f"sigmas {[round(s, 3) for s in sigmas.tolist()]}")
 
-    before = run.evaluate(task, "before")
+    before = run.start(task, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 

@@ -162,7 +162,7 @@ def main(argv=None):
               f"k={branch_steps} | Lambda={granularities} | rollout NFE per prompt {rollout_nfe}, "
               f"gradient NFE per prompt {len(branch_steps)}")
 
-    before = run.evaluate(task, "before")
+    before = run.start(task, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 

@@ -169,7 +169,7 @@ def main(argv=None):
               f"(sigma {args.perturb_sigma}) | {args.num_steps}-step {args.rollout_solver} | B={B} anchors, K={K} "
               f"timesteps: NFE_theta per sample {B * K / G:.2f}")
 
-    before = run.evaluate(task, "before")
+    before = run.start(task, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 

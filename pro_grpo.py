@@ -184,7 +184,7 @@ def main(argv=None):
               f"{funnel_nfe(args.num_steps, group_sizes, prune_steps)} vs {G * args.num_steps} for an unpruned "
               f"group of {G} and {group_sizes[0] * args.num_steps} for one of {group_sizes[0]}")
 
-    before = run.evaluate(task, "before")
+    before = run.start(task, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 
