@@ -15,7 +15,7 @@ Every step of every trajectory is a training sample: NFE_theta per sample is the
 (9 of 10 for Flow-GRPO SD3, 60% of 15 for DanceGRPO FLUX), which is the cost the later methods attack.
 
 Run:
-    python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~1 minute
+    python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~20 s
     python flow_grpo.py --preset toy2d-dancegrpo            # DanceGRPO's variant on the toy
     python flow_grpo.py --model tiny-flux --iterations 2    # the FLUX code path, random weights
     accelerate launch flow_grpo.py --preset dancegrpo-flux  # (needs --model flux: not available yet)

@@ -112,6 +112,11 @@ def test_bad_preset_and_model_are_clear_errors():
         common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])
     with pytest.raises(SystemExit, match="unknown model"):
         common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
+    with pytest.raises(SystemExit, match="unknown model 'sdxl'"):
+        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sdxl"])
+    # a real model picks the script's paper preset and stops with what to do instead
+    with pytest.raises(SystemExit, match="dancegrpo-flux.*tiny-flux|tiny-flux.*dancegrpo-flux"):
+        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux"])
 
 
 def test_two_process_run_sums_nfe_over_processes(tmp_path):
