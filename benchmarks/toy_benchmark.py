@@ -162,9 +162,9 @@ def main():
         fl = lambda s: s["nfe_ng_it"] + 3 * s["nfe_g_it"]
         saving = 1 - fl(pr) / fl(base)
         better = statistics.mean(pr["reward"]) > statistics.mean(base["reward"])
+        fewer = "fewer" if saving >= 0 else "more"
         claims.append(f"| Pro-GRPO -26% FLOPs vs Flow-GRPO at higher reward | FLOP proxy per iteration against "
-                      f"Flow-GRPO G 16, final eval reward | {abs(saving):.0%} {'fewer' if saving >= 0 else 'more'} FLOPs "
-                      f"per iteration; reward "
+                      f"Flow-GRPO G 16, final eval reward | {abs(saving):.0%} {fewer} FLOPs per iteration; reward "
                       f"{statistics.mean(pr['reward']):.3f} vs {statistics.mean(base['reward']):.3f} | "
                       f"{'yes' if saving >= 0.26 and better else 'no'} |")
     if {"DanceGRPO", "G2RPO"} <= stats.keys():
