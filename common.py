@@ -450,6 +450,7 @@ def pretrain_toy_base(config: dict, log: Callable[[str], None] = print) -> ToyVe
         loss.backward()
         opt.step()
         sched.step()
+    net.zero_grad(set_to_none=True)  # the last step's gradients must not leak into the first RL update
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(net.state_dict(), tmp)

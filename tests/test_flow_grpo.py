@@ -134,3 +134,19 @@ def test_two_process_run_sums_nfe_over_processes(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["num_processes"] == 2
     assert s["nfe_train"] == 2 * 2 * 8 * 16 * 9 and s["nfe_rollout"] == 2 * 2 * 8 * 16 * 10
+
+
+def test_a_run_that_pretrains_the_toy_equals_one_that_loads_it(tmp_path, monkeypatch):
+    """The first run on a machine pretrains the toy base model; it must train exactly as later runs that load
+    it from the cache (no state such as leftover gradients may leak from pretraining)."""
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    flags = ["--iterations", "2", "--log-every", "0", "--save-weights", "false", "--checkpoint-every", "0"]
+    flow_grpo.main(flags + ["--output-dir", str(tmp_path / "first")])
+    assert list((tmp_path / "cache").glob("toy2d-base-*.pt"))
+    flow_grpo.main(flags + ["--output-dir", str(tmp_path / "cached")])
+    a = [json.loads(l) for l in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if not k.startswith("time/"):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), k
