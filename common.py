@@ -210,6 +210,20 @@ def group_advantages(rewards: torch.Tensor, std: str = "group", clip: float = 5.
     return (centred / (scale + eps)).clamp(-clip, clip)
 
 
+def gathered_group_advantages(accelerator, rewards: torch.Tensor, std: str, clip: float):
+    """Advantages of this process's groups, with statistics over EVERY process's groups.
+
+    rewards (P, G) of this process are gathered to (processes * P, G) first, so that `std="global"` is the std
+    of the whole batch (Flow-GRPO gathers before normalising); each process keeps the rows of its own groups.
+    Returns `(all_rewards, advantages)`: the gathered rewards (for logging) and this process's (P * G,)
+    advantages.
+    """
+    all_rewards = accelerator.gather(rewards)
+    P, rank = rewards.shape[0], accelerator.process_index
+    advantages = group_advantages(all_rewards, std=std, clip=clip)[rank * P:(rank + 1) * P].reshape(-1)
+    return all_rewards, advantages
+
+
 def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
     """PPO's clipped surrogate `mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps)))`, rho = exp(logp - logp_old).
 
@@ -255,14 +269,34 @@ def sde_grpo_loss(policy: "Policy", states, old_log_probs, advantages, sigmas, c
     return loss, stats
 
 
+def sde_ppo_update(policy: "Policy", optimizer, accelerator, states, old_log_probs, advantages, sigmas, cond: Cond,
+                   steps, args):
+    """PPO updates over stored SDE transitions (Flow-GRPO / DanceGRPO; Pro-GRPO on its survivors).
+
+    `steps` (B, n_train) are each sample's trained transitions. Each of `args.updates_per_iteration` updates
+    takes a random 1/U of the samples, accumulates gradients over their trained steps (and micro-batches of
+    `args.train_micro_batch_size`), then steps the optimizer once; from the second update on the ratio is
+    off-policy and the clip acts. Returns the averaged loss statistics and the last gradient norm.
+    """
+    batch_size, n_train = steps.shape
+    stats = []
+    for batch in torch.randperm(batch_size, device=steps.device).chunk(args.updates_per_iteration):
+        micro = batch.split(args.train_micro_batch_size or len(batch))
+        for j in range(n_train):
+            for mb in micro:
+                loss, st = sde_grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, mb, steps[mb, j],
+                                         args)
+                accelerator.backward(loss * len(mb) / len(batch) / n_train)
+                stats.append(st)
+        grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return mean_stats(stats), grad_norm
+
+
 # ======================================================================================================
 # Policies: the one interface every algorithm uses, whatever model is behind it
 # ======================================================================================================
-
-
-def mean_stats(stats: list[dict]) -> dict:
-    """Average a list of per-step statistics dicts key by key."""
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
 def select(cond: Cond, index) -> Cond:
@@ -701,6 +735,7 @@ class Task:
 
 
 MODELS = ("toy2d", "tiny-flux")
+REAL_MODELS = ("flux", "sd3")  # FLUX.1-dev and SD3.5-M from local weights: their presets exist, loading not yet
 
 
 def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
@@ -716,7 +751,7 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
         colors = list(COLORS)
         return Task(policy, get_reward(args.reward or "mean_color"), [f"a photo of {c}" for c in colors[:8]],
                     [f"a photo of {c}" for c in colors[8:]])
-    if args.model in ("flux", "sd3"):
+    if args.model in REAL_MODELS:
         raise NotImplementedError(f"--model {args.model} (real weights from a local path) is not implemented yet in "
                                   f"this version; use --model tiny-flux to run the same FLUX code path with random "
                                   f"weights")
@@ -819,7 +854,7 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
     known, _ = pre.parse_known_args(argv)
     name = known.preset
     if name is None:  # the preset named after the model, else the (paper) preset made for that model
-        if known.model not in MODELS + ("flux", "sd3"):
+        if known.model not in MODELS + REAL_MODELS:
             raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS)}")
         matching = [n for n, p in presets.items() if p.get("model") == known.model]
         name = known.model if known.model in presets else (matching[0] if matching else None)
@@ -837,7 +872,7 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
 
 
 def _check_args(args, presets):
-    if args.model in ("flux", "sd3"):
+    if args.model in REAL_MODELS:
         raise SystemExit(f"--model {args.model} (real weights from a local path) is not implemented yet in this "
                          f"version; add --model tiny-flux to run preset {args.preset!r} through the same FLUX code "
                          f"path with random weights")
@@ -851,6 +886,11 @@ def _check_args(args, presets):
 # ======================================================================================================
 # Run plumbing: accelerator, seeding, logging, metrics.jsonl / summary.json
 # ======================================================================================================
+
+
+def mean_stats(stats: list[dict]) -> dict:
+    """Average a list of per-step statistics dicts key by key."""
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
 class Run:
@@ -924,9 +964,13 @@ class Run:
         self.print(f"resumed from {path} at iteration {self.first_iteration}")
         return self.before
 
+    def _checkpoints(self) -> list[Path]:
+        """This run's checkpoint directories, oldest first."""
+        return sorted((self.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
     def _resolve_checkpoint(self, resume: str) -> Path:
         if resume == "latest":
-            found = sorted((self.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            found = self._checkpoints()
             if not found:
                 raise SystemExit(f"no checkpoint to resume in {self.out / 'checkpoints'}")
             return found[-1]
@@ -951,8 +995,7 @@ class Run:
         if self.is_main:
             self.task.policy.save(path / "weights")
             limit = self.args.checkpoints_total_limit
-            found = sorted((self.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for p in found[:-limit] if limit > 0 else []:
+            for p in self._checkpoints()[:-limit] if limit > 0 else []:
                 shutil.rmtree(p)
 
     def progress(self, iterations: int):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import CommonArgs, Run, arg, group_advantages, load_task, parse_args, sample_ode, select
+from common import CommonArgs, Run, arg, gathered_group_advantages, load_task, parse_args, sample_ode, select
 
 
 @dataclass
@@ -207,9 +207,7 @@ def main(argv=None):
 
         # ALGO LOGIC 2: rewards -> advantages; the groups are this process's P prompts (global ids rank*P + k)
         rewards = task.reward_fn(policy.decode(x0), prompts).to(run.device)
-        all_rewards = acc.gather(rewards.view(P, G))
-        advantages = group_advantages(all_rewards, std=args.adv_std, clip=args.adv_clip)
-        advantages = advantages[rank * P:(rank + 1) * P].reshape(-1)
+        all_rewards, advantages = gathered_group_advantages(acc, rewards.view(P, G), args.adv_std, args.adv_clip)
         group_index = torch.arange(P, device=run.device).repeat_interleave(G) + rank * P
 
         # ALGO LOGIC 3: M timesteps from [t_min, 1]; at each, one noise per group, policy and reference

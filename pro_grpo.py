@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, group_advantages, load_task, mean_stats, parse_args, sde_grpo_loss,
+from common import (CommonArgs, Run, arg, gathered_group_advantages, load_task, parse_args, sde_ppo_update,
                     sde_step_with_logprob, select)
 
 
@@ -196,28 +196,16 @@ def main(argv=None):
 
         # ALGO LOGIC 2: TRUE final rewards of the survivors, z-scored within each group's survivors
         rewards = task.reward_fn(policy.decode(states[-1]), prompts).to(run.device)
-        all_rewards = acc.gather(rewards.view(P, G))
-        advantages = group_advantages(all_rewards, std=args.adv_std, clip=args.adv_clip)
-        advantages = advantages[acc.process_index * P:(acc.process_index + 1) * P].reshape(-1)
+        all_rewards, advantages = gathered_group_advantages(acc, rewards.view(P, G), args.adv_std, args.adv_clip)
 
         # ALGO LOGIC 3: the baseline's PPO update on the survivors (Flow-GRPO: first N-1 steps, in order)
         steps = torch.arange(n_train, device=run.device).expand(P * G, n_train)
-        stats = []
-        for batch in torch.randperm(P * G, device=run.device).chunk(args.updates_per_iteration):
-            micro = batch.split(args.train_micro_batch_size or len(batch))
-            for j in range(n_train):
-                for mb in micro:
-                    loss, st = sde_grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, mb,
-                                             steps[mb, j], args)
-                    acc.backward(loss * len(mb) / len(batch) / n_train)
-                    stats.append(st)
-            grad_norm = acc.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+        stats, grad_norm = sde_ppo_update(policy, optimizer, acc, states, old_log_probs, advantages, sigmas, cond,
+                                          steps, args)
 
         # TRY NOT TO MODIFY: logging
         proxy_spread = {f"prune/proxy_group_std_{c}": p.std(dim=1).mean() for c, p in enumerate(proxies)}
-        run.end_iteration(it, task, all_rewards, mean_stats(stats), grad_norm=grad_norm, **proxy_spread)
+        run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm, **proxy_spread)
 
     after = run.evaluate(task, "after")
     per_it = P * acc.num_processes * args.iterations
