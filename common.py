@@ -900,11 +900,6 @@ class Run:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         self.args, self.algorithm = args, algorithm
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                                       log_with=None if args.report_to == "none" else args.report_to,
-                                       cpu=not torch.cuda.is_available())
-        set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
-        self.is_main = self.accelerator.is_main_process
         resume = args.resume_from_checkpoint
         if args.output_dir is None and resume not in (None, "latest"):
             args.output_dir = str(Path(resume).resolve().parent.parent)  # <output_dir>/checkpoints/checkpoint-N
@@ -914,6 +909,18 @@ class Run:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{algorithm}_{args.model}_s{args.seed}_{stamp}")
         self.out = Path(args.output_dir)
+        if args.report_to not in ("none", "tensorboard", "wandb"):
+            raise SystemExit(f"--report-to must be 'none', 'tensorboard' or 'wandb', got {args.report_to!r}")
+        if args.report_to != "none":  # accelerate skips a tracker whose package is missing, silently
+            from accelerate.utils import is_tensorboard_available, is_wandb_available
+            if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[args.report_to]():
+                raise SystemExit(f"--report-to {args.report_to} needs its package: pip install {args.report_to}")
+        # trackers write under <output_dir> (tensorboard: <output_dir>/<algorithm>/)
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                                       log_with=None if args.report_to == "none" else args.report_to,
+                                       project_dir=str(self.out), cpu=not torch.cuda.is_available())
+        set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
+        self.is_main = self.accelerator.is_main_process
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))

@@ -222,16 +222,17 @@ def main(argv=None):
                 c = select(cond, mb)
                 with torch.no_grad(), policy.reference():
                     v_ref = policy.velocity(x_t[mb], t, c)
+                if args.clip_dsm:  # the EMA model's loss, BEFORE the gradient forward: swapping weights in place
+                    with torch.no_grad(), ema.swapped_in():  # between a forward and its backward breaks autograd
+                        dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])
                 v = policy.velocity(x_t[mb], t, c)
                 dsm, dsm_ref = dsm_loss(v, target[mb]), dsm_loss(v_ref, target[mb])
                 if args.clip_dsm:  # official option: freeze samples whose loss ratio vs the EMA left the range
-                    with torch.no_grad(), ema.swapped_in():
-                        dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])
                     ratio = torch.exp(dsm_old - dsm.detach())
                     a = advantages[mb]
                     frozen = torch.where(a > 0, ratio > 1 + args.clip_range, ratio < 1 - args.clip_range)
                     dsm = torch.where(frozen, dsm.detach(), dsm)
-                    stats["clipfrac"] += frozen.float().mean().item() * len(mb) / (P * G)
+                    stats["clipfrac"] += frozen.float().mean().item() * len(mb) / (P * G) / args.num_train_timesteps
                 loss = dgpo_loss(dsm, dsm_ref, advantages[mb], group_index[mb], args.beta, num_groups=world * P,
                                  all_reduce=all_reduce)
                 if args.kl_beta > 0:

@@ -166,3 +166,16 @@ def test_toy2d_dgpo_raises_eval_reward(tmp_path):
 def test_tiny_flux_runs(tmp_path):
     s = dgpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
     assert s["model"] == "tiny-flux" and s["nfe_train"] == 2 * 2 * 4 * 2
+
+
+def test_official_options_kl_and_dsm_ratio_clip_run_and_count_their_calls(tmp_path):
+    """--clip-dsm scores every sample under the EMA model too (one more no-grad call per sample and timestep),
+    --kl-beta adds mean((v - v_ref)^2); both from the official code."""
+    s = dgpo.main(["--iterations", "2", "--clip-dsm", "--kl-beta", "0.1", "--ema-start", "0", "--output-dir",
+                   str(tmp_path), "--log-every", "0", "--save-weights", "false", "--checkpoint-every", "0"])
+    B = 8 * 16
+    assert s["nfe_rollout"] == 2 * (B * 10 + B * 4 + B * 4)  # rollout + reference + EMA model at M = 4
+    assert s["nfe_train"] == 2 * B * 4
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["loss/clipfrac"] <= 1.0 and r["loss/kl"] > 0 for r in rows)
+    assert rows[1]["loss/clipfrac"] > 0  # after the first updates theta has left the EMA: the clip acts

@@ -150,3 +150,12 @@ def test_a_run_that_pretrains_the_toy_equals_one_that_loads_it(tmp_path, monkeyp
         for k in ra:
             if not k.startswith("time/"):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), k
+
+
+def test_a_tracker_without_its_package_is_a_clear_error(tmp_path, monkeypatch):
+    import accelerate.utils
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        flow_grpo.main(["--iterations", "1", "--report-to", "wandb", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--report-to must be"):
+        flow_grpo.main(["--iterations", "1", "--report-to", "mlflow", "--output-dir", str(tmp_path)])
