@@ -11,7 +11,7 @@ Everything an algorithm file needs but that is not the algorithm itself lives he
     sigmas  = [1 = s_0 > s_1 > ... > s_N = 0]
 
 Sections: schedules, ODE solvers, the SDE step with log-probability, advantages and the PPO loss,
-policies (the model interface: toy2d, tiny-flux), rewards, tasks, arguments and presets, run plumbing.
+policies (the model interface: toy2d, tiny-flux, shapes), rewards, tasks, arguments and presets, run plumbing.
 """
 
 from __future__ import annotations
@@ -679,6 +679,18 @@ def build_tiny_flux(resolution=32, guidance_scale=3.5, lora_rank=8, lora_alpha=N
                       keep_reference=keep_reference, device=device)
 
 
+def build_shapes_flux(lora_rank=16, lora_alpha=None, keep_reference=False, device="cpu", log=print) -> FluxPolicy:
+    """The shapes task's base model (see shapes.py): a small FLUX transformer pretrained by the project on
+    rendered coloured shapes (cached; the first call pretrains it, about 15 min on 2 CPU cores), its learned
+    word-embedding text encoder and the lossless pixel "VAE". 32x32 images, 64 image tokens."""
+    import shapes
+    transformer, text_encoder = shapes.pretrain_shapes_base(shapes.SHAPES_BASE_CONFIG, log)
+    transformer.requires_grad_(lora_rank == 0)  # full fine-tuning trains every weight
+    codec = shapes.PixelCodec(shapes.SHAPES_BASE_CONFIG["pixel_unshuffle"])
+    return FluxPolicy(transformer, codec, text_encoder.to(device), resolution=shapes.IMAGE_SIZE,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha, keep_reference=keep_reference, device=device)
+
+
 # ======================================================================================================
 # Rewards
 # ======================================================================================================
@@ -711,7 +723,14 @@ def mean_color_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return 1 - (images.float().mean(dim=(2, 3)) - target).norm(dim=-1) / math.sqrt(3)
 
 
-REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward}
+def geneval_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """shapes: the fraction of the prompt's GenEval-style checks (colour, shape, count, position) that pass."""
+    import shapes
+    return shapes.check(images, prompts)["score"]
+
+
+REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward,
+                                "geneval": geneval_reward}
 
 
 def get_reward(name: str) -> Callable:
@@ -732,9 +751,10 @@ class Task:
     train_prompts: list[str]
     eval_prompts: list[str]
     metrics: dict[str, Callable] = field(default_factory=dict)  # name -> (samples, prompts) -> (B,) per-sample
+    grid_prompts: list[str] = field(default_factory=list)  # image tasks: rows of samples_{before,after}.png
 
 
-MODELS = ("toy2d", "tiny-flux")
+MODELS = ("toy2d", "tiny-flux", "shapes")
 REAL_MODELS = ("flux", "sd3")  # FLUX.1-dev and SD3.5-M from local weights: their presets exist, loading not yet
 
 
@@ -751,11 +771,51 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
         colors = list(COLORS)
         return Task(policy, get_reward(args.reward or "mean_color"), [f"a photo of {c}" for c in colors[:8]],
                     [f"a photo of {c}" for c in colors[8:]])
+    if args.model == "shapes":
+        import shapes
+        policy = build_shapes_flux(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                   keep_reference=keep_reference, device=device, log=log)
+        train, held_out = shapes.split_prompts(shapes.SHAPES_BASE_CONFIG["eval_fraction"],
+                                               shapes.SHAPES_BASE_CONFIG["split_seed"])
+        return Task(policy, get_reward(args.reward or "geneval"), train, held_out,
+                    {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
+                     "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
     if args.model in REAL_MODELS:
         raise NotImplementedError(f"--model {args.model} (real weights from a local path) is not implemented yet in "
                                   f"this version; use --model tiny-flux to run the same FLUX code path with random "
                                   f"weights")
     raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4):
+    """Write (N, 3, H, W) images in [0, 1] as a PNG grid (nearest-neighbour upscaled, 2 px gutters)."""
+    import numpy as np
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    pad = 2
+    grid = torch.full((3, ncol * (h * scale + pad) + pad, nrow * (w * scale + pad) + pad), 0.5)
+    for i, img in enumerate(images.float().clamp(0, 1).cpu()):
+        r, c = divmod(i, nrow)
+        up = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
+        grid[:, y:y + h * scale, x:x + w * scale] = up
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+@torch.no_grad()
+def sample_grid(task: Task, args, path: str | Path, per_prompt: int = 4):
+    """Image tasks: a PNG of `task.grid_prompts` (one row each) x `per_prompt` fixed seeds, sampled with the
+    evaluation ODE, so the grids written before and after training show the same prompts and noise."""
+    policy = task.policy
+    prompts = [p for p in task.grid_prompts for _ in range(per_prompt)]
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(args.eval_seed))
+    with policy.nfe_paused():
+        x0 = sample_ode(policy, noise, policy.sigmas(args.eval_steps, args.shift), policy.encode_prompts(prompts),
+                        solver=args.eval_solver)
+    save_grid(policy.decode(x0), path, nrow=per_prompt)
 
 
 @torch.no_grad()
@@ -1014,6 +1074,8 @@ class Run:
     def evaluate(self, task: Task, label: str) -> dict[str, float]:
         t0 = time.time()
         result = evaluate(task, self.args)
+        if task.grid_prompts and label in ("before", "after") and self.is_main:
+            sample_grid(task, self.args, self.out / f"samples_{label}.png")
         self.eval_seconds += time.time() - t0
         self.print(f"[eval {label}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result

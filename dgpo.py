@@ -21,6 +21,7 @@ reference NFE (no grad), versus Flow-GRPO's N-1 gradient NFE on an SDE trajector
 Run:
     python dgpo.py                                   # toy2d, CPU
     python dgpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
+    python dgpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
     accelerate launch dgpo.py --preset dgpo-sd3      # paper setting (needs --model sd3: not available yet)
 """
 
@@ -68,6 +69,9 @@ PRESETS = {
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
                       lora_rank=8, learning_rate=1e-3, num_train_timesteps=2, t_min=0.5, eval_steps=6,
                       eval_samples_per_prompt=2, log_every=1),
+    "shapes": dict(model="shapes", iterations=40, num_steps=10, group_size=8, prompts_per_iteration=8,
+                   lora_rank=16, learning_rate=3e-4, beta=100.0, num_train_timesteps=4, t_min=0.6, ema_start=20,
+                   eval_steps=20, eval_samples_per_prompt=2, log_every=5),
     # Paper, SD3.5-M 512 px: G 24, beta 100, LoRA r32, lr 3e-4, 10-step ODE rollouts, shift 3, EMA rollouts after
     # 200 steps, M = 4 timesteps from the first 7 nodes (t >= shift(0.4) = 0.667). CFG 4.5 in rollouts and
     # CFG-free training arrive with the SD3 model.

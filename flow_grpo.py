@@ -18,6 +18,7 @@ Run:
     python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~20 s
     python flow_grpo.py --preset toy2d-dancegrpo            # DanceGRPO's variant on the toy
     python flow_grpo.py --model tiny-flux --iterations 2    # the FLUX code path, random weights
+    python flow_grpo.py --model shapes                      # text-to-image on CPU: coloured shapes (shapes.py)
     accelerate launch flow_grpo.py --preset dancegrpo-flux  # (needs --model flux: not available yet)
 """
 
@@ -64,6 +65,14 @@ PRESETS = {
     # The FLUX code path with random weights: a smoke test of packing, guidance, LoRA and VAE decoding.
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
                       lora_rank=8, learning_rate=1e-3, eval_steps=6, eval_samples_per_prompt=2, log_every=1),
+    # The shapes task (shapes.py): Flow-GRPO's SDE (a = 0.7) on all 10 steps, LoRA r16 on the small FLUX.
+    "shapes": dict(model="shapes", iterations=40, num_steps=10, noise_level=0.7, group_size=8,
+                   prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3,
+                   adv_std="global", eval_steps=20, eval_samples_per_prompt=2, log_every=5),
+    "shapes-dancegrpo": dict(model="shapes", iterations=40, num_steps=10, sde_variant="dance_grpo",
+                             noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True, adv_std="group",
+                             group_size=8, prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4,
+                             clip_range=1e-3, eval_steps=20, eval_samples_per_prompt=2, log_every=5),
     # Flow-GRPO, SD3.5-M, PickScore/GenEval configs (32 GPUs; its 1-GPU config uses group 8).
     "flow-grpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, noise_level=0.7, group_size=24,
                           lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04,

@@ -20,6 +20,7 @@ Gradient NFE per group and iteration is |M| (one forward per shared state), agai
 Run:
     python g2rpo.py                                   # toy2d, CPU
     python g2rpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
+    python g2rpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
     accelerate launch g2rpo.py --preset g2rpo-flux    # paper setting (needs --model flux: not available yet)
 """
 
@@ -52,6 +53,9 @@ PRESETS = {
                   learning_rate=3e-4, clip_range=0.2, log_every=25),
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
                       lora_rank=8, learning_rate=1e-3, eval_steps=6, eval_samples_per_prompt=2, log_every=1),
+    "shapes": dict(model="shapes", iterations=40, num_steps=10, group_size=8, prompts_per_iteration=8,
+                   lora_rank=16, learning_rate=3e-4, clip_range=1e-3, eval_steps=20, eval_samples_per_prompt=2,
+                   log_every=5),
     # Paper, FLUX.1-dev 720 px: 16 steps, shift 3, guidance 3.5, G 12, a 0.7, M = k 0..7, Lambda {1,2,3},
     # lr 2e-6 full fine-tune, AdamW wd 1e-4, clip 1e-4, no KL, one prompt per GPU.
     "g2rpo-flux": dict(model="flux", resolution=720, num_steps=16, shift=3.0, group_size=12, noise_level=0.7,

@@ -24,6 +24,7 @@ FLUX preset), against DanceGRPO's 14 per sample.
 Run:
     python neighbor_grpo.py                                   # toy2d, CPU
     python neighbor_grpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
+    python neighbor_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
     accelerate launch neighbor_grpo.py --preset neighbor-grpo-flux   # paper setting (needs --model flux)
 """
 
@@ -68,6 +69,9 @@ PRESETS = {
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
                       num_anchors=2, num_train_timesteps=2, lora_rank=8, learning_rate=1e-3, eval_steps=6,
                       eval_samples_per_prompt=2, log_every=1),
+    "shapes": dict(model="shapes", iterations=40, num_steps=10, group_size=8, prompts_per_iteration=8,
+                   num_anchors=8, num_train_timesteps=4, lora_rank=16, learning_rate=3e-4, clip_range=1e-3,
+                   eval_steps=20, eval_samples_per_prompt=2, log_every=5),
     # Paper, FLUX.1-dev: 8-step DPM++, G 12, B 4, K 4, sigma 0.3, p 0.8, AdamW lr 1e-5 (full fine-tune), guidance
     # 3.5, clip 1e-4, 2 updates, 300 iterations. Multi-reward (HPSv2.1 + PickScore + ImageReward) arrives with
     # the real reward models.

@@ -18,6 +18,7 @@ claimed -26% full-epoch FLOPs (Flash -41%) against Flow-GRPO with G = 24, at hig
 Run:
     python pro_grpo.py                                   # toy2d: 32 -> 16 -> 8, CPU
     python pro_grpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
+    python pro_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
     accelerate launch pro_grpo.py --preset pro-grpo-sd3  # paper setting (needs --model sd3: not available yet)
 """
 
@@ -57,6 +58,9 @@ PRESETS = {
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_sizes="8,4,2", prune_steps="3,4",
                       prompts_per_iteration=2, lora_rank=8, learning_rate=1e-3, eval_steps=6,
                       eval_samples_per_prompt=2, log_every=1),
+    "shapes": dict(model="shapes", iterations=40, num_steps=10, group_sizes="32,16,8", prune_steps="5,7",
+                   prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3, eval_steps=20,
+                   eval_samples_per_prompt=2, log_every=5),
     # Paper, SD3.5-M on the Flow-GRPO base: 10 steps, 48 -> 24 -> 12 at steps 5 and 7.
     "pro-grpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, group_sizes="48,24,12",
                          prune_steps="5,7", noise_level=0.7, lora_rank=32, lora_alpha=64, learning_rate=3e-4,

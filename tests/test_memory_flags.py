@@ -21,7 +21,8 @@ def test_micro_batches_give_the_whole_batch_update(name, tmp_path):
     flags = ["--iterations", "3", "--log-every", "0", "--checkpoint-every", "0", "--save-weights", "false"]
     script.main(flags + ["--output-dir", str(tmp_path / "whole")])
     script.main(flags + micro + ["--output-dir", str(tmp_path / "micro")])
-    rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("whole", "micro")]
+    rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole", "micro")]
     assert rows[0][0]["reward/mean"] == rows[1][0]["reward/mean"]  # same rollout before any update
     for a, b in zip(*rows):  # afterwards the weights differ only by float summation order
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-5) and a["nfe/train"] == b["nfe/train"]

@@ -1,0 +1,205 @@
+"""The shapes task: grammar, renderer vs checker, pixel codec and packing, cached base model, and one
+iteration of every script on it."""
+
+import importlib
+import json
+import random
+from collections import deque
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import shapes
+
+# A base model pretrained for 2 steps: the code path of the real one, in a second of CPU.
+TINY_BASE = dict(shapes.SHAPES_BASE_CONFIG, steps=2, batch=4)
+
+
+@pytest.fixture
+def tiny_base(monkeypatch):
+    monkeypatch.setattr(shapes, "SHAPES_BASE_CONFIG", TINY_BASE)
+
+
+def _image(objects, size=32):
+    """Draw (colour, shape, x0, y0, side) boxes by hand."""
+    img = torch.zeros(3, size, size)
+    for c, s, x, y, side in objects:
+        img[:, shapes.shape_mask(s, x, y, side, side, size)] = torch.tensor(shapes.PALETTE[c])[:, None]
+    return img
+
+
+# ------------------------------------------------------------------------------------------------------
+# grammar and split
+# ------------------------------------------------------------------------------------------------------
+
+def test_split_holds_out_compositions_of_known_parts():
+    train, held_out = shapes.split_prompts()
+    assert not set(train) & set(held_out)
+    everything = [p for ps in shapes.all_prompts().values() for p in ps]
+    assert sorted(train + held_out) == sorted(everything)
+    assert set(shapes.all_prompts()["single"]) <= set(train)  # every object is seen alone
+    train_words = {w for p in train for w in p.split()}
+    assert {w for p in held_out for w in p.split()} <= train_words
+    assert 0.15 < len(held_out) / (len(everything) - 12) < 0.25
+    assert shapes.split_prompts() == (train, held_out)  # deterministic
+
+
+@pytest.mark.parametrize("prompt, parsed", [
+    ("a red circle", ([("red", "circle", 1)], None)),
+    ("three yellow triangles", ([("yellow", "triangle", 3)], None)),
+    ("a red circle and a blue square", ([("red", "circle", 1), ("blue", "square", 1)], None)),
+    ("a green square below a red triangle", ([("green", "square", 1), ("red", "triangle", 1)], "below")),
+])
+def test_parse_prompt(prompt, parsed):
+    assert shapes.parse_prompt(prompt) == parsed
+
+
+@pytest.mark.parametrize("prompt", ["a purple circle", "two red circle", "a red circle near a blue square", "",
+                                    "a red circle left of blue square"])
+def test_bad_prompts_fail_clearly(prompt):
+    with pytest.raises(ValueError, match="not a shapes prompt"):
+        shapes.parse_prompt(prompt)
+    with pytest.raises(ValueError, match="not a shapes prompt"):
+        shapes.ShapesTextEncoder()([prompt])
+
+
+# ------------------------------------------------------------------------------------------------------
+# renderer vs checker
+# ------------------------------------------------------------------------------------------------------
+
+def test_rendered_ground_truth_passes_every_check():
+    rng = random.Random(0)
+    prompts = [p for ps in shapes.all_prompts().values() for p in ps]
+    images = torch.stack([shapes.render(p, rng) for p in prompts])
+    result = shapes.check(images, prompts)
+    assert result["score"].min() == 1 and result["accuracy"].min() == 1
+    assert result["quality"].mean() > 0.95 and result["quality"].min() > 0.85
+
+
+def test_wrong_images_score_lower():
+    img = _image([("red", "circle", 2, 10, 10), ("blue", "square", 20, 10, 10)])
+    check = lambda p: shapes.check(img[None], [p])  # noqa: E731
+    assert check("a red circle left of a blue square")["score"] == 1
+    assert check("a red circle right of a blue square")["score"] == 6 / 7  # only the relation fails
+    assert check("a red circle right of a blue square")["accuracy"] == 0
+    assert check("a red square left of a blue square")["score"] == 4 / 7  # colour present, shape wrong
+    assert check("a green circle and a blue square")["score"] == 3 / 6  # nothing green at all
+    assert check("two red circles")["score"] == 2 / 3  # one circle, not two
+    assert check("a blue triangle")["score"] == 1 / 3
+    vertical = _image([("red", "triangle", 10, 1, 10), ("green", "circle", 11, 19, 10)])
+    assert shapes.check(vertical[None], ["a red triangle above a green circle"])["accuracy"] == 1
+    assert shapes.check(vertical[None], ["a red triangle left of a green circle"])["accuracy"] == 0
+
+
+def test_counting_separates_touching_and_tiny_objects():
+    two = _image([("blue", "square", 1, 1, 8), ("blue", "square", 20, 20, 8)])
+    assert shapes.check(two[None], ["two blue squares"])["accuracy"] == 1
+    merged = _image([("blue", "square", 1, 1, 8), ("blue", "square", 9, 1, 8)])  # one 16x8 blob, no shape
+    assert shapes.check(merged[None], ["two blue squares"])["accuracy"] == 0
+    speck = _image([("blue", "square", 1, 1, 8), ("blue", "square", 20, 20, 3)])  # 9 px < MIN_AREA
+    assert shapes.check(speck[None], ["a blue square"])["accuracy"] == 1
+
+
+def test_quality_falls_with_blur_noise_and_off_palette_colours():
+    rng = random.Random(1)
+    prompts = [rng.choice(shapes.split_prompts()[0]) for _ in range(32)]
+    clean = torch.stack([shapes.render(p, rng) for p in prompts])
+    q = lambda x: shapes.check(x, prompts)["quality"].mean().item()  # noqa: E731
+    base = q(clean)
+    assert q(F.avg_pool2d(clean, 3, 1, 1)) < base - 0.1
+    assert q((clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)) \
+        < base - 0.3
+    # dimmed objects (0.6 x palette colour: 0.4 from it) are off-palette pixels, the black background stays
+    # clean, and shapes are still found: quality falls by exactly the fraction of object pixels
+    per_image = shapes.check(clean, prompts)["quality"]
+    object_fraction = (clean.amax(1) > 0).float().mean((1, 2))
+    assert torch.allclose(shapes.check(clean * 0.6, prompts)["quality"], per_image * (1 - object_fraction))
+
+
+def _flood_fill_components(mask):
+    """Brute-force 4-connected components by breadth-first search (the independent reference)."""
+    seen, comps = torch.zeros_like(mask), []
+    h, w = mask.shape
+    for i in range(h):
+        for j in range(w):
+            if mask[i, j] and not seen[i, j]:
+                comp, queue = torch.zeros_like(mask), deque([(i, j)])
+                seen[i, j] = True
+                while queue:
+                    y, x = queue.popleft()
+                    comp[y, x] = True
+                    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                        if 0 <= y + dy < h and 0 <= x + dx < w and mask[y + dy, x + dx] and not seen[y + dy, x + dx]:
+                            seen[y + dy, x + dx] = True
+                            queue.append((y + dy, x + dx))
+                comps.append(comp)
+    return comps
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_connected_components_match_flood_fill(seed):
+    mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(seed)) < 0.45
+    key = lambda comps: sorted(tuple(c.flatten().nonzero().flatten().tolist()) for c in comps)  # noqa: E731
+    assert key(shapes._components(mask)) == key(_flood_fill_components(mask))
+
+
+# ------------------------------------------------------------------------------------------------------
+# model pieces
+# ------------------------------------------------------------------------------------------------------
+
+def test_pixel_codec_and_packing_are_lossless_and_match_flux_policy(tiny_base):
+    images = torch.rand(3, 3, 32, 32)
+    codec = shapes.PixelCodec()
+    latents = codec.encode(images)
+    assert latents.shape == (3, 12, 16, 16)
+    assert torch.allclose(codec.decode(latents)[0] / 2 + 0.5, images, atol=1e-6)
+    policy = common.build_shapes_flux(lora_rank=4)
+    packed = shapes.pack(latents)
+    assert packed.shape == (3, 64, 48) and policy.sample_shape() == (64, 48)
+    assert torch.equal(policy.unpack(packed), latents)
+    assert torch.allclose(policy.decode(packed), images, atol=1e-6)
+    from diffusers import FluxPipeline
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 3, 12, 16, 16))
+    assert torch.equal(policy.img_ids, shapes.image_ids(8))
+
+
+def test_text_encoder_shapes_and_padding():
+    enc = shapes.ShapesTextEncoder(dim=16)
+    embeds, pooled = enc(["a red circle", "a red circle left of a blue square"])
+    assert embeds.shape == (2, shapes.MAX_WORDS, 16) and pooled.shape == (2, 16)
+    assert torch.allclose(pooled[0], enc.words(enc.tokenize(["a red circle"]))[0, :3].mean(0))
+
+
+def test_base_model_is_cached(tiny_base, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path))
+    first, enc = shapes.pretrain_shapes_base(TINY_BASE, log=lambda m: None)
+    assert len(list(tmp_path.glob("shapes-base-*.pt"))) == 1
+    monkeypatch.setattr(shapes, "_pretrain", lambda *a: pytest.fail("the cached model was retrained"))
+    second, enc2 = shapes.pretrain_shapes_base(TINY_BASE)
+    for a, b in zip(list(first.state_dict().values()) + list(enc.state_dict().values()),
+                    list(second.state_dict().values()) + list(enc2.state_dict().values())):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in second.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------
+# every script runs on shapes
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo"])
+def test_one_iteration_on_shapes(script, tiny_base, tmp_path, capture_policy):
+    module = importlib.import_module(script)
+    argv = ["--model", "shapes", "--iterations", "1", "--prompts-per-iteration", "2", "--num-steps", "4",
+            "--eval-steps", "3", "--eval-samples-per-prompt", "1", "--output-dir", str(tmp_path)]
+    argv += {"pro_grpo": ["--prune-steps", "1,2"], "dgpo": ["--ema-start", "0", "--num-train-timesteps", "2"],
+             "neighbor_grpo": ["--num-train-timesteps", "2"]}.get(script, [])
+    module.main(argv)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "shapes" and summary["nfe_train"] > 0
+    assert 0 <= summary["quality_after"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    assert (tmp_path / "samples_before.png").exists() and (tmp_path / "samples_after.png").exists()
+    policy = capture_policy["policy"]
+    trained = [n for n, p in policy.net.named_parameters() if p.requires_grad]
+    assert trained and all("lora" in n for n in trained)  # the shapes presets train LoRA adapters
