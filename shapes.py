@@ -412,7 +412,8 @@ def _pretrain(transformer, text_encoder, config, log):
 
 
 def grid_prompts() -> list[str]:
-    """Eight held-out prompts for the sample grids: two of each category (single objects are all trained)."""
+    """The eight prompts of the sample grids: two per category, held-out ones except for single objects (which
+    are all trained)."""
     _, held_out = split_prompts(SHAPES_BASE_CONFIG["eval_fraction"], SHAPES_BASE_CONFIG["split_seed"])
     out = []
     for category, prompts in all_prompts().items():
