@@ -451,8 +451,19 @@ class ToyVelocityNet(nn.Module):
         return self.mlp(h)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("FLOWRL_CACHE") or Path.home() / ".cache" / "flowrl")
+def cached_model_path(name: str, config: dict) -> Path:
+    """Where a base model pretrained by the project is cached: $FLOWRL_CACHE (default ~/.cache/flowrl)/
+    <name>-<hash of its config>.pt, so a changed config never loads stale weights."""
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.environ.get("FLOWRL_CACHE") or Path.home() / ".cache" / "flowrl") / f"{name}-{key}.pt"
+
+
+def atomic_save(obj, path: Path):
+    """torch.save through a temporary file and a rename: concurrent runs never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def pretrain_toy_base(config: dict, log: Callable[[str], None] = print) -> ToyVelocityNet:
@@ -461,8 +472,7 @@ def pretrain_toy_base(config: dict, log: Callable[[str], None] = print) -> ToyVe
     Cached on disk under $FLOWRL_CACHE (default ~/.cache/flowrl), keyed by a hash of its config, so only the
     first run pays the few seconds it takes.
     """
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    path = _cache_dir() / f"toy2d-base-{key}.pt"
+    path = cached_model_path("toy2d-base", config)
     net = ToyVelocityNet(hidden=config["hidden"], depth=config["depth"])
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -485,10 +495,7 @@ def pretrain_toy_base(config: dict, log: Callable[[str], None] = print) -> ToyVe
         opt.step()
         sched.step()
     net.zero_grad(set_to_none=True)  # the last step's gradients must not leak into the first RL update
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    atomic_save(net.state_dict(), path)
     return net
 
 
@@ -549,6 +556,21 @@ FLUX_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "at
                      "ff_context.net.2"]
 
 
+def flux_pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> FLUX's packed (B, (H/2)(W/2), 4C), as `FluxPipeline._pack_latents`."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def flux_image_ids(tokens_per_side: int) -> torch.Tensor:
+    """FLUX's RoPE ids of the packed image tokens: (row, column) in channels 1 and 2, (tokens, 3)."""
+    ids = torch.zeros(tokens_per_side, tokens_per_side, 3)
+    ids[..., 1] += torch.arange(tokens_per_side)[:, None]
+    ids[..., 2] += torch.arange(tokens_per_side)[None, :]
+    return ids.reshape(-1, 3)
+
+
 class HashTextEncoder:
     """A stand-in text encoder for the random-weight FLUX: each prompt maps to fixed pseudo-random
     embeddings seeded by a hash of its text. It has no semantics; it only gives every prompt its own
@@ -597,11 +619,7 @@ class FluxPolicy(Policy):
         elif keep_reference:
             reference = copy.deepcopy(transformer).requires_grad_(False).eval()
         super().__init__(transformer, reference)
-        h = latent_hw // 2
-        ids = torch.zeros(h, h, 3)
-        ids[..., 1] += torch.arange(h)[:, None]
-        ids[..., 2] += torch.arange(h)[None, :]
-        self.img_ids = ids.reshape(h * h, 3).to(device)
+        self.img_ids = flux_image_ids(latent_hw // 2).to(device)
         self.txt_ids = torch.zeros(text_encoder.seq_len, 3, device=device)
 
     def _forward(self, net, x, sigma, cond):

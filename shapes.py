@@ -22,10 +22,8 @@ Pieces (each usable on its own):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -328,21 +326,6 @@ SHAPES_BASE_CONFIG = {"transformer": SHAPES_TRANSFORMER_CONFIG, "pixel_unshuffle
                       "lr": 1e-3, "warmup": 100, "seed": 0, "eval_fraction": 0.2, "split_seed": 0}
 
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> FLUX's packed (B, (H/2)(W/2), 4C), as `FluxPipeline._pack_latents`."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), 4 * c)
-
-
-def image_ids(tokens_per_side: int) -> torch.Tensor:
-    """FLUX's RoPE ids of the image tokens: (row, column) in channels 1 and 2."""
-    ids = torch.zeros(tokens_per_side, tokens_per_side, 3)
-    ids[..., 1] += torch.arange(tokens_per_side)[:, None]
-    ids[..., 2] += torch.arange(tokens_per_side)[None, :]
-    return ids.reshape(-1, 3)
-
-
 def pretrain_shapes_base(config: dict = SHAPES_BASE_CONFIG, log: Callable[[str], None] = print):
     """Flow-matching pretraining of the shapes base model on rendered train prompts; cached by config hash.
 
@@ -351,8 +334,9 @@ def pretrain_shapes_base(config: dict = SHAPES_BASE_CONFIG, log: Callable[[str],
     """
     from diffusers import FluxTransformer2DModel
 
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(os.environ.get("FLOWRL_CACHE") or Path.home() / ".cache" / "flowrl") / f"shapes-base-{key}.pt"
+    from common import atomic_save, cached_model_path
+
+    path = cached_model_path("shapes-base", config)
     torch.manual_seed(config["seed"])
     transformer = FluxTransformer2DModel(**config["transformer"])
     text_encoder = ShapesTextEncoder(config["transformer"]["joint_attention_dim"])
@@ -364,17 +348,16 @@ def pretrain_shapes_base(config: dict = SHAPES_BASE_CONFIG, log: Callable[[str],
         log(f"[shapes] pretraining the base model ({config['steps']} steps of {config['batch']} images; about "
             f"15 min on 2 CPU cores); cached at {path}")
         _pretrain(transformer, text_encoder, config, log)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
-                    "config": config}, tmp)
-        os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+        atomic_save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+                     "config": config}, path)
     for m in (transformer, text_encoder):
         m.requires_grad_(False).eval()
     return transformer, text_encoder
 
 
 def _pretrain(transformer, text_encoder, config, log):
+    from common import flux_image_ids, flux_pack
+
     train, _ = split_prompts(config["eval_fraction"], config["split_seed"])
     # balanced over the four categories (position prompts would otherwise be 80% of the data)
     by_category = [[p for p in prompts if p in set(train)] for prompts in all_prompts().values()]
@@ -386,13 +369,13 @@ def _pretrain(transformer, text_encoder, config, log):
     steps, warmup = config["steps"], config["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    img_ids = image_ids(IMAGE_SIZE // (2 * config["pixel_unshuffle"]))
+    img_ids = flux_image_ids(IMAGE_SIZE // (2 * config["pixel_unshuffle"]))
     txt_ids = torch.zeros(MAX_WORDS, 3)
     transformer.train()
     start, running = time.time(), None
     for step in range(steps):
         prompts = [rng.choice(rng.choice(by_category)) for _ in range(config["batch"])]
-        x0 = pack(codec.encode(torch.stack([render(p, rng) for p in prompts])))
+        x0 = flux_pack(codec.encode(torch.stack([render(p, rng) for p in prompts])))
         eps = torch.randn(x0.shape, generator=g)
         s = torch.sigmoid(torch.randn(len(prompts), generator=g))  # logit-normal timesteps
         xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps

@@ -13,8 +13,8 @@ def toy():
 
 
 def test_toy_base_model_is_cached_and_reproduces_the_ring(toy):
-    path = list(common._cache_dir().glob("toy2d-base-*.pt"))
-    assert path, "the pretrained toy base must be cached on disk"
+    path = common.cached_model_path("toy2d-base", common.TOY_BASE_CONFIG)
+    assert path.exists(), "the pretrained toy base must be cached on disk"
     prompts = [f"mode {i}" for i in range(8) for _ in range(128)]
     g = torch.Generator().manual_seed(0)
     x0 = common.sample_ode(toy, toy.initial_noise(len(prompts), g), toy.sigmas(20), toy.encode_prompts(prompts),

@@ -156,13 +156,13 @@ def test_pixel_codec_and_packing_are_lossless_and_match_flux_policy(tiny_base):
     assert latents.shape == (3, 12, 16, 16)
     assert torch.allclose(codec.decode(latents)[0] / 2 + 0.5, images, atol=1e-6)
     policy = common.build_shapes_flux(lora_rank=4)
-    packed = shapes.pack(latents)
+    packed = common.flux_pack(latents)
     assert packed.shape == (3, 64, 48) and policy.sample_shape() == (64, 48)
     assert torch.equal(policy.unpack(packed), latents)
     assert torch.allclose(policy.decode(packed), images, atol=1e-6)
     from diffusers import FluxPipeline
     assert torch.equal(packed, FluxPipeline._pack_latents(latents, 3, 12, 16, 16))
-    assert torch.equal(policy.img_ids, shapes.image_ids(8))
+    assert torch.equal(policy.img_ids, FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32))
 
 
 def test_text_encoder_shapes_and_padding():
