@@ -554,6 +554,19 @@ def parse_toy_prompt(prompt: str) -> int:
 FLUX_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                      "ff_context.net.2"]
+# SD3 (Flow-GRPO's SD3.5-M LoRA, r 32, alpha 64): the joint attention's projections only.
+SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out"]
+# The real transformers' configs (their transformer/config.json), for meta-device checks and memory estimates:
+# FLUX.1-dev 11,901,408,320 parameters; SD3.5-Medium (MMDiT-X: dual attention in blocks 0-12, QK RMS norm) 2.24B.
+FLUX_DEV_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+SD35_MEDIUM_TRANSFORMER_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                      attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                      caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                      pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                                      qk_norm="rms_norm")
 
 
 def flux_pack(latents: torch.Tensor) -> torch.Tensor:
@@ -774,10 +787,20 @@ class Task:
 
 MODELS = ("toy2d", "tiny-flux", "shapes")
 REAL_MODELS = ("flux", "sd3")  # FLUX.1-dev and SD3.5-M from local weights: their presets exist, loading not yet
+CUSTOM_MODELS: dict[str, Callable] = {}
+
+
+def register_model(name: str, build_task: Callable):
+    """Make `--model name` build `build_task(args, keep_reference, device, log) -> Task`: your own model and prompts
+    through every script unchanged (pass a --preset; benchmarks/overhead.py and gpu_timing.py time other FLUX
+    configs this way)."""
+    CUSTOM_MODELS[name] = build_task
 
 
 def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     """Build the model named by `args.model` with its default prompts, reward and metrics."""
+    if args.model in CUSTOM_MODELS:
+        return CUSTOM_MODELS[args.model](args, keep_reference, device, log)
     if args.model == "toy2d":
         prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
         policy = Toy2DPolicy(device=device, keep_reference=keep_reference, log=log)
@@ -932,8 +955,8 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
     known, _ = pre.parse_known_args(argv)
     name = known.preset
     if name is None:  # the preset named after the model, else the (paper) preset made for that model
-        if known.model not in MODELS + REAL_MODELS:
-            raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS)}")
+        if known.model not in MODELS + REAL_MODELS + tuple(CUSTOM_MODELS):
+            raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
         matching = [n for n, p in presets.items() if p.get("model") == known.model]
         name = known.model if known.model in presets else (matching[0] if matching else None)
         if name is None:
@@ -954,8 +977,8 @@ def _check_args(args, presets):
         raise SystemExit(f"--model {args.model} (real weights from a local path) is not implemented yet in this "
                          f"version; add --model tiny-flux to run preset {args.preset!r} through the same FLUX code "
                          f"path with random weights")
-    if args.model not in MODELS:
-        raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
+    if args.model not in MODELS + tuple(CUSTOM_MODELS):
+        raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
     if args.eval_solver not in ("euler", "dpm2m"):
         raise SystemExit(f"unknown eval solver {args.eval_solver!r}: use 'euler' or 'dpm2m'")
     return args

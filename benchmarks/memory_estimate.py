@@ -1,0 +1,74 @@
+"""Per-GPU memory of the training state for FLUX.1-dev and SD3.5-Medium, from their real parameter counts.
+
+    python benchmarks/memory_estimate.py              # 8 GPUs
+    python benchmarks/memory_estimate.py --gpus 16
+
+The transformers are built on the meta device (no weights, no memory) with LoRA at the reference code's targets and
+ranks, so the counts are exact. Bytes per parameter, as the scripts hold them (accelerate mixed precision bf16):
+- LoRA: the frozen base in bf16 (2 B); the adapters in fp32 with their gradients and AdamW's two moments (16 B).
+- full fine-tuning: fp32 weights, fp32 gradients, AdamW moments (16 B per parameter), split by the strategy:
+  DDP replicates all of it; DeepSpeed ZeRO-2 shards gradients and optimizer state (weights replicated); FSDP
+  full shard shards everything (plus one gathered block at a time, counted below in bf16).
+Not counted: activations (they depend on resolution, micro-batch and checkpointing: measure them with
+`benchmarks/timing.py --config flux-dev`), the frozen copy a full fine-tune keeps only when it needs a KL reference
+(another 2 B per parameter in bf16), the VAE (84M for FLUX), and the text encoders, which embed the prompt set once
+and are released (T5-XXL alone is 4.8B parameters, 9.5 GB in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 2**30
+
+
+def counts(model_cls, config: dict, rank: int, targets: list[str]) -> tuple[int, int, int]:
+    """(parameters, LoRA parameters at `rank`, parameters of the largest transformer block) on the meta device."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+    with init_empty_weights():
+        model = model_cls(**config)
+    total = sum(p.numel() for p in model.parameters())
+    block = max(sum(p.numel() for p in b.parameters())
+                for blocks in ("transformer_blocks", "single_transformer_blocks") for b in getattr(model, blocks, []))
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, lora, block
+
+
+def rows(name: str, params: int, lora: int, block: int, rank: int, gpus: int) -> list[str]:
+    g = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
+    out = [f"| {name} LoRA r{rank} ({lora / 1e6:.1f}M trainable), DDP | {g(2 * params + 4 * lora)} | {g(4 * lora)} | "
+           f"{g(8 * lora)} | **{g(2 * params + 16 * lora)}** |"]
+    full = {"DDP": (4 * params, 4 * params, 8 * params),
+            f"DeepSpeed ZeRO-2 / {gpus}": (4 * params, 4 * params / gpus, 8 * params / gpus),
+            f"FSDP full shard / {gpus}": (4 * params / gpus + 2 * block, 4 * params / gpus, 8 * params / gpus)}
+    for strategy, (w, gr, opt) in full.items():
+        out.append(f"| {name} full fine-tune, {strategy} | {g(w)} | {g(gr)} | {g(opt)} | **{g(w + gr + opt)}** |")
+    return out
+
+
+def main():
+    import common
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=8)
+    args = p.parse_args()
+    lines = ["| model, training, strategy | weights GiB | gradients GiB | optimizer GiB | total per GPU GiB |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, cls, config, rank, targets in [
+            ("FLUX.1-dev", FluxTransformer2DModel, common.FLUX_DEV_TRANSFORMER_CONFIG, 64, common.FLUX_LORA_TARGETS),
+            ("SD3.5-M", SD3Transformer2DModel, common.SD35_MEDIUM_TRANSFORMER_CONFIG, 32, common.SD3_LORA_TARGETS)]:
+        params, lora, block = counts(cls, config, rank, targets)
+        print(f"{name}: {params:,} parameters, LoRA r{rank}: {lora:,}, largest block {block:,}", file=sys.stderr)
+        lines += rows(name, params, lora, block, rank, args.gpus)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
