@@ -374,6 +374,14 @@ class Policy:
         return self.accelerator.unwrap_model(self.net) if self.accelerator is not None else self.net
 
     # --- training plumbing ------------------------------------------------------------------------------
+    def enable_gradient_checkpointing(self):
+        """Recompute each transformer block's activations in the backward pass instead of storing them: the
+        memory of calls with gradient drops to about one block's, for about one more forward of compute."""
+        net = self._unwrapped()
+        if not hasattr(net, "enable_gradient_checkpointing"):
+            raise SystemExit(f"--gradient-checkpointing needs a diffusers transformer; {type(net).__name__} has none")
+        net.enable_gradient_checkpointing()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
 
@@ -797,8 +805,48 @@ def register_model(name: str, build_task: Callable):
     CUSTOM_MODELS[name] = build_task
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: `.txt`, one per line (blank lines and lines starting with '#' skipped), or `.jsonl`,
+    one JSON object per line with a "prompt" field (Flow-GRPO's GenEval/OCR metadata files have one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"prompt file {path} not found")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or (path.suffix == ".txt" and line.startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SystemExit(f"{path}:{n}: each line of a .jsonl prompt file must be a JSON object with a "
+                                 f"\"prompt\" field") from None
+            prompts.append(str(prompt))
+        elif path.suffix == ".txt":
+            prompts.append(line)
+        else:
+            raise SystemExit(f"prompt file {path}: use .txt (one prompt per line) or .jsonl (a \"prompt\" field)")
+    if not prompts:
+        raise SystemExit(f"prompt file {path} has no prompts")
+    return prompts
+
+
 def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
-    """Build the model named by `args.model` with its default prompts, reward and metrics."""
+    """Build the model named by `args.model` with its default prompts, reward and metrics; `--train-prompts` /
+    `--eval-prompts` files replace the default prompt sets."""
+    task = _build_task(args, keep_reference, device, log)
+    if args.gradient_checkpointing:
+        task.policy.enable_gradient_checkpointing()
+    if args.train_prompts:
+        task.train_prompts = read_prompts(args.train_prompts)
+    if args.eval_prompts:
+        task.eval_prompts = read_prompts(args.eval_prompts)
+    log(f"prompts: {len(task.train_prompts)} train, {len(task.eval_prompts)} eval")
+    return task
+
+
+def _build_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     if args.model in CUSTOM_MODELS:
         return CUSTOM_MODELS[args.model](args, keep_reference, device, log)
     if args.model == "toy2d":
@@ -914,10 +962,15 @@ class CommonArgs:
     resume_from_checkpoint: Optional[str] = arg(None, "resume from a checkpoint directory, or 'latest' in --output-dir")
     # model
     reward: Optional[str] = arg(None, f"training reward (default: the model's); available: {sorted(REWARDS)}")
+    train_prompts: Optional[str] = arg(None, "training prompts from a .txt (one per line) or .jsonl ('prompt' field) "
+                                             "file, instead of the model's default set")
+    eval_prompts: Optional[str] = arg(None, "evaluation prompts from a .txt or .jsonl file")
     resolution: int = arg(32, "image resolution in pixels (image models)")
     guidance_scale: float = arg(3.5, "FLUX guidance embedding value (FLUX.1-dev is guidance-distilled: no CFG)")
     lora_rank: int = arg(0, "LoRA rank for image models; 0 means full fine-tuning")
     lora_alpha: Optional[float] = arg(None, "LoRA alpha (default 2 x rank, as the reference code)")
+    gradient_checkpointing: bool = arg(False, "recompute transformer activations in backward (less memory, ~1 more "
+                                              "forward per gradient call)")
     # sampling
     num_steps: int = arg(10, "sampling steps N of a training rollout")
     shift: Optional[float] = arg(None, "static timestep shift; default: the model's (FLUX: dynamic shift, toy: none)")

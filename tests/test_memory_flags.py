@@ -29,3 +29,32 @@ def test_micro_batches_give_the_whole_batch_update(name, tmp_path):
         for k in a:
             if k.startswith("loss/") or k == "grad_norm":
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["iteration"], k)
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
+    """Recomputing block activations in backward changes memory, not the gradient (LoRA and full fine-tuning)."""
+    import torch
+
+    import common
+
+    grads = []
+    for checkpointing in (False, True):
+        policy = common.build_tiny_flux(lora_rank=lora_rank, seed=0)
+        if lora_rank == 0:
+            policy.net.requires_grad_(True)
+        if checkpointing:
+            policy.enable_gradient_checkpointing()
+            assert policy.net.is_gradient_checkpointing
+        x = policy.initial_noise(3, torch.Generator().manual_seed(1))
+        policy.velocity(x, 0.6, policy.encode_prompts(["a", "b", "c"])).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_on_the_toy_fails_clearly():
+    import common
+    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--gradient-checkpointing"])
+    with pytest.raises(SystemExit, match="needs a diffusers transformer"):
+        common.load_task(args, keep_reference=False, log=lambda *_: None)
