@@ -1,0 +1,36 @@
+"""benchmarks/timing.py: FLOP counting against the backward = 2 x forward identity of linear layers, and one real
+measurement run (tiny FLUX, one method in its own process) whose table is internally consistent."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import timing  # noqa: E402
+
+import common  # noqa: E402
+
+
+def test_full_fine_tune_backward_costs_two_forwards_and_lora_far_less():
+    full = common.build_tiny_flux(lora_rank=0)
+    fwd, grad = timing.count_flops(full)
+    assert fwd > 0
+    # every matmul's backward computes the input and the weight gradient: 2x its forward. (The first layer's input
+    # gradient is not needed, so slightly under 3x in total.)
+    assert 2.6 < grad / fwd <= 3.0
+    lora = common.build_tiny_flux(lora_rank=4)
+    fwd_l, grad_l = timing.count_flops(lora)
+    assert fwd_l > fwd  # the adapters' own matmuls
+    assert grad_l / fwd_l < grad / fwd  # no weight gradients for the frozen base
+
+
+def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys):
+    sys.argv = ["timing.py", "--config", "tiny", "--methods", "Flow-GRPO", "--out", str(tmp_path / "t.md")]
+    timing.main()
+    row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Flow-GRPO"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    seconds, fwd, bwd, share, overhead = float(cells[4]), float(cells[5]), float(cells[6]), cells[7], cells[8]
+    assert 0 < fwd + bwd <= seconds
+    assert float(share.rstrip("%")) + float(overhead.rstrip("%")) == pytest.approx(100, abs=0.11)
+    assert cells[3] == "48 / 40"  # the tiny-flux preset: 2 prompts x 4 samples x 6 steps; 5 of 6 steps trained
