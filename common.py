@@ -771,11 +771,169 @@ def geneval_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward,
                                 "geneval": geneval_reward}
 
+# ------------------------------------------------------------------------------------------------------
+# Learned preference models (pip install -r requirements-rewards.txt). Weights are never downloaded at run time:
+# each loads from `--reward-dir` (default $FLOWRL_REWARDS, else ~/.cache/flowrl/rewards) and names what is missing.
 
-def get_reward(name: str) -> Callable:
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; available: {sorted(REWARDS)}")
-    return REWARDS[name]
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """Decoded images (B, 3, H, W) in [0, 1] (uint8 in [0, 255] also accepted) -> CLIP pixels: clamped and
+    quantised to 8 bits as a saved image would be (Flow-GRPO scores saved images), the short side resized to
+    `size` (bicubic, antialiased), centre-cropped, normalised with the OpenAI mean and std (CLIP, PickScore, HPS)."""
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    images = (images.clamp(0, 1) * 255).round() / 255
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
+                           align_corners=False, antialias=True)
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    images = images[..., top:top + size, left:left + size]
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+class CLIPScorer(nn.Module):
+    """Cosine similarity of a CLIP model's projected image and text embeddings, optionally times the model's
+    learned logit scale, divided by `divide`:
+    - CLIP score (openai/clip-vit-large-patch14): cos.
+    - PickScore (yuvalkirstain/PickScore_v1, a fine-tuned CLIP-H): logit_scale.exp() * cos = 100 cos, ~18-24;
+      Flow-GRPO trains on PickScore / 26.
+    transformers 5 returns output objects from get_*_features: the projected embedding is `.pooler_output`."""
+
+    def __init__(self, model, tokenizer, logit_scaled: bool = False, divide: float = 1.0):
+        super().__init__()
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.logit_scaled, self.divide = logit_scaled, divide
+        self.image_size = model.config.vision_config.image_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        device, dtype = self.model.logit_scale.device, self.model.visual_projection.weight.dtype
+        pixels = clip_preprocess(images.to(device), self.image_size).to(dtype)
+        image = self.model.get_image_features(pixel_values=pixels).pooler_output
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        text = self.model.get_text_features(**tokens.to(device)).pooler_output
+        score = (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)
+        if self.logit_scaled:
+            score = self.model.logit_scale.exp().float() * score
+        return score / self.divide
+
+
+class HPSScorer(nn.Module):
+    """HPSv2 / HPSv2.1: an open_clip ViT-H-14 whose weights were fine-tuned on human preferences. The score is the
+    cosine of the normalised image and text features (no logit scale), ~0.25-0.40. Built with open-clip-torch
+    (`create_model('ViT-H-14', pretrained=None)` has the checkpoint's exact state-dict keys and shapes), not
+    with the unmaintained `hpsv2` package (ENGINEERING notes)."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else \
+            model.visual.image_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        image = self.model.encode_image(clip_preprocess(images.to(device), self.image_size), normalize=True)
+        text = self.model.encode_text(self.tokenizer(prompts).to(device), normalize=True)
+        return (image.float() * text.float()).sum(-1)
+
+
+def reward_dir(path: Optional[str] = None) -> Path:
+    return Path(path or os.environ.get("FLOWRL_REWARDS") or Path.home() / ".cache" / "flowrl" / "rewards")
+
+
+def _need(path: Path, what: str, fetch: str) -> Path:
+    if not path.exists():
+        raise SystemExit(f"{what}: {path} not found. Fetch it on a machine with network access and copy it here:\n"
+                         f"    {fetch}\n(or point --reward-dir / $FLOWRL_REWARDS at the directory that holds it)")
+    return path
+
+
+def load_clip_score(root: Path, device="cpu") -> CLIPScorer:
+    from transformers import CLIPModel, CLIPTokenizer
+    d = _need(root / "clip-vit-large-patch14", "CLIP score weights",
+              "hf download openai/clip-vit-large-patch14 --local-dir <reward-dir>/clip-vit-large-patch14")
+    return CLIPScorer(CLIPModel.from_pretrained(d, local_files_only=True).to(device),
+                      CLIPTokenizer.from_pretrained(d, local_files_only=True))
+
+
+def load_pickscore(root: Path, device="cpu") -> CLIPScorer:
+    from transformers import CLIPModel, CLIPTokenizer
+    model = _need(root / "PickScore_v1", "PickScore weights",
+                  "hf download yuvalkirstain/PickScore_v1 --local-dir <reward-dir>/PickScore_v1")
+    processor = _need(root / "CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's tokenizer (the CLIP-H processor files)",
+                      "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*.json' '*.txt' "
+                      "--local-dir <reward-dir>/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    return CLIPScorer(CLIPModel.from_pretrained(model, local_files_only=True).to(device),
+                      CLIPTokenizer.from_pretrained(processor, local_files_only=True), logit_scaled=True, divide=26.0)
+
+
+def load_hpsv21(root: Path, device="cpu") -> HPSScorer:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise SystemExit(f"the hpsv2 reward needs open-clip-torch (pip install -r requirements-rewards.txt): {e}")
+    ckpt = _need(root / "HPS_v2.1_compressed.pt", "HPSv2.1 weights",
+                 "hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir <reward-dir>")
+    model = open_clip.create_model("ViT-H-14", pretrained=None)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    return HPSScorer(model.to(device), open_clip.get_tokenizer("ViT-H-14"))
+
+
+def load_image_reward(root: Path, device="cpu"):
+    try:
+        import ImageReward
+    except Exception as e:  # the package fails on transformers 5 at import (apply_chunking_to_forward)
+        raise SystemExit(f"the imagereward reward needs the `image-reward` package, which does not import beside "
+                         f"transformers 5 ({type(e).__name__}: {e}). Install it in a separate environment with "
+                         f"transformers<4.45, or train on hpsv2 / pickscore / clip instead.") from None
+    ckpt = _need(root / "ImageReward.pt", "ImageReward weights",
+                 "hf download THUDM/ImageReward ImageReward.pt med_config.json --local-dir <reward-dir>")
+    model = ImageReward.load(str(ckpt), device=device, med_config=str(root / "med_config.json"))
+
+    def score(images, prompts):
+        from PIL import Image
+        pil = [Image.fromarray((im.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype("uint8"))
+               for im in images]
+        return torch.tensor([float(model.score(p, im)) for p, im in zip(prompts, pil)])
+    return score
+
+
+LEARNED_REWARDS: dict[str, Callable] = {"hpsv2": load_hpsv21, "pickscore": load_pickscore, "clip": load_clip_score,
+                                        "imagereward": load_image_reward}
+
+
+class WeightedReward:
+    """sum_k w_k r_k(images, prompts): the multi-reward training of Flow-GRPO / DanceGRPO (e.g. "hpsv2:1,clip:1")."""
+
+    def __init__(self, parts: list[tuple[float, Callable]]):
+        self.parts = parts
+
+    def __call__(self, images, prompts):
+        return sum(w * fn(images, prompts).float().to(images.device) for w, fn in self.parts)
+
+
+def get_reward(spec: str, device="cpu", root: Optional[str] = None) -> Callable:
+    """A reward by name ("pickscore"), or a weighted sum ("hpsv2:1.0,clip:0.5")."""
+    parts = []
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition(":")
+        if name in REWARDS:
+            fn = REWARDS[name]
+        elif name in LEARNED_REWARDS:
+            fn = LEARNED_REWARDS[name](reward_dir(root), device)
+        else:
+            raise ValueError(f"unknown reward {name!r}; available: {sorted(REWARDS) + sorted(LEARNED_REWARDS)}")
+        try:
+            parts.append((float(weight) if weight else 1.0, fn))
+        except ValueError:
+            raise ValueError(f"reward weight must be a number: {item!r} (use name:weight)") from None
+    return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedReward(parts)
 
 
 # ======================================================================================================
@@ -852,13 +1010,15 @@ def _build_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     if args.model == "toy2d":
         prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
         policy = Toy2DPolicy(device=device, keep_reference=keep_reference, log=log)
-        return Task(policy, get_reward(args.reward or "toy_mode"), prompts, prompts, {"on_manifold": toy_on_manifold})
+        reward = get_reward(args.reward or "toy_mode", device, args.reward_dir)
+        return Task(policy, reward, prompts, prompts, {"on_manifold": toy_on_manifold})
     if args.model == "tiny-flux":
         policy = build_tiny_flux(resolution=args.resolution, guidance_scale=args.guidance_scale,
                                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
                                  device=device, seed=args.seed)
         colors = list(COLORS)
-        return Task(policy, get_reward(args.reward or "mean_color"), [f"a photo of {c}" for c in colors[:8]],
+        reward = get_reward(args.reward or "mean_color", device, args.reward_dir)
+        return Task(policy, reward, [f"a photo of {c}" for c in colors[:8]],
                     [f"a photo of {c}" for c in colors[8:]])
     if args.model == "shapes":
         import shapes
@@ -866,7 +1026,7 @@ def _build_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
                                    keep_reference=keep_reference, device=device, log=log)
         train, held_out = shapes.split_prompts(shapes.SHAPES_BASE_CONFIG["eval_fraction"],
                                                shapes.SHAPES_BASE_CONFIG["split_seed"])
-        return Task(policy, get_reward(args.reward or "geneval"), train, held_out,
+        return Task(policy, get_reward(args.reward or "geneval", device, args.reward_dir), train, held_out,
                     {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
     if args.model in REAL_MODELS:
@@ -961,7 +1121,10 @@ class CommonArgs:
     checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints")
     resume_from_checkpoint: Optional[str] = arg(None, "resume from a checkpoint directory, or 'latest' in --output-dir")
     # model
-    reward: Optional[str] = arg(None, f"training reward (default: the model's); available: {sorted(REWARDS)}")
+    reward: Optional[str] = arg(None, "training reward (default: the model's), or a weighted sum 'hpsv2:1,clip:0.5'; "
+                                      f"available: {sorted(REWARDS) + sorted(LEARNED_REWARDS)}")
+    reward_dir: Optional[str] = arg(None, "where learned reward weights live (default $FLOWRL_REWARDS, else "
+                                          "~/.cache/flowrl/rewards); the error for a missing one says what to fetch")
     train_prompts: Optional[str] = arg(None, "training prompts from a .txt (one per line) or .jsonl ('prompt' field) "
                                              "file, instead of the model's default set")
     eval_prompts: Optional[str] = arg(None, "evaluation prompts from a .txt or .jsonl file")

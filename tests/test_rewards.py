@@ -1,0 +1,108 @@
+"""Learned reward scorers, built with random weights from tiny configs (no weights can be downloaded here):
+preprocessing identities, agreement with transformers' own CLIP forward, batch independence, determinism,
+weighted sums, loading from a local directory offline, and the errors for missing weights or packages."""
+
+import json
+import string
+
+import pytest
+import torch
+
+import common
+
+
+def tiny_clip(tmp_path):
+    """A CLIP with random weights and a character-level BPE tokenizer written to disk."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=224, patch_size=32), projection_dim=16)
+    return CLIPModel(config).eval(), tokenizer
+
+
+def test_clip_preprocess_identities():
+    mean, std = torch.tensor(common.OPENAI_CLIP_MEAN), torch.tensor(common.OPENAI_CLIP_STD)
+    flat = torch.full((2, 3, 64, 96), 0.5)  # a constant image stays constant through resize and crop
+    out = common.clip_preprocess(flat)
+    assert out.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(out, ((torch.tensor(128 / 255) - mean) / std).view(1, 3, 1, 1).expand_as(out))
+    x = torch.rand(2, 3, 224, 224)  # already 224: only quantisation and normalisation
+    q = (x * 255).round() / 255
+    torch.testing.assert_close(common.clip_preprocess(x), (q - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    torch.testing.assert_close(common.clip_preprocess((x * 255).round().to(torch.uint8)), common.clip_preprocess(x))
+    # out-of-range decoder output scores as the clamped image would
+    wild = x * 1.6 - 0.3
+    torch.testing.assert_close(common.clip_preprocess(wild), common.clip_preprocess(wild.clamp(0, 1)))
+
+
+def test_pickscore_mode_equals_transformers_logits_and_is_batch_independent(tmp_path):
+    model, tokenizer = tiny_clip(tmp_path)
+    scorer = common.CLIPScorer(model, tokenizer, logit_scaled=True, divide=26.0)
+    images, prompts = torch.rand(3, 3, 64, 64), ["a red cat", "hi", "a very long prompt about dogs"]
+    scores = scorer(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    # independent: the CLIP forward's logits_per_image diagonal is logit_scale.exp() * cos(image_i, text_i)
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(pixel_values=common.clip_preprocess(images), **tokens).logits_per_image
+    torch.testing.assert_close(scores, logits.diagonal() / 26.0)
+    torch.testing.assert_close(scorer(images, prompts), scores)  # deterministic
+    # padding must not leak between prompts: each sample scored alone gives the same number
+    alone = torch.cat([scorer(images[i:i + 1], prompts[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(alone, scores, rtol=1e-4, atol=1e-5)
+    cos = common.CLIPScorer(model, tokenizer)(images, prompts)  # CLIP score: the plain cosine
+    torch.testing.assert_close(cos * model.logit_scale.exp() / 26.0, scores)
+    assert cos.abs().max() <= 1
+
+
+def test_clip_score_loads_offline_from_the_reward_dir(tmp_path, monkeypatch):
+    model, tokenizer = tiny_clip(tmp_path)
+    d = tmp_path / "rewards" / "clip-vit-large-patch14"
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = common.get_reward("clip", root=str(tmp_path / "rewards"))
+    images, prompts = torch.rand(2, 3, 32, 32), ["a red cat", "a dog"]
+    torch.testing.assert_close(loaded(images, prompts), common.CLIPScorer(model, tokenizer)(images, prompts))
+
+
+def test_weighted_reward_sums_and_bad_specs_fail_clearly():
+    images, prompts = torch.rand(4, 3, 8, 8), ["a photo of red", "a photo of blue"] * 2
+    one = common.get_reward("mean_color")
+    both = common.get_reward("mean_color:2, mean_color:0.5")
+    torch.testing.assert_close(both(images, prompts), 2.5 * one(images, prompts))
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        common.get_reward("nope")
+    with pytest.raises(ValueError, match="weight must be a number"):
+        common.get_reward("mean_color:x")
+
+
+@pytest.mark.parametrize("name, names_missing", [
+    ("pickscore", "PickScore_v1"), ("clip", "clip-vit-large-patch14"),
+    ("hpsv2", "HPS_v2.1_compressed.pt|open-clip-torch"), ("imagereward", "image-reward|ImageReward.pt")])
+def test_missing_weights_or_packages_say_what_to_fetch(tmp_path, name, names_missing):
+    with pytest.raises(SystemExit, match=names_missing) as e:
+        common.get_reward(name, root=str(tmp_path))
+    assert "pip install" in str(e.value) or "hf download" in str(e.value) or "environment" in str(e.value)
+
+
+def test_hps_scorer_with_a_tiny_open_clip_model():
+    open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a reward extra (requirements-rewards.txt)")
+    torch.manual_seed(0)
+    text_cfg = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+    model = open_clip.CLIP(embed_dim=16, text_cfg=text_cfg,
+                           vision_cfg=dict(layers=1, width=32, patch_size=32, image_size=224, head_width=16))
+    scorer = common.HPSScorer(model, open_clip.get_tokenizer("ViT-H-14"))
+    images = torch.rand(2, 3, 64, 64)
+    s = scorer(images, ["a cat", "a dog"])
+    assert s.shape == (2,) and s.abs().max() <= 1
+    torch.testing.assert_close(scorer(images, ["a cat", "a dog"]), s)
