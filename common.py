@@ -718,6 +718,91 @@ def build_tiny_flux(resolution=32, guidance_scale=3.5, lora_rank=8, lora_alpha=N
                       keep_reference=keep_reference, device=device)
 
 
+class CachedTextEncoder:
+    """Prompt embeddings computed once by a pipeline's own text encoders, which are then released (T5-XXL alone
+    is 9.5 GB in bf16). Same interface as HashTextEncoder: `(prompts) -> (prompt_embeds, pooled_prompt_embeds)`.
+    Only the prompts embedded at start-up exist: all of --train-prompts and --eval-prompts."""
+
+    def __init__(self, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor):
+        self.index = {p: i for i, p in enumerate(prompts)}
+        self.embeds, self.pooled = embeds, pooled
+        self.seq_len, self.dim, self.pooled_dim = embeds.shape[1], embeds.shape[2], pooled.shape[1]
+
+    def __call__(self, prompts: list[str]):
+        try:
+            rows = [self.index[p] for p in prompts]
+        except KeyError as e:
+            raise KeyError(f"prompt {e.args[0]!r} was not embedded at start-up: only --train-prompts and "
+                           f"--eval-prompts are") from None
+        return self.embeds[rows], self.pooled[rows]
+
+
+def embed_prompts_flux(pipe, prompts: list[str], max_sequence_length: int, source: str, device, log=print,
+                       batch: int = 32) -> CachedTextEncoder:
+    """FLUX text conditioning for every prompt: T5 sequence embeddings (T, 4096) and the CLIP-L pooled vector
+    (768), computed once with `FluxPipeline.encode_prompt` and cached on disk (keyed by the weights' source,
+    the sequence length and the prompt set), then kept on the CPU in the pipeline's dtype."""
+    prompts = list(dict.fromkeys(prompts))
+    key = {"source": source, "max_sequence_length": max_sequence_length,
+           "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    path = cached_model_path("flux-prompt-embeds", key)
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        log(f"prompt embeddings: {len(prompts)} prompts from {path}")
+        return CachedTextEncoder(prompts, saved["embeds"], saved["pooled"])
+    pipe.text_encoder.to(device)
+    pipe.text_encoder_2.to(device)
+    embeds, pooled = [], []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            e, pl, _ = pipe.encode_prompt(prompts[i:i + batch], prompt_2=None, device=device,
+                                          max_sequence_length=max_sequence_length)
+            embeds.append(e.cpu())
+            pooled.append(pl.cpu())
+    embeds, pooled = torch.cat(embeds), torch.cat(pooled)
+    atomic_save({"embeds": embeds, "pooled": pooled}, path)
+    log(f"prompt embeddings: {len(prompts)} prompts embedded, cached in {path}")
+    return CachedTextEncoder(prompts, embeds, pooled)
+
+
+def build_flux(args, keep_reference: bool, device="cpu", log=print) -> Task:
+    """FLUX.1-dev from `--pretrained` (a diffusers directory, or a hub id already in the local cache). The text
+    encoders embed the prompt set once and are released; the transformer is held in the mixed-precision dtype
+    (bf16) with fp32 LoRA adapters, or in fp32 for full fine-tuning (AdamW needs fp32 master weights)."""
+    from diffusers import FluxPipeline
+    fetch = "hf download black-forest-labs/FLUX.1-dev --local-dir <dir>, then --pretrained <dir>"
+    if not args.pretrained:
+        raise SystemExit(f"--model flux needs --pretrained: weights are never downloaded at run time ({fetch})")
+    if not args.train_prompts:
+        raise SystemExit("--model flux needs --train-prompts <file.txt|file.jsonl> (and usually --eval-prompts)")
+    source = Path(args.pretrained)
+    if source.exists() and not (source / "model_index.json").is_file():
+        raise SystemExit(f"{source} is not a diffusers pipeline directory (no model_index.json); {fetch}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    offline = source.exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        pipe = FluxPipeline.from_pretrained(args.pretrained, dtype=dtype, local_files_only=offline)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise SystemExit(f"could not load FLUX from {args.pretrained!r} ({type(e).__name__}: {e}); {fetch}") from None
+    train = read_prompts(args.train_prompts)
+    evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
+    text = embed_prompts_flux(pipe, train + evals, args.max_sequence_length, str(source.resolve()) if
+                              source.exists() else args.pretrained, device, log)
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.tokenizer = pipe.tokenizer_2 = None  # released
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    transformer = pipe.transformer
+    if args.lora_rank == 0:
+        transformer = transformer.to(torch.float32).requires_grad_(True)
+    policy = FluxPolicy(transformer, pipe.vae, text, resolution=args.resolution, guidance_scale=args.guidance_scale,
+                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
+                        device=device)
+    if args.lora_rank > 0:  # adapters train in fp32 over the frozen low-precision base
+        for p in policy.trainable_parameters():
+            p.data = p.data.float()
+    return Task(policy, get_reward(args.reward or "pickscore", device, args.reward_dir), train, evals)
+
+
 def build_shapes_flux(lora_rank=16, lora_alpha=None, keep_reference=False, device="cpu", log=print) -> FluxPolicy:
     """The shapes task's base model (see shapes.py): a small FLUX transformer pretrained by the project on
     rendered coloured shapes (cached; the first call pretrains it, about 15 min on 2 CPU cores), its learned
@@ -951,8 +1036,8 @@ class Task:
     grid_prompts: list[str] = field(default_factory=list)  # image tasks: rows of samples_{before,after}.png
 
 
-MODELS = ("toy2d", "tiny-flux", "shapes")
-REAL_MODELS = ("flux", "sd3")  # FLUX.1-dev and SD3.5-M from local weights: their presets exist, loading not yet
+MODELS = ("toy2d", "tiny-flux", "shapes", "flux")  # flux: FLUX.1-dev from --pretrained
+PENDING_MODELS = ("sd3",)  # SD3.5-M: its presets exist, its loading does not yet
 CUSTOM_MODELS: dict[str, Callable] = {}
 
 
@@ -1029,10 +1114,11 @@ def _build_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
         return Task(policy, get_reward(args.reward or "geneval", device, args.reward_dir), train, held_out,
                     {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
-    if args.model in REAL_MODELS:
-        raise NotImplementedError(f"--model {args.model} (real weights from a local path) is not implemented yet in "
-                                  f"this version; use --model tiny-flux to run the same FLUX code path with random "
-                                  f"weights")
+    if args.model == "flux":
+        return build_flux(args, keep_reference, device, log)
+    if args.model in PENDING_MODELS:
+        raise NotImplementedError(f"--model {args.model} is not implemented yet in this version; use --model flux "
+                                  f"(FLUX.1-dev weights) or --model tiny-flux (random weights) for the same presets")
     raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
 
 
@@ -1123,6 +1209,9 @@ class CommonArgs:
     # model
     reward: Optional[str] = arg(None, "training reward (default: the model's), or a weighted sum 'hpsv2:1,clip:0.5'; "
                                       f"available: {sorted(REWARDS) + sorted(LEARNED_REWARDS)}")
+    pretrained: Optional[str] = arg(None, "--model flux: a diffusers FLUX.1-dev directory (or a hub id already in the "
+                                          "local cache); nothing is downloaded")
+    max_sequence_length: int = arg(512, "--model flux: T5 tokens per prompt (FLUX.1-dev: 512)")
     reward_dir: Optional[str] = arg(None, "where learned reward weights live (default $FLOWRL_REWARDS, else "
                                           "~/.cache/flowrl/rewards); the error for a missing one says what to fetch")
     train_prompts: Optional[str] = arg(None, "training prompts from a .txt (one per line) or .jsonl ('prompt' field) "
@@ -1171,7 +1260,7 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
     known, _ = pre.parse_known_args(argv)
     name = known.preset
     if name is None:  # the preset named after the model, else the (paper) preset made for that model
-        if known.model not in MODELS + REAL_MODELS + tuple(CUSTOM_MODELS):
+        if known.model not in MODELS + PENDING_MODELS + tuple(CUSTOM_MODELS):
             raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
         matching = [n for n, p in presets.items() if p.get("model") == known.model]
         name = known.model if known.model in presets else (matching[0] if matching else None)
@@ -1189,10 +1278,9 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
 
 
 def _check_args(args, presets):
-    if args.model in REAL_MODELS:
-        raise SystemExit(f"--model {args.model} (real weights from a local path) is not implemented yet in this "
-                         f"version; add --model tiny-flux to run preset {args.preset!r} through the same FLUX code "
-                         f"path with random weights")
+    if args.model in PENDING_MODELS:
+        raise SystemExit(f"--model {args.model} is not implemented yet in this version; add --model flux (FLUX.1-dev "
+                         f"weights) or --model tiny-flux (random weights) to run preset {args.preset!r}")
     if args.model not in MODELS + tuple(CUSTOM_MODELS):
         raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
     if args.eval_solver not in ("euler", "dpm2m"):

@@ -1,0 +1,90 @@
+"""--model flux: the real FLUX.1-dev loading path (diffusers FluxPipeline.from_pretrained, the pipeline's own text
+encoders, prompt-embedding cache, encoders released), on a tiny random-weight pipeline saved to disk the way
+`hf download black-forest-labs/FLUX.1-dev` lays one out. Every script, LoRA and full fine-tuning."""
+
+import json
+
+import pytest
+import torch
+
+import common
+import dgpo
+import flow_grpo
+import g2rpo
+import neighbor_grpo
+import pro_grpo
+from tiny_pipelines import save_tiny_flux_pipeline
+
+SCRIPTS = {"flow_grpo": flow_grpo, "dgpo": dgpo, "neighbor_grpo": neighbor_grpo, "g2rpo": g2rpo,
+           "pro_grpo": pro_grpo}
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "FLUX.1-dev-tiny")
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    train, evals = tmp_path / "train.txt", tmp_path / "eval.jsonl"
+    train.write_text("a photo of red\na photo of green\na photo of cyan\n")
+    evals.write_text(json.dumps({"prompt": "a photo of blue"}) + "\n")
+    return str(train), str(evals)
+
+
+def _flags(pipeline_dir, prompt_files, out, *extra):
+    train, evals = prompt_files
+    return ["--preset", "tiny-flux", "--model", "flux", "--pretrained", str(pipeline_dir), "--max-sequence-length",
+            "16", "--train-prompts", train, "--eval-prompts", evals, "--reward", "mean_color", "--iterations", "1",
+            "--output-dir", str(out), "--log-every", "0", "--checkpoint-every", "0", *extra]
+
+
+@pytest.mark.parametrize("lora_rank", ["8", "0"])
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline_dir, prompt_files, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary = SCRIPTS[name].main(_flags(pipeline_dir, prompt_files, tmp_path / "run", "--lora-rank", lora_rank))
+    assert summary["model"] == "flux" and summary["nfe_train"] > 0
+    saved = tmp_path / "run" / "final"
+    if lora_rank != "0":  # what FluxPipeline.load_lora_weights reads
+        assert (saved / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        assert (saved / "transformer" / "config.json").is_file()
+
+
+def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, prompt_files, tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path))
+    logs = []
+    task = common.load_task(args, keep_reference=False, log=logs.append)
+    assert isinstance(task.policy.text_encoder, common.CachedTextEncoder)
+    assert task.train_prompts == ["a photo of red", "a photo of green", "a photo of cyan"]
+    assert task.eval_prompts == ["a photo of blue"]
+    pipe = FluxPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    prompts = ["a photo of cyan", "a photo of blue"]
+    embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
+    got = task.policy.encode_prompts(prompts)
+    torch.testing.assert_close(got["prompt_embeds"], embeds)
+    torch.testing.assert_close(got["pooled_prompt_embeds"], pooled)
+    with pytest.raises(KeyError, match="not embedded at start-up"):
+        task.policy.encode_prompts(["a dog"])
+    assert any("embedded, cached" in line for line in logs)
+    logs.clear()
+    common.load_task(args, keep_reference=False, log=logs.append)  # second time: from the cache
+    assert any("prompts from" in line for line in logs)
+
+
+def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prompt_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    flags = _flags(pipeline_dir, prompt_files, tmp_path)
+    i = flags.index("--pretrained")
+    cases = {"needs --pretrained": flags[:i] + flags[i + 2:],
+             "not a diffusers pipeline directory": flags[:i + 1] + [str(tmp_path)] + flags[i + 2:],
+             "could not load FLUX": flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:]}
+    for message, argv in cases.items():
+        args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
+        with pytest.raises(SystemExit, match=message) as e:
+            common.load_task(args, keep_reference=False, log=lambda *_: None)
+        assert "hf download" in str(e.value) or message == "needs --pretrained" and "hf download" in str(e.value)
