@@ -1,0 +1,52 @@
+"""Run under `torchrun --nproc_per_node 2` by tests/test_distributed.py (gloo, CPU): group statistics computed
+across 2 processes, each holding half of the groups (or half of one group), saved per rank for comparison with a
+1-process computation on the same data; then one iteration of every script as a 2-process run."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+import dgpo  # noqa: E402
+
+
+def main(out: Path):
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    rank, world = acc.process_index, acc.num_processes
+    assert world == 2, world
+    g = torch.Generator().manual_seed(0)  # the same data on both ranks; each takes its share
+    rewards = torch.rand(4, 6, generator=g)  # 4 groups of 6
+    result = {}
+    for std in ("global", "group"):
+        _, adv = common.gathered_group_advantages(acc, rewards[2 * rank:2 * rank + 2], std, 5.0)
+        result[f"adv_{std}"] = acc.gather(adv).tolist()
+    # DGPO with groups split across processes: every group has 3 samples on each rank
+    dsm, dsm_ref, advantages = (torch.randn(24, generator=g) for _ in range(3))
+    group_index = torch.arange(4).repeat_interleave(6)
+    mine = torch.cat([torch.arange(6 * k + 3 * rank, 6 * k + 3 * rank + 3) for k in range(4)])
+    local = dsm[mine].clone().requires_grad_(True)
+    loss = dgpo.dgpo_loss(local, dsm_ref[mine], advantages[mine], group_index[mine], beta=2.0, num_groups=4,
+                          all_reduce=lambda t: acc.reduce(t, reduction="sum"))
+    loss.backward()
+    result["dgpo_grad_times_n"] = (local.grad * len(mine)).tolist()
+    result["dgpo_index"] = mine.tolist()
+    (out / f"stats_rank{rank}.json").write_text(json.dumps(result))
+
+    # every script, one iteration as a 2-process run
+    import flow_grpo
+    import g2rpo
+    import neighbor_grpo
+    import pro_grpo
+    for name, script in [("flow_grpo", flow_grpo), ("dgpo", dgpo), ("neighbor_grpo", neighbor_grpo),
+                         ("g2rpo", g2rpo), ("pro_grpo", pro_grpo)]:
+        script.main(["--iterations", "1", "--output-dir", str(out / name), "--log-every", "0", "--checkpoint-every",
+                     "0", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

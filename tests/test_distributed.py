@@ -1,0 +1,61 @@
+"""A real 2-process run (torchrun, gloo on CPU): group statistics reduced across processes equal a 1-process
+computation on the same data, and every script completes a 2-process iteration."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import dgpo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(ROOT / "tests" / "dist_check.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_gathered_advantages_equal_one_process_on_the_same_groups(two_process_run):
+    rewards = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    for rank in (0, 1):
+        stats = json.loads((two_process_run / f"stats_rank{rank}.json").read_text())
+        for std in ("global", "group"):
+            expected = common.group_advantages(rewards, std=std, clip=5.0).reshape(-1)
+            torch.testing.assert_close(torch.tensor(stats[f"adv_{std}"]), expected)
+
+
+def test_dgpo_groups_split_across_processes_get_the_one_process_weights(two_process_run):
+    g = torch.Generator().manual_seed(0)
+    torch.rand(4, 6, generator=g)  # the rewards drawn first in dist_check.py
+    dsm, dsm_ref, advantages = (torch.randn(24, generator=g) for _ in range(3))
+    whole = dsm.clone().requires_grad_(True)
+    dgpo.dgpo_loss(whole, dsm_ref, advantages, torch.arange(4).repeat_interleave(6), beta=2.0).backward()
+    expected = whole.grad * 24  # dL/dl_i = sigmoid-weight_i A_i / N: compare weight_i A_i
+    for rank in (0, 1):
+        stats = json.loads((two_process_run / f"stats_rank{rank}.json").read_text())
+        got = torch.tensor(stats["dgpo_grad_times_n"])
+        torch.testing.assert_close(got, expected[stats["dgpo_index"]])
+    # without the all-reduce each process would see half a group: the weights would differ
+    half = dsm[:3].clone().requires_grad_(True)
+    dgpo.dgpo_loss(half, dsm_ref[:3], advantages[:3], torch.zeros(3, dtype=torch.long), beta=2.0).backward()
+    assert not torch.allclose(half.grad * 3, expected[:3])
+
+
+@pytest.mark.parametrize("name", ["flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo"])
+def test_every_script_completes_a_two_process_iteration(two_process_run, name):
+    summary = json.loads((two_process_run / name / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    rows = (two_process_run / name / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and summary["nfe_train"] > 0
