@@ -323,13 +323,14 @@ class Policy:
         self.reference_net = reference_net  # frozen copy (full fine-tuning); None with LoRA
         self.nfe = {"no_grad": 0, "grad": 0}
         self._count = True
+        self._cfg_off = False
         self._use_reference = False
         self.accelerator = None
 
     # --- the model call ---------------------------------------------------------------------------------
     def velocity(self, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
-        if self._count:
-            self.nfe["grad" if torch.is_grad_enabled() else "no_grad"] += x.shape[0]
+        if self._count:  # classifier-free guidance calls the transformer on 2 copies of each sample
+            self.nfe["grad" if torch.is_grad_enabled() else "no_grad"] += x.shape[0] * (2 if self.cfg_active() else 1)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         net = self.net
         if self._use_reference and self.reference_net is not None:
@@ -340,6 +341,21 @@ class Policy:
 
     def _forward(self, net, x, sigma, cond):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    cfg_scale: float = 1.0  # classifier-free guidance scale (SD3); 1 means none
+
+    def cfg_active(self) -> bool:
+        return self.cfg_scale > 1 and not self._cfg_off
+
+    @contextlib.contextmanager
+    def without_cfg(self):
+        """Inside this context `velocity` is the conditional velocity alone, without classifier-free guidance
+        (DGPO trains CFG-free). Nothing changes for models without CFG."""
+        previous, self._cfg_off = self._cfg_off, True
+        try:
+            yield
+        finally:
+            self._cfg_off = previous
 
     @contextlib.contextmanager
     def nfe_paused(self):
@@ -609,37 +625,101 @@ class HashTextEncoder:
         return torch.stack(embeds), torch.stack(pooled)
 
 
-class FluxPolicy(Policy):
-    """FLUX: the sampler state is the PACKED latent (B, (H/2)(W/2), 4 C); `decode` unpacks and runs the VAE.
+class DiffusersPolicy(Policy):
+    """What FLUX and SD3 share: a diffusers transformer (LoRA through peft at `lora_targets`, or full fine-tuning
+    with an optional frozen copy as the reference), a VAE decoded in chunks, a prompt encoder, and weights saved
+    in the format `<Pipeline>.load_lora_weights` reads. Subclasses give the sampler state (`sample_shape`), its
+    conversion to VAE latents (`to_latents`) and the transformer call (`_forward`).
 
-    The transformer takes `timestep = s` and `guidance = scale` (it multiplies both by 1000 internally, as
-    `FluxPipeline` expects). The reference is the same transformer with its LoRA adapters disabled, or a
-    frozen copy under full fine-tuning (only when asked for: it doubles the weights' memory).
+    The reference is the same transformer with its LoRA adapters disabled, or a frozen copy under full
+    fine-tuning (only when asked for: it doubles the weights' memory).
     """
 
-    def __init__(self, transformer, vae, text_encoder, resolution: int, guidance_scale: float = 3.5,
-                 lora_rank: int = 0, lora_alpha: Optional[float] = None, keep_reference: bool = False,
-                 device="cpu"):
+    pipeline_class = ""  # diffusers pipeline whose LoRA format save/load use
+    lora_targets: list[str] = []
+
+    def __init__(self, transformer, vae, text_encoder, resolution: int, guidance_scale: float, lora_rank: int = 0,
+                 lora_alpha: Optional[float] = None, keep_reference: bool = False, device="cpu"):
         self.vae = vae.to(device).requires_grad_(False).eval()
         self.text_encoder = text_encoder
         self.guidance_scale = guidance_scale
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        latent_hw = resolution // self.vae_scale_factor
-        if latent_hw % 2:
-            raise ValueError(f"resolution {resolution} gives an odd latent size {latent_hw}; FLUX packs 2x2 patches")
-        self.resolution, self.latent_hw = resolution, latent_hw
+        self.resolution, self.latent_hw = resolution, resolution // self.vae_scale_factor
         self.latent_channels = vae.config.latent_channels
-        self.image_seq_len = (latent_hw // 2) ** 2
         transformer = transformer.to(device)
         reference = None
         if lora_rank > 0:
             from peft import LoraConfig
             transformer.requires_grad_(False)
             transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank,
-                                               init_lora_weights="gaussian", target_modules=FLUX_LORA_TARGETS))
+                                               init_lora_weights="gaussian", target_modules=self.lora_targets))
         elif keep_reference:
             reference = copy.deepcopy(transformer).requires_grad_(False).eval()
         super().__init__(transformer, reference)
+
+    def to_latents(self, x):
+        return x
+
+    @torch.no_grad()
+    def decode(self, x, chunk: int = 16):
+        """Sampler states -> images in [0, 1], (B, 3, H, W), decoded in chunks to bound memory."""
+        cfg = self.vae.config
+        out = []
+        for xc in x.split(chunk):
+            latents = self.to_latents(xc) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            img = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            out.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    def save(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self._unwrapped()
+        if self._has_adapters():
+            import diffusers
+            from peft.utils import get_peft_model_state_dict
+            # the file `<Pipeline>.load_lora_weights(directory)` reads back
+            getattr(diffusers, self.pipeline_class).save_lora_weights(
+                directory, transformer_lora_layers=get_peft_model_state_dict(model))
+        else:
+            model.save_pretrained(directory / "transformer")
+
+    def load(self, directory):
+        directory = Path(directory)
+        model = self._unwrapped()
+        if self._has_adapters():
+            import diffusers
+            from peft.utils import set_peft_model_state_dict
+            state = getattr(diffusers, self.pipeline_class).lora_state_dict(directory)
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            set_peft_model_state_dict(model, state)
+        else:
+            model.load_state_dict(type(model).from_pretrained(directory / "transformer").state_dict())
+
+    def encode_prompts(self, prompts):
+        embeds, pooled = self.text_encoder(prompts)
+        return {"prompt_embeds": embeds.to(self.device), "pooled_prompt_embeds": pooled.to(self.device)}
+
+
+class FluxPolicy(DiffusersPolicy):
+    """FLUX: the sampler state is the PACKED latent (B, (H/2)(W/2), 4 C); `decode` unpacks and runs the VAE.
+
+    The transformer takes `timestep = s` and `guidance = scale` (it multiplies both by 1000 internally, as
+    `FluxPipeline` expects). FLUX.1-dev is guidance-distilled: no classifier-free guidance, one call per sample.
+    """
+
+    pipeline_class = "FluxPipeline"
+    lora_targets = FLUX_LORA_TARGETS
+
+    def __init__(self, transformer, vae, text_encoder, resolution: int, guidance_scale: float = 3.5,
+                 lora_rank: int = 0, lora_alpha: Optional[float] = None, keep_reference: bool = False,
+                 device="cpu"):
+        latent_hw = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        if latent_hw % 2:
+            raise ValueError(f"resolution {resolution} gives an odd latent size {latent_hw}; FLUX packs 2x2 patches")
+        super().__init__(transformer, vae, text_encoder, resolution, guidance_scale, lora_rank, lora_alpha,
+                         keep_reference, device)
+        self.image_seq_len = (latent_hw // 2) ** 2
         self.img_ids = flux_image_ids(latent_hw // 2).to(device)
         self.txt_ids = torch.zeros(text_encoder.seq_len, 3, device=device)
 
@@ -653,10 +733,6 @@ class FluxPolicy(Policy):
                    encoder_hidden_states=cond["prompt_embeds"].to(dtype), txt_ids=self.txt_ids,
                    img_ids=self.img_ids, return_dict=False)[0]
 
-    def encode_prompts(self, prompts):
-        embeds, pooled = self.text_encoder(prompts)
-        return {"prompt_embeds": embeds.to(self.device), "pooled_prompt_embeds": pooled.to(self.device)}
-
     def sample_shape(self):
         return (self.image_seq_len, 4 * self.latent_channels)
 
@@ -665,41 +741,60 @@ class FluxPolicy(Policy):
         x = x.view(b, h // 2, h // 2, self.latent_channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, self.latent_channels, h, h)
 
-    @torch.no_grad()
-    def decode(self, x, chunk: int = 16):
-        """Packed latents -> images in [0, 1], (B, 3, H, W), decoded in chunks to bound memory."""
-        cfg = self.vae.config
-        out = []
-        for xc in x.split(chunk):
-            latents = self.unpack(xc) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-            img = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-            out.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(out)
+    to_latents = unpack
 
-    def save(self, directory):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        model = self._unwrapped()
-        if self._has_adapters():
-            from diffusers import FluxPipeline
-            from peft.utils import get_peft_model_state_dict
-            # the file `FluxPipeline.load_lora_weights(directory)` reads back
-            FluxPipeline.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(model))
-        else:
-            model.save_pretrained(directory / "transformer")
 
-    def load(self, directory):
-        directory = Path(directory)
-        model = self._unwrapped()
-        if self._has_adapters():
-            from diffusers import FluxPipeline
-            from peft.utils import set_peft_model_state_dict
-            state = FluxPipeline.lora_state_dict(directory)
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            set_peft_model_state_dict(model, state)
-        else:
-            from diffusers import FluxTransformer2DModel
-            model.load_state_dict(FluxTransformer2DModel.from_pretrained(directory / "transformer").state_dict())
+class SD3Policy(DiffusersPolicy):
+    """SD3 / SD3.5: the sampler state is the VAE latent itself (B, 16, H/8, W/8); the transformer takes
+    `timestep = 1000 s` (as `StableDiffusion3Pipeline` passes its scheduler timesteps).
+
+    Classifier-free guidance (SD3.5-M: 4.5), as the pipeline does it: one call on [uncond; cond] with the empty
+    prompt's embeddings as the unconditional branch, v = v_u + w (v_c - v_u). That is 2 NFE per sample.
+    Inside `without_cfg()` the conditional velocity alone is returned (1 NFE): DGPO rolls out with CFG and trains
+    CFG-free. Flow-GRPO keeps CFG in its training log-probs (official code, `train.cfg`).
+    """
+
+    pipeline_class = "StableDiffusion3Pipeline"
+    lora_targets = SD3_LORA_TARGETS
+
+    def __init__(self, transformer, vae, text_encoder, resolution: int, guidance_scale: float = 4.5,
+                 lora_rank: int = 0, lora_alpha: Optional[float] = None, keep_reference: bool = False,
+                 device="cpu", scheduler_config: Optional[dict] = None):
+        super().__init__(transformer, vae, text_encoder, resolution, guidance_scale, lora_rank, lora_alpha,
+                         keep_reference, device)
+        self.cfg_scale = guidance_scale
+        self.scheduler_config = dict(scheduler_config or {"shift": 3.0})
+        self.uncond = {k: v.to(device) for k, v in zip(("prompt_embeds", "pooled_prompt_embeds"),
+                                                        text_encoder.uncond())}
+
+    def _forward(self, net, x, sigma, cond):
+        dtype = next(net.parameters()).dtype
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        guided = self.cfg_active()
+        if guided:
+            b = x.shape[0]
+            x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
+            embeds = torch.cat([self.uncond["prompt_embeds"].expand(b, -1, -1), embeds])
+            pooled = torch.cat([self.uncond["pooled_prompt_embeds"].expand(b, -1), pooled])
+        v = net(hidden_states=x.to(dtype), timestep=sigma * 1000, encoder_hidden_states=embeds.to(dtype),
+                pooled_projections=pooled.to(dtype), return_dict=False)[0]
+        if guided:
+            v_uncond, v_cond = v.float().chunk(2)
+            v = v_uncond + self.cfg_scale * (v_cond - v_uncond)
+        return v
+
+    def sample_shape(self):
+        return (self.latent_channels, self.latent_hw, self.latent_hw)
+
+    def sigmas(self, num_steps: int, shift: Optional[float] = None) -> torch.Tensor:
+        """The pipeline scheduler's own N-step schedule, as StableDiffusion3Pipeline and Flow-GRPO's SD3 code
+        take it (`set_timesteps(N)`): N timesteps from sigma 1 down to the scheduler's shifted sigma_min, shifted,
+        then 0. Its last nonzero sigma is near 0, unlike the FLUX/DanceGRPO `shift(linspace(1, 0, N + 1))`."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        config = {**self.scheduler_config, **({"shift": shift} if shift is not None else {})}
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler.sigmas.double()
 
 
 def build_tiny_flux(resolution=32, guidance_scale=3.5, lora_rank=8, lora_alpha=None, keep_reference=False,
@@ -721,7 +816,8 @@ def build_tiny_flux(resolution=32, guidance_scale=3.5, lora_rank=8, lora_alpha=N
 class CachedTextEncoder:
     """Prompt embeddings computed once by a pipeline's own text encoders, which are then released (T5-XXL alone
     is 9.5 GB in bf16). Same interface as HashTextEncoder: `(prompts) -> (prompt_embeds, pooled_prompt_embeds)`.
-    Only the prompts embedded at start-up exist: all of --train-prompts and --eval-prompts."""
+    Only the prompts embedded at start-up exist: all of --train-prompts and --eval-prompts (and "", the
+    unconditional branch of classifier-free guidance)."""
 
     def __init__(self, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor):
         self.index = {p: i for i, p in enumerate(prompts)}
@@ -736,27 +832,46 @@ class CachedTextEncoder:
                            f"--eval-prompts are") from None
         return self.embeds[rows], self.pooled[rows]
 
+    def uncond(self):
+        """The empty prompt's embeddings (1, T, D) and (1, D_pooled): CFG's unconditional branch."""
+        return self([""])
 
-def embed_prompts_flux(pipe, prompts: list[str], max_sequence_length: int, source: str, device, log=print,
-                       batch: int = 32) -> CachedTextEncoder:
-    """FLUX text conditioning for every prompt: T5 sequence embeddings (T, 4096) and the CLIP-L pooled vector
-    (768), computed once with `FluxPipeline.encode_prompt` and cached on disk (keyed by the weights' source,
-    the sequence length and the prompt set), then kept on the CPU in the pipeline's dtype."""
-    prompts = list(dict.fromkeys(prompts))
-    key = {"source": source, "max_sequence_length": max_sequence_length,
+
+PIPELINES = {  # --model -> (diffusers pipeline, policy, the command that fetches the weights)
+    "flux": ("FluxPipeline", "FluxPolicy", "hf download black-forest-labs/FLUX.1-dev --local-dir <dir>"),
+    "sd3": ("StableDiffusion3Pipeline", "SD3Policy",
+            "hf download stabilityai/stable-diffusion-3.5-medium --local-dir <dir>"),
+}
+
+
+def embed_prompts(pipe, model: str, prompts: list[str], max_sequence_length: int, source: str, device,
+                  log=print, batch: int = 32) -> CachedTextEncoder:
+    """Text conditioning for every prompt, computed once with the pipeline's own `encode_prompt` and cached on
+    disk (keyed by the weights' source, the sequence length and the prompt set), then kept on the CPU:
+    FLUX: T5 sequence (T, 4096) + CLIP-L pooled (768); SD3: [CLIP-L, CLIP-G | T5] sequence (77 + T, 4096) +
+    both CLIPs' pooled (2048). SD3 also embeds "" for classifier-free guidance."""
+    prompts = list(dict.fromkeys(prompts + ([""] if model == "sd3" else [])))
+    key = {"model": model, "source": source, "max_sequence_length": max_sequence_length,
            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
-    path = cached_model_path("flux-prompt-embeds", key)
+    path = cached_model_path(f"{model}-prompt-embeds", key)
     if path.exists():
         saved = torch.load(path, weights_only=True)
         log(f"prompt embeddings: {len(prompts)} prompts from {path}")
         return CachedTextEncoder(prompts, saved["embeds"], saved["pooled"])
-    pipe.text_encoder.to(device)
-    pipe.text_encoder_2.to(device)
+    encoders = [m for m in (getattr(pipe, f"text_encoder{s}", None) for s in ("", "_2", "_3")) if m is not None]
+    for m in encoders:
+        m.to(device)
     embeds, pooled = [], []
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
-            e, pl, _ = pipe.encode_prompt(prompts[i:i + batch], prompt_2=None, device=device,
-                                          max_sequence_length=max_sequence_length)
+            chunk = prompts[i:i + batch]
+            if model == "flux":
+                e, pl, _ = pipe.encode_prompt(chunk, prompt_2=None, device=device,
+                                              max_sequence_length=max_sequence_length)
+            else:
+                e, _, pl, _ = pipe.encode_prompt(chunk, prompt_2=None, prompt_3=None, device=device,
+                                                 do_classifier_free_guidance=False,
+                                                 max_sequence_length=max_sequence_length)
             embeds.append(e.cpu())
             pooled.append(pl.cpu())
     embeds, pooled = torch.cat(embeds), torch.cat(pooled)
@@ -765,38 +880,48 @@ def embed_prompts_flux(pipe, prompts: list[str], max_sequence_length: int, sourc
     return CachedTextEncoder(prompts, embeds, pooled)
 
 
-def build_flux(args, keep_reference: bool, device="cpu", log=print) -> Task:
-    """FLUX.1-dev from `--pretrained` (a diffusers directory, or a hub id already in the local cache). The text
-    encoders embed the prompt set once and are released; the transformer is held in the mixed-precision dtype
-    (bf16) with fp32 LoRA adapters, or in fp32 for full fine-tuning (AdamW needs fp32 master weights)."""
-    from diffusers import FluxPipeline
-    fetch = "hf download black-forest-labs/FLUX.1-dev --local-dir <dir>, then --pretrained <dir>"
+def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
+    """FLUX.1-dev (`--model flux`) or SD3.5 (`--model sd3`) from `--pretrained` (a diffusers directory, or a hub
+    id already in the local cache). The text encoders embed the prompt set once and are released; the
+    transformer is held in the mixed-precision dtype (bf16) with fp32 LoRA adapters, or in fp32 for full
+    fine-tuning (AdamW needs fp32 master weights)."""
+    import diffusers
+    pipeline_name, policy_name, fetch = PIPELINES[args.model]
+    fetch = f"{fetch}, then --pretrained <dir>"
     if not args.pretrained:
-        raise SystemExit(f"--model flux needs --pretrained: weights are never downloaded at run time ({fetch})")
+        raise SystemExit(f"--model {args.model} needs --pretrained: weights are never downloaded at run time "
+                         f"({fetch})")
     if not args.train_prompts:
-        raise SystemExit("--model flux needs --train-prompts <file.txt|file.jsonl> (and usually --eval-prompts)")
+        raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
+                         f"--eval-prompts)")
     source = Path(args.pretrained)
     if source.exists() and not (source / "model_index.json").is_file():
         raise SystemExit(f"{source} is not a diffusers pipeline directory (no model_index.json); {fetch}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     offline = source.exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     try:
-        pipe = FluxPipeline.from_pretrained(args.pretrained, dtype=dtype, local_files_only=offline)
+        pipe = getattr(diffusers, pipeline_name).from_pretrained(args.pretrained, dtype=dtype,
+                                                                 local_files_only=offline)
     except (OSError, ValueError, EnvironmentError) as e:
-        raise SystemExit(f"could not load FLUX from {args.pretrained!r} ({type(e).__name__}: {e}); {fetch}") from None
+        raise SystemExit(f"could not load {pipeline_name} from {args.pretrained!r} ({type(e).__name__}: {e}); "
+                         f"{fetch}") from None
     train = read_prompts(args.train_prompts)
     evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
-    text = embed_prompts_flux(pipe, train + evals, args.max_sequence_length, str(source.resolve()) if
-                              source.exists() else args.pretrained, device, log)
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.tokenizer = pipe.tokenizer_2 = None  # released
+    text = embed_prompts(pipe, args.model, train + evals, args.max_sequence_length,
+                         str(source.resolve()) if source.exists() else args.pretrained, device, log)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # released
+        if hasattr(pipe, name):
+            setattr(pipe, name, None)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     transformer = pipe.transformer
     if args.lora_rank == 0:
         transformer = transformer.to(torch.float32).requires_grad_(True)
-    policy = FluxPolicy(transformer, pipe.vae, text, resolution=args.resolution, guidance_scale=args.guidance_scale,
-                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
-                        device=device)
+    extra = {"scheduler_config": dict(pipe.scheduler.config)} if args.model == "sd3" else {}
+    policy = globals()[policy_name](transformer, pipe.vae, text, resolution=args.resolution,
+                                    guidance_scale=args.guidance_scale, lora_rank=args.lora_rank,
+                                    lora_alpha=args.lora_alpha, keep_reference=keep_reference, device=device,
+                                    **extra)
     if args.lora_rank > 0:  # adapters train in fp32 over the frozen low-precision base
         for p in policy.trainable_parameters():
             p.data = p.data.float()
@@ -1036,8 +1161,7 @@ class Task:
     grid_prompts: list[str] = field(default_factory=list)  # image tasks: rows of samples_{before,after}.png
 
 
-MODELS = ("toy2d", "tiny-flux", "shapes", "flux")  # flux: FLUX.1-dev from --pretrained
-PENDING_MODELS = ("sd3",)  # SD3.5-M: its presets exist, its loading does not yet
+MODELS = ("toy2d", "tiny-flux", "shapes", "flux", "sd3")  # flux / sd3: FLUX.1-dev / SD3.5 from --pretrained
 CUSTOM_MODELS: dict[str, Callable] = {}
 
 
@@ -1114,11 +1238,8 @@ def _build_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
         return Task(policy, get_reward(args.reward or "geneval", device, args.reward_dir), train, held_out,
                     {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
-    if args.model == "flux":
-        return build_flux(args, keep_reference, device, log)
-    if args.model in PENDING_MODELS:
-        raise NotImplementedError(f"--model {args.model} is not implemented yet in this version; use --model flux "
-                                  f"(FLUX.1-dev weights) or --model tiny-flux (random weights) for the same presets")
+    if args.model in PIPELINES:
+        return build_pipeline_task(args, keep_reference, device, log)
     raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
 
 
@@ -1260,7 +1381,7 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
     known, _ = pre.parse_known_args(argv)
     name = known.preset
     if name is None:  # the preset named after the model, else the (paper) preset made for that model
-        if known.model not in MODELS + PENDING_MODELS + tuple(CUSTOM_MODELS):
+        if known.model not in MODELS + tuple(CUSTOM_MODELS):
             raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
         matching = [n for n, p in presets.items() if p.get("model") == known.model]
         name = known.model if known.model in presets else (matching[0] if matching else None)
@@ -1278,9 +1399,6 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
 
 
 def _check_args(args, presets):
-    if args.model in PENDING_MODELS:
-        raise SystemExit(f"--model {args.model} is not implemented yet in this version; add --model flux (FLUX.1-dev "
-                         f"weights) or --model tiny-flux (random weights) to run preset {args.preset!r}")
     if args.model not in MODELS + tuple(CUSTOM_MODELS):
         raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
     if args.eval_solver not in ("euler", "dpm2m"):

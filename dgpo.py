@@ -73,12 +73,13 @@ PRESETS = {
                    lora_rank=16, learning_rate=3e-4, beta=100.0, num_train_timesteps=4, t_min=0.6, ema_start=20,
                    eval_steps=20, eval_samples_per_prompt=2, log_every=5),
     # Paper, SD3.5-M 512 px: G 24, beta 100, LoRA r32, lr 3e-4, 10-step ODE rollouts, shift 3, EMA rollouts after
-    # 200 steps, M = 4 timesteps from the first 7 nodes (t >= shift(0.4) = 0.667). CFG 4.5 in rollouts and
-    # CFG-free training arrive with the SD3 model.
+    # 200 steps, M = 4 timesteps from the first 7 nodes (t >= shift(0.4) = 0.667). CFG 4.5 in rollouts,
+    # CFG-free training (--model sd3).
     "dgpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, group_size=24, beta=100.0, lora_rank=32,
                      lora_alpha=64, learning_rate=3e-4, num_train_timesteps=4, t_min=0.66, ema_start=200,
                      ema_decay=0.3, eval_steps=40, eval_samples_per_prompt=1, iterations=1000,
-                     rollout_batch_size=8, train_micro_batch_groups=1, eval_batch_size=8, mixed_precision="bf16"),
+                     rollout_batch_size=8, train_micro_batch_groups=1, eval_batch_size=8,
+                     mixed_precision="bf16", guidance_scale=4.5),
 }
 
 
@@ -216,6 +217,7 @@ def main(argv=None):
 
         # ALGO LOGIC 3: M timesteps from [t_min, 1]; at each, one noise per group, policy and reference
         # denoising losses, the group preference loss, one optimizer step, and the EMA update.
+        # Training is CFG-free (SD3: the conditional velocity alone; the rollouts above used CFG 4.5).
         stats = {"dgpo_loss": 0.0, "dsm": 0.0, "dsm_minus_ref": 0.0, "kl": 0.0, "clipfrac": 0.0}
         for t in train_timesteps(sigmas, args.t_min, args.num_train_timesteps, shared_gen):
             group_noise = policy.initial_noise(world * P, shared_gen)[rank * P:(rank + 1) * P]
@@ -224,12 +226,13 @@ def main(argv=None):
             target = eps - x0
             for mb in torch.arange(P * G, device=run.device).split(G * (args.train_micro_batch_groups or P)):
                 c = select(cond, mb)
-                with torch.no_grad(), policy.reference():
+                with torch.no_grad(), policy.reference(), policy.without_cfg():
                     v_ref = policy.velocity(x_t[mb], t, c)
                 if args.clip_dsm:  # the EMA model's loss, BEFORE the gradient forward: swapping weights in place
-                    with torch.no_grad(), ema.swapped_in():  # between a forward and its backward breaks autograd
-                        dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])
-                v = policy.velocity(x_t[mb], t, c)
+                    with torch.no_grad(), ema.swapped_in(), policy.without_cfg():  # between a forward and its
+                        dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])  # backward breaks autograd
+                with policy.without_cfg():
+                    v = policy.velocity(x_t[mb], t, c)
                 dsm, dsm_ref = dsm_loss(v, target[mb]), dsm_loss(v_ref, target[mb])
                 if args.clip_dsm:  # official option: freeze samples whose loss ratio vs the EMA left the range
                     ratio = torch.exp(dsm_old - dsm.detach())

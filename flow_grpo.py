@@ -78,7 +78,7 @@ PRESETS = {
                           lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04,
                           adv_std="global", timestep_fraction=0.99, eval_steps=40, eval_samples_per_prompt=1,
                           updates_per_iteration=2, iterations=1000, train_micro_batch_size=8,
-                          rollout_batch_size=8, eval_batch_size=8, mixed_precision="bf16"),
+                          rollout_batch_size=8, eval_batch_size=8, mixed_precision="bf16", guidance_scale=4.5),
     # DanceGRPO, FLUX.1-dev (16 steps, shift 3, 720 px, guidance 3.5, full fine-tune, eta 0.3, 60% of steps).
     "dancegrpo-flux": dict(model="flux", resolution=720, num_steps=16, shift=3.0, sde_variant="dance_grpo",
                            noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True, group_size=12,

@@ -82,7 +82,7 @@ def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prom
     i = flags.index("--pretrained")
     cases = {"needs --pretrained": flags[:i] + flags[i + 2:],
              "not a diffusers pipeline directory": flags[:i + 1] + [str(tmp_path)] + flags[i + 2:],
-             "could not load FLUX": flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:]}
+             "could not load FluxPipeline": flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:]}
     for message, argv in cases.items():
         args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
         with pytest.raises(SystemExit, match=message) as e:

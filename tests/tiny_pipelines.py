@@ -57,3 +57,30 @@ def save_tiny_flux_pipeline(directory: Path, seed: int = 0) -> Path:
                         tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(directory)
     return directory
+
+
+def save_tiny_sd3_pipeline(directory: Path, seed: int = 0) -> Path:
+    """SD3's layout: two CLIP text encoders with projections (pooled 32 + 32), T5, a 4-channel latent VAE."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    clip_tok = clip_tokenizer(directory / "_vocab")
+    clip_config = CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1, projection_dim=32)
+    t5_tok = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=CLIPTextModelWithProjection(clip_config), tokenizer=clip_tok,
+                                    text_encoder_2=CLIPTextModelWithProjection(clip_config), tokenizer_2=clip_tok,
+                                    text_encoder_3=t5, tokenizer_3=t5_tok, transformer=transformer)
+    pipe.save_pretrained(directory)
+    return directory

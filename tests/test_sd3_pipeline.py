@@ -1,0 +1,102 @@
+"""--model sd3: SD3.5 through the same loading path as FLUX, on a tiny random StableDiffusion3Pipeline saved to disk.
+Classifier-free guidance agrees with the pipeline's own denoising, counts 2 NFE per sample, and DGPO trains
+CFG-free; every script runs an iteration with LoRA and with full fine-tuning."""
+
+import json
+
+import pytest
+import torch
+
+import common
+import dgpo
+import flow_grpo
+import g2rpo
+import neighbor_grpo
+import pro_grpo
+from tiny_pipelines import save_tiny_sd3_pipeline
+
+SCRIPTS = {"flow_grpo": flow_grpo, "dgpo": dgpo, "neighbor_grpo": neighbor_grpo, "g2rpo": g2rpo,
+           "pro_grpo": pro_grpo}
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "sd3.5-tiny")
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    f = tmp_path / "train.txt"
+    f.write_text("a photo of red\na photo of green\na photo of cyan\n")
+    return str(f)
+
+
+def _flags(pipeline_dir, prompt_file, out, *extra):
+    return ["--preset", "tiny-flux", "--model", "sd3", "--pretrained", str(pipeline_dir), "--max-sequence-length",
+            "16", "--train-prompts", prompt_file, "--reward", "mean_color", "--guidance-scale", "4.5",
+            "--iterations", "1", "--output-dir", str(out), "--log-every", "0", "--checkpoint-every", "0", *extra]
+
+
+def _policy(pipeline_dir, prompt_file, tmp_path, *extra):
+    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_file, tmp_path, *extra))
+    return common.load_task(args, keep_reference=False, log=lambda *_: None).policy
+
+
+def test_cfg_velocity_matches_the_pipelines_denoising_step(pipeline_dir, prompt_file, tmp_path):
+    """One Euler step of StableDiffusion3Pipeline (CFG 4.5) equals x + (s' - s) v with our guided velocity."""
+    from diffusers import StableDiffusion3Pipeline
+    policy = _policy(pipeline_dir, prompt_file, tmp_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    steps = []
+    pipe(prompt=["a photo of red", "a photo of cyan"], negative_prompt="", latents=x.clone(), height=32, width=32,
+         num_inference_steps=2, guidance_scale=4.5, max_sequence_length=16, output_type="latent",
+         callback_on_step_end=lambda p, i, t, kw: steps.append(kw["latents"].clone()) or {})
+    sigmas = pipe.scheduler.sigmas
+    cond = policy.encode_prompts(["a photo of red", "a photo of cyan"])
+    with torch.no_grad():
+        v = policy.velocity(x, sigmas[0], cond)
+    torch.testing.assert_close(x + (sigmas[1] - sigmas[0]) * v, steps[0], rtol=1e-4, atol=1e-5)
+    # the schedule is the pipeline's own (Flow-GRPO's SD3 code calls set_timesteps(N) the same way)
+    for n in (2, 10):
+        pipe.scheduler.set_timesteps(n)
+        torch.testing.assert_close(policy.sigmas(n), pipe.scheduler.sigmas.double())
+    assert policy.sigmas(10)[-2] < 0.05  # not FLUX's shift(linspace(1, 0, 11)), whose last nonzero sigma is 0.25
+
+
+
+def test_cfg_counts_two_nfe_and_without_cfg_is_the_conditional_velocity(pipeline_dir, prompt_file, tmp_path):
+    policy = _policy(pipeline_dir, prompt_file, tmp_path)
+    x, cond = policy.initial_noise(3), policy.encode_prompts(["a photo of red"] * 3)
+    with torch.no_grad():
+        guided = policy.velocity(x, 0.7, cond)
+        assert policy.nfe["no_grad"] == 6
+        with policy.without_cfg():
+            conditional = policy.velocity(x, 0.7, cond)
+        assert policy.nfe["no_grad"] == 9
+        policy.cfg_scale = 1.0
+        torch.testing.assert_close(policy.velocity(x, 0.7, cond), conditional)
+    assert not torch.allclose(guided, conditional)
+
+
+def test_dgpo_trains_cfg_free_and_rolls_out_with_cfg(pipeline_dir, prompt_file, tmp_path):
+    """DGPO: P x G rollout samples x num_steps with CFG (2 NFE each); the trained forwards are CFG-free (1 NFE)."""
+    summary = dgpo.main(_flags(pipeline_dir, prompt_file, tmp_path / "run", "--save-weights", "false"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    samples = config["prompts_per_iteration"] * config["group_size"]
+    assert rows[0]["nfe/train"] == samples * config["num_train_timesteps"]
+    # no-grad: the CFG rollout, plus the CFG-free reference forward at each training timestep
+    assert rows[0]["nfe/rollout"] == 2 * samples * config["num_steps"] + samples * config["num_train_timesteps"]
+    assert summary["model"] == "sd3"
+
+
+@pytest.mark.parametrize("lora_rank", ["8", "0"])
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline_dir, prompt_file, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary = SCRIPTS[name].main(_flags(pipeline_dir, prompt_file, tmp_path / "run", "--lora-rank", lora_rank))
+    assert summary["model"] == "sd3" and summary["nfe_train"] > 0
+    if lora_rank != "0":  # what StableDiffusion3Pipeline.load_lora_weights reads
+        assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
