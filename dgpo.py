@@ -22,7 +22,7 @@ Run:
     python dgpo.py                                   # toy2d, CPU
     python dgpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
     python dgpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
-    accelerate launch dgpo.py --preset dgpo-sd3      # paper setting (needs --model sd3: not available yet)
+    accelerate launch dgpo.py --preset dgpo-sd3 --pretrained <SD3.5-M dir> --train-prompts <file>   # paper
 """
 
 from __future__ import annotations

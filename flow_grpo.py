@@ -19,7 +19,7 @@ Run:
     python flow_grpo.py --preset toy2d-dancegrpo            # DanceGRPO's variant on the toy
     python flow_grpo.py --model tiny-flux --iterations 2    # the FLUX code path, random weights
     python flow_grpo.py --model shapes                      # text-to-image on CPU: coloured shapes (shapes.py)
-    accelerate launch flow_grpo.py --preset dancegrpo-flux  # (needs --model flux: not available yet)
+    accelerate launch flow_grpo.py --preset dancegrpo-flux --pretrained <FLUX.1-dev dir> --train-prompts <file>
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Run:
     python g2rpo.py                                   # toy2d, CPU
     python g2rpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
     python g2rpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
-    accelerate launch g2rpo.py --preset g2rpo-flux    # paper setting (needs --model flux: not available yet)
+    accelerate launch g2rpo.py --preset g2rpo-flux --pretrained <FLUX.1-dev dir> --train-prompts <file>
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Run:
     python neighbor_grpo.py                                   # toy2d, CPU
     python neighbor_grpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
     python neighbor_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
-    accelerate launch neighbor_grpo.py --preset neighbor-grpo-flux   # paper setting (needs --model flux)
+    accelerate launch neighbor_grpo.py --preset neighbor-grpo-flux --pretrained <FLUX.1-dev dir> --train-prompts <f>
 """
 
 from __future__ import annotations

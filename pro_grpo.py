@@ -19,7 +19,7 @@ Run:
     python pro_grpo.py                                   # toy2d: 32 -> 16 -> 8, CPU
     python pro_grpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
     python pro_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
-    accelerate launch pro_grpo.py --preset pro-grpo-sd3  # paper setting (needs --model sd3: not available yet)
+    accelerate launch pro_grpo.py --preset pro-grpo-sd3 --pretrained <SD3.5-M dir> --train-prompts <file>
 """
 
 from __future__ import annotations
