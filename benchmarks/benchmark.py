@@ -1,8 +1,8 @@
 """All methods side by side, several seeds, one evaluation protocol: markdown tables, PNG plots, the papers' claims.
 
     pip install -r requirements-bench.txt
-    python benchmarks/benchmark.py                        # everything: toy2d, shapes, overhead (~55 min, 2 cores)
-    python benchmarks/benchmark.py --tasks toy2d          # one part (toy2d ~7 min, shapes ~45, overhead ~4)
+    python benchmarks/benchmark.py                        # everything: toy2d, shapes, overhead (47 min, 2 cores)
+    python benchmarks/benchmark.py --tasks toy2d          # one part (toy2d about 8 min)
     python benchmarks/benchmark.py --tasks toy2d --seeds 0 --out /tmp/bench   # a quick look
 
 Two tasks, each method at its own preset for that task and the same evaluation for all:

@@ -114,9 +114,9 @@ def test_bad_preset_and_model_are_clear_errors():
         common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
     with pytest.raises(SystemExit, match="unknown model 'sdxl'"):
         common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sdxl"])
-    # a real model picks the script's paper preset and stops with what to do instead
-    with pytest.raises(SystemExit, match="dancegrpo-flux.*tiny-flux|tiny-flux.*dancegrpo-flux"):
-        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux"])
+    # a real model picks the script's paper preset for it
+    assert common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux"]).preset == "dancegrpo-flux"
+    assert common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3"]).preset == "flow-grpo-sd3"
 
 
 def test_two_process_run_sums_nfe_over_processes(tmp_path):
