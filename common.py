@@ -797,17 +797,26 @@ class SD3Policy(DiffusersPolicy):
         return scheduler.sigmas.double()
 
 
+# diffusers' own tiny test configs: FLUX.1-dev's architecture at 68k parameters, and a 1-level VAE
+TINY_FLUX_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+TINY_VAE_CONFIG = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                       latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                       shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_flux_modules():
+    """A random tiny FLUX transformer and VAE (diffusers' test configs); seed torch before calling."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    return FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG), AutoencoderKL(**TINY_VAE_CONFIG)
+
+
 def build_tiny_flux(resolution=32, guidance_scale=3.5, lora_rank=8, lora_alpha=None, keep_reference=False,
                     device="cpu", seed=0) -> FluxPolicy:
     """FLUX.1-dev's architecture in diffusers' tiny test config (random weights, nothing downloaded)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    transformer, vae = tiny_flux_modules()
     return FluxPolicy(transformer, vae, HashTextEncoder(seq_len=8, dim=32, pooled_dim=32), resolution=resolution,
                       guidance_scale=guidance_scale, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       keep_reference=keep_reference, device=device)
@@ -1133,16 +1142,17 @@ def get_reward(spec: str, device="cpu", root: Optional[str] = None) -> Callable:
     parts = []
     for item in spec.split(","):
         name, _, weight = item.strip().partition(":")
+        try:  # before loading a model: a typo must not cost a model load first
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"reward weight must be a number: {item!r} (use name:weight)") from None
         if name in REWARDS:
             fn = REWARDS[name]
         elif name in LEARNED_REWARDS:
             fn = LEARNED_REWARDS[name](reward_dir(root), device)
         else:
             raise ValueError(f"unknown reward {name!r}; available: {sorted(REWARDS) + sorted(LEARNED_REWARDS)}")
-        try:
-            parts.append((float(weight) if weight else 1.0, fn))
-        except ValueError:
-            raise ValueError(f"reward weight must be a number: {item!r} (use name:weight)") from None
+        parts.append((weight, fn))
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedReward(parts)
 
 

@@ -42,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+
 # name -> (script, flags) per config; the flags pick the preset, the shared flags below do the rest
 CONFIGS = {
     "mid": {
@@ -61,9 +63,7 @@ CONFIGS = {
     },
     # diffusers' tiny test config: a seconds-long smoke run of the measurement itself (tests use it)
     "tiny": {
-        "transformer": dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                            axes_dims_rope=[4, 4, 8], guidance_embeds=True),
+        "transformer": dict(common.TINY_FLUX_TRANSFORMER_CONFIG),
         "vae": dict(block_out_channels=(4,), layers_per_block=1, norm_num_groups=1),
         "text": dict(seq_len=8, dim=32, pooled_dim=32),
         "flags": ["--resolution", "32", "--iterations", "3", "--mixed-precision", "no"],
@@ -104,7 +104,6 @@ def peak_tflops(device_name: str) -> float | None:
 
 def build_timing_task(spec):
     """A `common.register_model` builder: FLUX with `spec`'s widths and random weights, mean-colour prompts."""
-    import common
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     def build(args, keep_reference, device, log):
@@ -134,8 +133,6 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None):
     import importlib
 
     import accelerate
-
-    import common
 
     spec = CONFIGS[config]
     if depth:

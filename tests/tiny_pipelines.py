@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+import common
+
 T5_WORDS = "a photo of red green blue yellow cat dog".split()
 
 
@@ -37,7 +39,7 @@ def t5_tokenizer():
 
 
 def save_tiny_flux_pipeline(directory: Path, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     torch.manual_seed(seed)
     clip_tok = clip_tokenizer(directory / "_vocab")
@@ -47,12 +49,7 @@ def save_tiny_flux_pipeline(directory: Path, seed: int = 0) -> Path:
     t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    transformer, vae = common.tiny_flux_modules()
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip,
                         tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(directory)
@@ -75,9 +72,7 @@ def save_tiny_sd3_pipeline(directory: Path, seed: int = 0) -> Path:
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = AutoencoderKL(**{**common.TINY_VAE_CONFIG, "latent_channels": 4})  # SD3 latents: 4 channels here
     pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=CLIPTextModelWithProjection(clip_config), tokenizer=clip_tok,
                                     text_encoder_2=CLIPTextModelWithProjection(clip_config), tokenizer_2=clip_tok,
