@@ -282,16 +282,58 @@ def sde_ppo_update(policy: "Policy", optimizer, accelerator, states, old_log_pro
     stats = []
     for batch in torch.randperm(batch_size, device=steps.device).chunk(args.updates_per_iteration):
         micro = batch.split(args.train_micro_batch_size or len(batch))
-        for j in range(n_train):
-            for mb in micro:
+        passes = [(j, mb) for j in range(n_train) for mb in micro]
+        for n, (j, mb) in enumerate(passes):
+            with accumulating(accelerator, policy, last=n == len(passes) - 1):
                 loss, st = sde_grpo_loss(policy, states, old_log_probs, advantages, sigmas, cond, mb, steps[mb, j],
                                          args)
                 accelerator.backward(loss * len(mb) / len(batch) / n_train)
-                stats.append(st)
-        grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
+            stats.append(st)
+        grad_norm = optimizer_step(accelerator, policy, optimizer, args.max_grad_norm)
     return mean_stats(stats), grad_norm
+
+
+# ======================================================================================================
+# Gradient accumulation and the optimizer step under DDP, FSDP and DeepSpeed
+# ======================================================================================================
+
+
+@contextlib.contextmanager
+def accumulating(accelerator, policy: "Policy", last: bool):
+    """Context for ONE forward + backward pass of several whose gradients add up to one optimizer step (every
+    script sums over trained timesteps and micro-batches). `last=False` on every pass but the last:
+
+    - DDP: those passes skip the gradient all-reduce (`no_sync`, which must cover the forward too: DDP decides
+      there); the last one reduces the summed gradients. Same update, one all-reduce per optimizer step
+      instead of one per pass (tests/test_distributed.py counts them).
+    - DeepSpeed: the engine accumulates without stepping; on the last pass it reduces, clips (`gradient_clipping`
+      = --max-grad-norm) and steps inside `backward` (accelerate's wrapper), so `optimizer.step()` is a no-op.
+      Without the boundary the engine would step after every pass.
+    - FSDP: every pass reduce-scatters into the sharded gradients (its `no_sync` would keep the full unsharded
+      gradients on every GPU, the memory FSDP exists to save).
+    """
+    from accelerate.utils import DistributedType
+    # accelerate's accumulation flag: DeepSpeed's wrapper reads it as the boundary, and the wrapped optimizer
+    # steps only when it is True. (`accelerator.accumulate` sets it from a fixed count of passes; here the count
+    # varies per script and iteration, so each pass says whether it is the last.)
+    accelerator.gradient_state._set_sync_gradients(last)
+    skip_reduce = not last and accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    with accelerator.no_sync(policy.net) if skip_reduce else contextlib.nullcontext():
+        yield
+
+
+def optimizer_step(accelerator, policy: "Policy", optimizer, max_grad_norm: float):
+    """Clip the gradient norm, step, zero the gradients; returns the norm before clipping (for logging).
+
+    The norm is over ALL the network's parameters (frozen ones have no gradient and count zero): under FSDP
+    accelerate computes the global norm across shards only when handed exactly the wrapped model's parameters,
+    and would otherwise clip each process's shard by its local norm. Under DeepSpeed the engine has already
+    clipped and stepped in the last backward pass (see `accumulating`); this returns its global norm.
+    """
+    grad_norm = accelerator.clip_grad_norm_(policy.net.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    return grad_norm
 
 
 # ======================================================================================================
@@ -410,6 +452,28 @@ class Policy:
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+    # --- saving: EVERY process calls `save` (FSDP gathers its shards collectively); the main process writes ---
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's whole state dict, keyed as the unwrapped model's. Under FSDP the shards are gathered to
+        the main process (a collective: every process must call this; the others may get an empty dict); under
+        DeepSpeed the trainable entries are the optimizer's fp32 masters."""
+        if self.accelerator is None:
+            return self.net.state_dict()
+        state = self.accelerator.get_state_dict(self.net)
+        from accelerate.utils import DistributedType
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # the engine computes with a bf16 copy; the trained weights are the optimizer's fp32 masters (sharded
+            # across processes under ZeRO: gathering them is a collective too)
+            from deepspeed.utils import safe_get_full_fp32_param
+            for name, p in self._unwrapped().named_parameters():
+                if p.requires_grad:
+                    state[name] = safe_get_full_fp32_param(p).cpu()
+        return state
 
     # --- data in and out --------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Cond:  # pragma: no cover - abstract
@@ -551,9 +615,11 @@ class Toy2DPolicy(Policy):
 
     def save(self, directory):
         from safetensors.torch import save_file
+        state = self.full_state_dict()
+        if not self.is_main:
+            return
         Path(directory).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self._unwrapped().state_dict().items()},
-                  str(Path(directory) / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(directory) / "model.safetensors"))
 
     def load(self, directory):
         from safetensors.torch import load_file
@@ -648,13 +714,18 @@ class DiffusersPolicy(Policy):
         self.latent_channels = vae.config.latent_channels
         transformer = transformer.to(device)
         reference = None
-        if lora_rank > 0:
+        if lora_rank > 0:  # the base stays in the dtype it came in (bf16 for the real models); adapters train in fp32
             from peft import LoraConfig
             transformer.requires_grad_(False)
             transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank,
                                                init_lora_weights="gaussian", target_modules=self.lora_targets))
-        elif keep_reference:
-            reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+            for p in transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:  # full fine-tuning: fp32 master weights for AdamW (autocast computes in bf16)
+            transformer = transformer.float().requires_grad_(True)
+            if keep_reference:
+                reference = copy.deepcopy(transformer).requires_grad_(False).eval()
         super().__init__(transformer, reference)
 
     def to_latents(self, x):
@@ -672,17 +743,24 @@ class DiffusersPolicy(Policy):
         return torch.cat(out)
 
     def save(self, directory):
+        """LoRA: `pytorch_lora_weights.safetensors`, which `<Pipeline>.load_lora_weights(directory)` reads.
+        Full fine-tuning: `transformer/` as `save_pretrained` lays it out (config + safetensors shards), which
+        `<Transformer>.from_pretrained` reads. Every process calls this; the main process writes."""
+        state = self.full_state_dict()  # gathered from the FSDP shards
+        if not self.is_main:
+            return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model = self._unwrapped()
         if self._has_adapters():
             import diffusers
-            from peft.utils import get_peft_model_state_dict
-            # the file `<Pipeline>.load_lora_weights(directory)` reads back
-            getattr(diffusers, self.pipeline_class).save_lora_weights(
-                directory, transformer_lora_layers=get_peft_model_state_dict(model))
-        else:
-            model.save_pretrained(directory / "transformer")
+            getattr(diffusers, self.pipeline_class).save_lora_weights(directory,
+                                                                      transformer_lora_layers=lora_state_dict(state))
+        else:  # save_pretrained would read the (sharded) module itself; write the gathered state dict instead
+            from huggingface_hub import save_torch_state_dict
+            model.save_config(directory / "transformer")
+            save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, directory / "transformer",
+                                  filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
 
     def load(self, directory):
         directory = Path(directory)
@@ -699,6 +777,14 @@ class DiffusersPolicy(Policy):
     def encode_prompts(self, prompts):
         embeds, pooled = self.text_encoder(prompts)
         return {"prompt_embeds": embeds.to(self.device), "pooled_prompt_embeds": pooled.to(self.device)}
+
+
+def lora_state_dict(state: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The LoRA entries of a full state dict, keyed as peft's `get_peft_model_state_dict` keys them (adapter name
+    dropped: `...to_q.lora_A.weight`). Read from the keys, not from the module tree as peft does: under FSDP with
+    activation checkpointing the layers sit inside wrappers whose names the gathered state dict's keys do not have,
+    and peft's filter then finds nothing (tests/test_strategies.py)."""
+    return {k.replace(f".{adapter}.", "."): v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
 
 
 class FluxPolicy(DiffusersPolicy):
@@ -923,17 +1009,11 @@ def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> 
             setattr(pipe, name, None)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    transformer = pipe.transformer
-    if args.lora_rank == 0:
-        transformer = transformer.to(torch.float32).requires_grad_(True)
     extra = {"scheduler_config": dict(pipe.scheduler.config)} if args.model == "sd3" else {}
-    policy = globals()[policy_name](transformer, pipe.vae, text, resolution=args.resolution,
+    policy = globals()[policy_name](pipe.transformer, pipe.vae, text, resolution=args.resolution,
                                     guidance_scale=args.guidance_scale, lora_rank=args.lora_rank,
                                     lora_alpha=args.lora_alpha, keep_reference=keep_reference, device=device,
                                     **extra)
-    if args.lora_rank > 0:  # adapters train in fp32 over the frozen low-precision base
-        for p in policy.trainable_parameters():
-            p.data = p.data.float()
     return Task(policy, get_reward(args.reward or "pickscore", device, args.reward_dir), train, evals)
 
 
@@ -943,7 +1023,6 @@ def build_shapes_flux(lora_rank=16, lora_alpha=None, keep_reference=False, devic
     word-embedding text encoder and the lossless pixel "VAE". 32x32 images, 64 image tokens."""
     import shapes
     transformer, text_encoder = shapes.pretrain_shapes_base(shapes.SHAPES_BASE_CONFIG, log)
-    transformer.requires_grad_(lora_rank == 0)  # full fine-tuning trains every weight
     codec = shapes.PixelCodec(shapes.SHAPES_BASE_CONFIG["pixel_unshuffle"])
     return FluxPolicy(transformer, codec, text_encoder.to(device), resolution=shapes.IMAGE_SIZE,
                       lora_rank=lora_rank, lora_alpha=lora_alpha, keep_reference=keep_reference, device=device)
@@ -1331,7 +1410,8 @@ class CommonArgs:
     seed: int = arg(0, "seed; each process adds its rank for rollout noise")
     output_dir: Optional[str] = arg(None, "where metrics.jsonl, summary.json and weights go (default under runs/)")
     report_to: str = arg("none", "also log to 'tensorboard' or 'wandb' through accelerate's trackers")
-    mixed_precision: str = arg("no", "'no', 'bf16' or 'fp16' (accelerate autocast)")
+    mixed_precision: Optional[str] = arg(None, "'no', 'bf16' or 'fp16' (accelerate autocast); default: the "
+                                               "accelerate launch config's, else 'no'")
     log_every: int = arg(10, "print a console line every N iterations")
     save_weights: bool = arg(True, "save the trained weights to <output_dir>/final at the end")
     checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)")
@@ -1448,10 +1528,16 @@ class Run:
             from accelerate.utils import is_tensorboard_available, is_wandb_available
             if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[args.report_to]():
                 raise SystemExit(f"--report-to {args.report_to} needs its package: pip install {args.report_to}")
+        # Each main() is a run of its own: forget the precision and accumulation state an earlier run left in this
+        # process (tests and notebooks call several; accelerate keeps it process-wide). The process group stays.
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         # trackers write under <output_dir> (tensorboard: <output_dir>/<algorithm>/)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
                                        log_with=None if args.report_to == "none" else args.report_to,
                                        project_dir=str(self.out), cpu=not torch.cuda.is_available())
+        args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
         set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -1531,9 +1617,9 @@ class Run:
         progress = {"iteration": iterations_done, "nfe": dict(self.task.policy.nfe), "before": self.before,
                     "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
         torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
+        self.task.policy.save(path / "weights")  # every process: FSDP gathers the weights collectively
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            self.task.policy.save(path / "weights")
             limit = self.args.checkpoints_total_limit
             for p in self._checkpoints()[:-limit] if limit > 0 else []:
                 shutil.rmtree(p)
@@ -1554,11 +1640,33 @@ class Run:
         return result
 
     def make_optimizer(self, policy: Policy):
-        """AdamW over the trainable parameters, handed with the model to accelerate (DDP/FSDP, autocast)."""
+        """AdamW over the trainable parameters, handed with the model to accelerate (DDP/FSDP/DeepSpeed, autocast)."""
         a = self.args
+        from accelerate.utils import DistributedType
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self._configure_deepspeed()
+        if self.accelerator.num_processes > 1:
+            # Every process starts from rank 0's trainable weights. They can differ: LoRA adapters are initialised
+            # from each process's own seed. DDP and DeepSpeed broadcast on wrapping; FSDP shards what each holds.
+            with torch.no_grad():
+                for p in policy.trainable_parameters():
+                    torch.distributed.broadcast(p.data, src=0)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=a.learning_rate, weight_decay=a.weight_decay,
                                       betas=(0.9, a.adam_beta2))
         return policy.prepare(self.accelerator, optimizer)
+
+    def _configure_deepspeed(self):
+        """The DeepSpeed engine clips and steps by itself, at the accumulation boundary each script marks (see
+        `accumulating`). So: its clipping is --max-grad-norm; its own accumulation count stays 1 (a count would also
+        divide every loss by it); and it gets the micro-batch sizes it insists on (no dataloader passes through
+        accelerate here: each script builds its batches from rollouts)."""
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+            raise SystemExit(f"DeepSpeed config: set gradient_accumulation_steps to 1 (got "
+                             f"{config['gradient_accumulation_steps']}); the scripts accumulate over their own "
+                             f"backward passes and mark the optimizer step themselves")
+        config.update(gradient_accumulation_steps=1, gradient_clipping=self.args.max_grad_norm,
+                      train_micro_batch_size_per_gpu=1, train_batch_size=self.accelerator.num_processes)
 
     def begin_iteration(self, policy: Policy):
         self._t0, self._nfe0 = time.time(), dict(policy.nfe)
@@ -1611,8 +1719,7 @@ class Run:
         summary.update(extra)
         self.accelerator.wait_for_everyone()
         if self.args.save_weights:
-            if self.is_main:
-                task.policy.save(self.out / "final")
+            task.policy.save(self.out / "final")  # every process: FSDP gathers the weights collectively
             summary["weights"] = str(self.out / "final")
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))

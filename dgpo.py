@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import CommonArgs, Run, arg, gathered_group_advantages, load_task, parse_args, sample_ode, select
+from common import (CommonArgs, Run, accumulating, arg, gathered_group_advantages, load_task, optimizer_step,
+                    parse_args, sample_ode, select)
 
 
 @dataclass
@@ -75,11 +76,11 @@ PRESETS = {
     # Paper, SD3.5-M 512 px: G 24, beta 100, LoRA r32, lr 3e-4, 10-step ODE rollouts, shift 3, EMA rollouts after
     # 200 steps, M = 4 timesteps from the first 7 nodes (t >= shift(0.4) = 0.667). CFG 4.5 in rollouts,
     # CFG-free training (--model sd3).
-    "dgpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, group_size=24, beta=100.0, lora_rank=32,
-                     lora_alpha=64, learning_rate=3e-4, num_train_timesteps=4, t_min=0.66, ema_start=200,
-                     ema_decay=0.3, eval_steps=40, eval_samples_per_prompt=1, iterations=1000,
-                     rollout_batch_size=8, train_micro_batch_groups=1, eval_batch_size=8,
-                     mixed_precision="bf16", guidance_scale=4.5),
+    "dgpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0, group_size=24,
+                     beta=100.0, lora_rank=32, lora_alpha=64, learning_rate=3e-4, num_train_timesteps=4, t_min=0.66,
+                     ema_start=200, ema_decay=0.3, eval_steps=40, eval_samples_per_prompt=1, iterations=1000,
+                     rollout_batch_size=8, train_micro_batch_groups=1, eval_batch_size=8, mixed_precision="bf16",
+                     guidance_scale=4.5),
 }
 
 
@@ -224,36 +225,36 @@ def main(argv=None):
             eps = group_noise.repeat_interleave(G, dim=0)  # the same eps for every sample of a group
             x_t = (1 - t) * x0 + t * eps
             target = eps - x0
-            for mb in torch.arange(P * G, device=run.device).split(G * (args.train_micro_batch_groups or P)):
-                c = select(cond, mb)
-                with torch.no_grad(), policy.reference(), policy.without_cfg():
-                    v_ref = policy.velocity(x_t[mb], t, c)
-                if args.clip_dsm:  # the EMA model's loss, BEFORE the gradient forward: swapping weights in place
-                    with torch.no_grad(), ema.swapped_in(), policy.without_cfg():  # between a forward and its
-                        dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])  # backward breaks autograd
-                with policy.without_cfg():
-                    v = policy.velocity(x_t[mb], t, c)
-                dsm, dsm_ref = dsm_loss(v, target[mb]), dsm_loss(v_ref, target[mb])
-                if args.clip_dsm:  # official option: freeze samples whose loss ratio vs the EMA left the range
-                    ratio = torch.exp(dsm_old - dsm.detach())
-                    a = advantages[mb]
-                    frozen = torch.where(a > 0, ratio > 1 + args.clip_range, ratio < 1 - args.clip_range)
-                    dsm = torch.where(frozen, dsm.detach(), dsm)
-                    stats["clipfrac"] += frozen.float().mean().item() * len(mb) / (P * G) / args.num_train_timesteps
-                loss = dgpo_loss(dsm, dsm_ref, advantages[mb], group_index[mb], args.beta, num_groups=world * P,
-                                 all_reduce=all_reduce)
-                if args.kl_beta > 0:
-                    kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()
-                    loss = loss + args.kl_beta * kl
-                    stats["kl"] += kl.item() * len(mb) / (P * G) / args.num_train_timesteps
-                share = len(mb) / (P * G)
-                acc.backward(loss * share)
-                stats["dgpo_loss"] += loss.item() * share / args.num_train_timesteps
-                stats["dsm"] += dsm.mean().item() * share / args.num_train_timesteps
-                stats["dsm_minus_ref"] += (dsm - dsm_ref).mean().item() * share / args.num_train_timesteps
-            grad_norm = acc.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+            micro = torch.arange(P * G, device=run.device).split(G * (args.train_micro_batch_groups or P))
+            for n, mb in enumerate(micro):
+                with accumulating(acc, policy, last=n == len(micro) - 1):  # one DDP all-reduce per step
+                    c = select(cond, mb)
+                    with torch.no_grad(), policy.reference(), policy.without_cfg():
+                        v_ref = policy.velocity(x_t[mb], t, c)
+                    if args.clip_dsm:  # the EMA model's loss, BEFORE the gradient forward: swapping weights in place
+                        with torch.no_grad(), ema.swapped_in(), policy.without_cfg():  # between a forward and its
+                            dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])  # backward breaks autograd
+                    with policy.without_cfg():
+                        v = policy.velocity(x_t[mb], t, c)
+                    dsm, dsm_ref = dsm_loss(v, target[mb]), dsm_loss(v_ref, target[mb])
+                    if args.clip_dsm:  # official option: freeze samples whose loss ratio vs the EMA left the range
+                        ratio = torch.exp(dsm_old - dsm.detach())
+                        a = advantages[mb]
+                        frozen = torch.where(a > 0, ratio > 1 + args.clip_range, ratio < 1 - args.clip_range)
+                        dsm = torch.where(frozen, dsm.detach(), dsm)
+                        stats["clipfrac"] += frozen.float().mean().item() * len(mb) / (P * G) / args.num_train_timesteps
+                    loss = dgpo_loss(dsm, dsm_ref, advantages[mb], group_index[mb], args.beta, num_groups=world * P,
+                                     all_reduce=all_reduce)
+                    if args.kl_beta > 0:
+                        kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()
+                        loss = loss + args.kl_beta * kl
+                        stats["kl"] += kl.item() * len(mb) / (P * G) / args.num_train_timesteps
+                    share = len(mb) / (P * G)
+                    acc.backward(loss * share)
+                    stats["dgpo_loss"] += loss.item() * share / args.num_train_timesteps
+                    stats["dsm"] += dsm.mean().item() * share / args.num_train_timesteps
+                    stats["dsm_minus_ref"] += (dsm - dsm_ref).mean().item() * share / args.num_train_timesteps
+            grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)
             ema.update()
 
         # TRY NOT TO MODIFY: logging

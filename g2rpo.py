@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, euler_step, group_advantages, load_task, parse_args, ppo_clip_loss,
-                    sample_ode, sde_step_with_logprob, select)
+from common import (CommonArgs, Run, arg, euler_step, group_advantages, load_task, optimizer_step,
+                    parse_args, ppo_clip_loss, sample_ode, sde_step_with_logprob, select)
 
 
 @dataclass
@@ -60,10 +60,10 @@ PRESETS = {
                    log_every=5),
     # Paper, FLUX.1-dev 720 px: 16 steps, shift 3, guidance 3.5, G 12, a 0.7, M = k 0..7, Lambda {1,2,3},
     # lr 2e-6 full fine-tune, AdamW wd 1e-4, clip 1e-4, no KL, one prompt per GPU.
-    "g2rpo-flux": dict(model="flux", resolution=720, num_steps=16, shift=3.0, group_size=12, noise_level=0.7,
-                       granularities="1,2,3", lora_rank=0, learning_rate=2e-6, weight_decay=1e-4, clip_range=1e-4,
-                       guidance_scale=3.5, prompts_per_iteration=1, iterations=300, rollout_batch_size=4,
-                       eval_batch_size=4, eval_samples_per_prompt=1, mixed_precision="bf16"),
+    "g2rpo-flux": dict(model="flux", reward="hpsv2", resolution=720, num_steps=16, shift=3.0, group_size=12,
+                       noise_level=0.7, granularities="1,2,3", lora_rank=0, learning_rate=2e-6, weight_decay=1e-4,
+                       clip_range=1e-4, guidance_scale=3.5, prompts_per_iteration=1, iterations=300,
+                       rollout_batch_size=4, eval_batch_size=4, eval_samples_per_prompt=1, mixed_precision="bf16"),
 }
 
 
@@ -190,9 +190,7 @@ def main(argv=None):
                                                       args.noise_level, prev_sample=b["x_next"])
             loss, st = ppo_clip_loss(log_prob, b["log_prob"], advantages, args.clip_range)
             acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
-            optimizer.step()  # one optimizer step per k, as the official code
-            optimizer.zero_grad()
+            grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)  # one step per k, as the code
             stats["policy_loss"] += loss.item() / len(branches)
             for key in ("clipfrac", "approx_kl"):
                 stats[key] += st[key] / len(branches)

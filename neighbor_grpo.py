@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, euler_step, group_advantages, load_task, mean_stats, parse_args,
-                    sample_ode, select)
+from common import (CommonArgs, Run, accumulating, arg, euler_step, group_advantages, load_task, mean_stats,
+                    optimizer_step, parse_args, sample_ode, select)
 
 
 @dataclass
@@ -73,10 +73,10 @@ PRESETS = {
                    num_anchors=8, num_train_timesteps=4, lora_rank=16, learning_rate=3e-4, clip_range=1e-3,
                    eval_steps=20, eval_samples_per_prompt=2, log_every=5),
     # Paper, FLUX.1-dev: 8-step DPM++, G 12, B 4, K 4, sigma 0.3, p 0.8, AdamW lr 1e-5 (full fine-tune), guidance
-    # 3.5, clip 1e-4, 2 updates, 300 iterations. Multi-reward (HPSv2.1 + PickScore + ImageReward) arrives with
-    # the real reward models.
-    "neighbor-grpo-flux": dict(model="flux", resolution=720, num_steps=8, group_size=12, num_anchors=4,
-                               num_train_timesteps=4, perturb_sigma=0.3, quasi_norm_p=0.8, lora_rank=0,
+    # 3.5, clip 1e-4, 2 updates, 300 iterations. Rewards HPSv2.1 + PickScore, equally weighted; the paper adds
+    # ImageReward, whose package does not import beside transformers 5 (add `imagereward:1` where it does).
+    "neighbor-grpo-flux": dict(model="flux", reward="hpsv2:1,pickscore:1", resolution=720, num_steps=8, group_size=12,
+                               num_anchors=4, num_train_timesteps=4, perturb_sigma=0.3, quasi_norm_p=0.8, lora_rank=0,
                                learning_rate=1e-5, clip_range=1e-4, guidance_scale=3.5, prompts_per_iteration=1,
                                iterations=300, rollout_batch_size=4, train_micro_batch_size=1, eval_batch_size=4,
                                eval_samples_per_prompt=1, mixed_precision="bf16"),
@@ -212,20 +212,19 @@ def main(argv=None):
         stats = []
         micro = torch.arange(P * B, device=run.device).split(args.train_micro_batch_size or P * B)
         for chunk_j in torch.tensor(timesteps).chunk(args.updates_per_iteration):
-            for j in chunk_j.tolist():
-                for mb in micro:
+            passes = [(j, mb) for j in chunk_j.tolist() for mb in micro]
+            for n, (j, mb) in enumerate(passes):
+                # micro-batch rows are (group, anchor) pairs in order; index their groups' candidates
+                g_of, b_of = mb // B, mb % B
+                with accumulating(acc, policy, last=n == len(passes) - 1):  # one DDP all-reduce per step
                     anchor = recompute_anchor(policy, states, sigmas, cond, rows[mb], j)
-                    # micro-batch rows are (group, anchor) pairs in order; index their groups' candidates
-                    g_of, b_of = mb // B, mb % B
                     log_pi = surrogate_log_policy(anchor.unsqueeze(1), states[j].view(P, G, *shape)[g_of],
                                                   tau[j][g_of, b_of].unsqueeze(1))
                     loss, st = neighbor_grpo_loss(log_pi, old_log_pi[j][g_of, b_of].unsqueeze(1),
                                                   advantages[g_of], args.clip_range)
                     acc.backward(loss * len(mb) / (P * B) / len(chunk_j))
-                    stats.append({"policy_loss": loss.item(), **st})
-            grad_norm = acc.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+                stats.append({"policy_loss": loss.item(), **st})
+            grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)
 
         # TRY NOT TO MODIFY: logging
         all_rewards = acc.gather(rewards)

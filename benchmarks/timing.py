@@ -109,6 +109,8 @@ def build_timing_task(spec):
     def build(args, keep_reference, device, log):
         torch.manual_seed(args.seed)
         transformer = FluxTransformer2DModel(**spec["transformer"])
+        if args.lora_rank > 0 and args.mixed_precision == "bf16":  # as --model flux holds it: a bf16 base
+            transformer = transformer.to(torch.bfloat16)
         n = len(spec["vae"]["block_out_channels"])
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=spec["transformer"]["in_channels"] // 4,
                             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,

@@ -35,6 +35,7 @@ def main(out: Path):
     loss.backward()
     result["dgpo_grad_times_n"] = (local.grad * len(mine)).tolist()
     result["dgpo_index"] = mine.tolist()
+    result.update(ddp_accumulation(acc))
     (out / f"stats_rank{rank}.json").write_text(json.dumps(result))
 
     # every script, one iteration as a 2-process run
@@ -46,6 +47,41 @@ def main(out: Path):
                          ("g2rpo", g2rpo), ("pro_grpo", pro_grpo)]:
         script.main(["--iterations", "1", "--output-dir", str(out / name), "--log-every", "0", "--checkpoint-every",
                      "0", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+
+
+def ddp_accumulation(acc):
+    """Two optimizer steps of 3 accumulated backward passes each inside common.accumulating, then common.optimizer_step,
+    on a DDP-wrapped linear model, each process holding half of every pass's rows. A comm hook counts the
+    gradient all-reduces: there must be one per optimizer step, not one per pass."""
+    from types import SimpleNamespace
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    rank = acc.process_index
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    net, opt = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    reduces = []
+
+    def counting_hook(state, bucket):
+        reduces.append(1)
+        return allreduce_hook(state, bucket)
+
+    net.register_comm_hook(None, counting_hook)
+    policy = SimpleNamespace(net=net)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 1, generator=g)  # step, pass, row
+    reduces_per_step = []
+    for step in range(2):
+        before = len(reduces)
+        for n in range(3):
+            rows = slice(2 * rank, 2 * rank + 2)
+            with common.accumulating(acc, policy, last=n == 2):
+                acc.backward((net(x[step, n, rows]) - y[step, n, rows]).pow(2).mean() / 3)
+        common.optimizer_step(acc, policy, opt, max_grad_norm=100.0)
+        reduces_per_step.append(len(reduces) - before)
+    unwrapped = acc.unwrap_model(net)
+    return {"ddp_weight": unwrapped.weight.detach().flatten().tolist(), "ddp_bias": unwrapped.bias.item(),
+            "ddp_reduces_per_step": reduces_per_step}
 
 
 if __name__ == "__main__":

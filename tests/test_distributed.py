@@ -53,6 +53,26 @@ def test_dgpo_groups_split_across_processes_get_the_one_process_weights(two_proc
     assert not torch.allclose(half.grad * 3, expected[:3])
 
 
+def test_ddp_accumulation_reduces_once_per_step_and_equals_one_process(two_process_run):
+    """common.accumulating skips DDP's all-reduce on all but the last pass of an optimizer step; the update is still
+    the one a single process computes on all rows (mean over processes of the summed pass gradients)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 1, generator=g)
+    for step in range(2):
+        for n in range(3):
+            ((net(x[step, n]) - y[step, n]).pow(2).mean() / 3).backward()
+        opt.step()
+        opt.zero_grad()
+    for rank in (0, 1):
+        stats = json.loads((two_process_run / f"stats_rank{rank}.json").read_text())
+        assert stats["ddp_reduces_per_step"] == [1, 1]  # one bucket, reduced once per optimizer step
+        torch.testing.assert_close(torch.tensor(stats["ddp_weight"]), net.weight.detach().flatten())
+        assert stats["ddp_bias"] == pytest.approx(net.bias.item(), abs=1e-6)
+
+
 @pytest.mark.parametrize("name", ["flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo"])
 def test_every_script_completes_a_two_process_iteration(two_process_run, name):
     summary = json.loads((two_process_run / name / "summary.json").read_text())

@@ -159,3 +159,16 @@ def test_a_tracker_without_its_package_is_a_clear_error(tmp_path, monkeypatch):
         flow_grpo.main(["--iterations", "1", "--report-to", "wandb", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--report-to must be"):
         flow_grpo.main(["--iterations", "1", "--report-to", "mlflow", "--output-dir", str(tmp_path)])
+
+
+def test_precision_comes_from_the_flag_else_the_launch_config(tmp_path, monkeypatch):
+    """--mixed-precision wins; without it the `accelerate launch` config's (its environment) applies, else 'no'.
+    Runs in one process do not inherit each other's precision (accelerate keeps it process-wide)."""
+    flags = ["--model", "tiny-flux", "--iterations", "1", "--log-every", "0", "--save-weights", "false",
+             "--checkpoint-every", "0", "--eval-samples-per-prompt", "1"]
+    flow_grpo.main(flags + ["--mixed-precision", "bf16", "--output-dir", str(tmp_path / "a")])
+    flow_grpo.main(flags + ["--output-dir", str(tmp_path / "b")])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config file
+    flow_grpo.main(flags + ["--output-dir", str(tmp_path / "c")])
+    got = [json.loads((tmp_path / d / "config.json").read_text())["mixed_precision"] for d in "abc"]
+    assert got == ["bf16", "no", "bf16"]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import common
 
@@ -132,6 +132,39 @@ def test_flux_lora_save_is_loadable_by_diffusers(flux, tmp_path):
     cond = flux.encode_prompts(["a photo of red"] * 2)
     with torch.no_grad():
         torch.testing.assert_close(fresh.velocity(x, 0.5, cond), flux.velocity(x, 0.5, cond))
+
+
+@pytest.mark.parametrize("targets", [common.FLUX_LORA_TARGETS, common.SD3_LORA_TARGETS])
+def test_lora_state_dict_from_keys_equals_peft(targets):
+    """`common.lora_state_dict` (what `save` writes; it reads keys, so FSDP's wrappers cannot hide layers) gives
+    exactly peft's `get_peft_model_state_dict` on an unwrapped model."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    torch.manual_seed(0)
+    net, _ = common.tiny_flux_modules()
+    net.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=targets))
+    ours, peft_own = common.lora_state_dict(net.state_dict()), get_peft_model_state_dict(net)
+    assert ours.keys() == peft_own.keys() and len(ours) > 0
+    assert all(torch.equal(ours[k], peft_own[k]) for k in ours)
+
+
+def test_flux_full_finetune_save_is_loadable_by_diffusers(tmp_path):
+    """Full fine-tuning writes the gathered state dict itself (not through save_pretrained, which would read the
+    FSDP-sharded module): the result must be what `from_pretrained` reads, with the trained values."""
+    policy = common.build_tiny_flux(lora_rank=0)
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    policy.save(tmp_path)
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    for k, v in policy.net.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    fresh = common.build_tiny_flux(lora_rank=0, seed=1)
+    fresh.load(tmp_path)
+    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    cond = policy.encode_prompts(["a photo of red"] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.velocity(x, 0.5, cond), policy.velocity(x, 0.5, cond))
 
 
 def test_unknown_model_and_real_models_give_clear_errors():
