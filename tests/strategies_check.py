@@ -1,0 +1,103 @@
+"""Run under `torchrun --nproc_per_node 2` by tests/test_strategies.py: the same scripts as 2-process runs under DDP,
+under FSDP2 (configs/accelerate/fsdp.yaml) or under DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml), on
+the CPU with gloo.
+
+accelerate lets FSDP and DeepSpeed run only on GPUs: it decides the distributed type from the device. PyTorch's
+FSDP2 (`fully_shard`) and DeepSpeed's engine (its CPU accelerator) themselves run on the CPU with gloo. So for
+`fsdp` and `deepspeed` this harness reads the config file the way `accelerate launch` does and, right after each
+`Accelerator` is built, switches its distributed type with that plugin. From there everything is accelerate's real
+path: `fully_shard` per transformer block with DTensor gradients reduce-scattered at every backward, or
+`deepspeed.initialize` with the engine accumulating, reducing, clipping and stepping at the boundary; the sharded
+gradient-norm clip; sharded `save_state` / `load_state`; the full state dict gathered for the saved weights.
+Not covered: NCCL, CUDA memory, GPU kernels.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/strategies_check.py {ddp,fsdp,deepspeed} OUT PIPELINE
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def launch_environment(config: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file configs/accelerate/<config>.yaml` gives each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / f"configs/accelerate/{config}.yaml"),
+                                               "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    if config.startswith("deepspeed"):
+        args.deepspeed_fields_from_accelerate_config = []
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_", "ACCELERATE_DEEPSPEED_",
+                                                          "ACCELERATE_GRADIENT_", "ACCELERATE_CONFIG_DS"))}
+
+
+def switch_strategy_on_cpu(strategy: str):
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+    os.environ.update(launch_environment({"fsdp": "fsdp", "deepspeed": "deepspeed_zero2"}[strategy]))
+    init = accelerate.Accelerator.__init__
+
+    def strategy_init(self, *a, **k):
+        if PartialState._shared_state:  # a later run in this process: start from the CPU state again (calling
+            PartialState().distributed_type = DistributedType.MULTI_CPU  # PartialState() first would initialise it)
+        init(self, *a, **k)
+        if strategy == "fsdp":
+            self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the environment, as accelerate does
+            kind = DistributedType.FSDP
+        else:
+            plugin = DeepSpeedPlugin()  # from the environment
+            plugin.set_mixed_precision(self.state.mixed_precision)
+            self.state.deepspeed_plugins = plugin
+            plugin.select(_from_accelerator_state=True)
+            self.deepspeed_engine_wrapped = None
+            kind = DistributedType.DEEPSPEED
+        self.state.distributed_type = PartialState().distributed_type = kind
+
+    accelerate.Accelerator.__init__ = strategy_init
+
+
+def main(strategy: str, out: Path, pipeline: Path):
+    if strategy != "ddp":
+        switch_strategy_on_cpu(strategy)
+    import torch.distributed as dist
+
+    import dgpo
+    import flow_grpo
+    quiet = ["--log-every", "0", "--eval-samples-per-prompt", "2"]
+    tiny = ["--model", "tiny-flux", *quiet]
+    # full fine-tuning: every weight sharded; 3 iterations with a checkpoint after each
+    flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "3", "--checkpoint-every", "1",
+                    "--output-dir", str(out / "flow_full")])
+    # the same run cut after 2 iterations (checkpoint-1 is its last), then resumed to 3
+    flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "2", "--checkpoint-every", "1",
+                    "--output-dir", str(out / "flow_cut")])
+    flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "3", "--checkpoint-every", "1",
+                    "--output-dir", str(out / "flow_cut"), "--resume-from-checkpoint", "latest"])
+    # LoRA: frozen base, trainable adapters, the reference through disabled adapters, the EMA, DGPO's all-reduce
+    dgpo.main([*tiny, "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "0", "--ema-start", "1",
+               "--output-dir", str(out / "dgpo_lora")])
+    # --model flux from disk in bf16: a bf16 base with fp32 adapters (FSDP1 refuses to flatten the two together)
+    prompts = out / "prompts.txt"
+    if int(os.environ["RANK"]) == 0:
+        prompts.write_text("a photo of red\na photo of green\n")
+    dist.barrier()
+    flow_grpo.main(["--preset", "tiny-flux", "--model", "flux", "--pretrained", str(pipeline), "--train-prompts",
+                    str(prompts), "--reward", "mean_color", "--max-sequence-length", "16", "--mixed-precision", "bf16",
+                    "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "1", *quiet,
+                    "--output-dir", str(out / "flux_bf16_lora")])
+    from accelerate.state import AcceleratorState
+    (out / f"distributed_type_{os.environ['RANK']}.json").write_text(
+        json.dumps(str(AcceleratorState().distributed_type)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
