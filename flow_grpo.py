@@ -74,18 +74,18 @@ PRESETS = {
                              group_size=8, prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4,
                              clip_range=1e-3, eval_steps=20, eval_samples_per_prompt=2, log_every=5),
     # Flow-GRPO, SD3.5-M, PickScore/GenEval configs (32 GPUs; its 1-GPU config uses group 8).
-    "flow-grpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, noise_level=0.7, group_size=24,
-                          lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04,
+    "flow-grpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0, noise_level=0.7,
+                          group_size=24, lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04,
                           adv_std="global", timestep_fraction=0.99, eval_steps=40, eval_samples_per_prompt=1,
-                          updates_per_iteration=2, iterations=1000, train_micro_batch_size=8,
-                          rollout_batch_size=8, eval_batch_size=8, mixed_precision="bf16", guidance_scale=4.5),
+                          updates_per_iteration=2, iterations=1000, train_micro_batch_size=8, rollout_batch_size=8,
+                          eval_batch_size=8, mixed_precision="bf16", guidance_scale=4.5),
     # DanceGRPO, FLUX.1-dev (16 steps, shift 3, 720 px, guidance 3.5, full fine-tune, eta 0.3, 60% of steps).
-    "dancegrpo-flux": dict(model="flux", resolution=720, num_steps=16, shift=3.0, sde_variant="dance_grpo",
-                           noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True, group_size=12,
-                           lora_rank=0, learning_rate=1e-5, weight_decay=1e-4, clip_range=1e-4, kl_beta=0.0,
-                           adv_std="group", guidance_scale=3.5, prompts_per_iteration=1, iterations=200,
-                           train_micro_batch_size=1, rollout_batch_size=1, eval_batch_size=1,
-                           eval_samples_per_prompt=1, mixed_precision="bf16"),
+    "dancegrpo-flux": dict(model="flux", reward="hpsv2", resolution=720, num_steps=16, shift=3.0,
+                           sde_variant="dance_grpo", noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True,
+                           group_size=12, lora_rank=0, learning_rate=1e-5, weight_decay=1e-4, clip_range=1e-4,
+                           kl_beta=0.0, adv_std="group", guidance_scale=3.5, prompts_per_iteration=1, iterations=200,
+                           train_micro_batch_size=1, rollout_batch_size=1, eval_batch_size=1, eval_samples_per_prompt=1,
+                           mixed_precision="bf16"),
 }
 
 

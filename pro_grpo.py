@@ -64,15 +64,16 @@ PRESETS = {
                    prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3, eval_steps=20,
                    eval_samples_per_prompt=2, log_every=5),
     # Paper, SD3.5-M on the Flow-GRPO base: 10 steps, 48 -> 24 -> 12 at steps 5 and 7.
-    "pro-grpo-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, group_sizes="48,24,12",
-                         prune_steps="5,7", noise_level=0.7, lora_rank=32, lora_alpha=64, learning_rate=3e-4,
-                         clip_range=1e-4, kl_beta=0.04, eval_steps=40, eval_samples_per_prompt=1, iterations=1000,
-                         train_micro_batch_size=8, eval_batch_size=8, mixed_precision="bf16", guidance_scale=4.5),
+    "pro-grpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0,
+                         group_sizes="48,24,12", prune_steps="5,7", noise_level=0.7, lora_rank=32, lora_alpha=64,
+                         learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04, eval_steps=40, eval_samples_per_prompt=1,
+                         iterations=1000, train_micro_batch_size=8, eval_batch_size=8, mixed_precision="bf16",
+                         guidance_scale=4.5),
     # Paper's Flash funnel: 24 -> 16 -> 12.
-    "pro-grpo-flash-sd3": dict(model="sd3", resolution=512, num_steps=10, shift=3.0, group_sizes="24,16,12",
-                               prune_steps="5,7", noise_level=0.7, lora_rank=32, lora_alpha=64, learning_rate=3e-4,
-                               clip_range=1e-4, kl_beta=0.04, eval_steps=40, eval_samples_per_prompt=1,
-                               iterations=1000, train_micro_batch_size=8, eval_batch_size=8,
+    "pro-grpo-flash-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0,
+                               group_sizes="24,16,12", prune_steps="5,7", noise_level=0.7, lora_rank=32, lora_alpha=64,
+                               learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04, eval_steps=40,
+                               eval_samples_per_prompt=1, iterations=1000, train_micro_batch_size=8, eval_batch_size=8,
                                mixed_precision="bf16", guidance_scale=4.5),
 }
 

@@ -1,28 +1,49 @@
 #!/usr/bin/env bash
-# Smoke run of all five scripts in bf16 on the tiny FLUX (random weights: the FLUX.1-dev code path), two
-# iterations each with a checkpoint after each; then --model flux and --model sd3 (the real loading path, with
-# CFG for SD3) on tiny random pipelines written to OUT_DIR/pipelines, with LoRA and with full fine-tuning. Meant for a CUDA machine; on a CPU it runs the same commands
-# with CPU bf16 autocast. Prints the device and one line per run; exits non-zero on the first failure.
+# Smoke run of the whole training path in bf16, with random tiny weights (nothing downloaded):
+#   1. all five scripts on the tiny FLUX (FLUX.1-dev's code path), two iterations, a checkpoint after each;
+#   2. --model flux and --model sd3 (the real loading path, with CFG for SD3) on tiny random pipelines written to
+#      OUT_DIR/pipelines, Flow-GRPO and DGPO, with LoRA and with full fine-tuning;
+#   3. on CUDA only: the FSDP and DeepSpeed ZeRO-2 configs of configs/accelerate, launched with `accelerate launch`
+#      on this machine's GPUs (--num_processes = the GPU count): Flow-GRPO and DGPO on the tiny FLUX pipeline
+#      with LoRA (bf16 base, fp32 adapters) and full fine-tuning, the other three scripts full fine-tuning,
+#      then a resume from each config's checkpoint. DeepSpeed runs when `import deepspeed` works.
+# On a CPU parts 1-2 run with CPU bf16 autocast. Prints the device and one line per run; exits non-zero if any
+# run failed (each run's log is OUT_DIR/<name>.log).
 #   bash scripts/gpu_smoke.sh [OUT_DIR]
-set -euo pipefail
+# SMOKE_JOBS=N: part 3 runs N launches at a time (default 4); SMOKE_TIMEOUT=S: a run is killed after S s (1800).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_smoke}
 mkdir -p "$OUT"
+FAILED=0
 python - <<'PY'
 import torch
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA)",
       "| torch", torch.__version__, "| bf16 supported:", torch.cuda.is_bf16_supported() if torch.cuda.is_available() else "cpu autocast")
 PY
+
+report() {  # name, seconds[, label]: one line from the run's summary.json, or its failure
+  local name=$1 secs=$2 label=${3:-}
+  if [[ -f "$OUT/$name/summary.json" ]]; then
+    python -c "import json; s=json.load(open('$OUT/$name/summary.json')); c=json.load(open('$OUT/$name/config.json')); print(f\"ok  {'$label$name':42s} reward {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f}  nfe {s['nfe_rollout']}/{s['nfe_train']}  {c['mixed_precision']}  {s['num_processes']} proc  $secs s\")"
+  else
+    echo "FAILED $name (log: $OUT/$name.log)"; tail -15 "$OUT/$name.log"; FAILED=1
+  fi
+}
 run() {  # name, script, flags...
   local name=$1 script=$2; shift 2
   local t0=$SECONDS
-  python "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" \
-    --log-every 0 "$@" > "$OUT/$name.log" 2>&1 || { echo "FAILED $name (log: $OUT/$name.log)"; tail -20 "$OUT/$name.log"; exit 1; }
-  python -c "import json,sys; s=json.load(open('$OUT/$name/summary.json')); print(f\"ok  {'$name':28s} reward {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f}  nfe {s['nfe_rollout']}/{s['nfe_train']}  $((SECONDS - t0)) s\")"
+  timeout "${SMOKE_TIMEOUT:-1800}" python "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" \
+    --log-every 0 "$@" > "$OUT/$name.log" 2>&1
+  report "$name" $((SECONDS - t0))
 }
+
+# 1. the tiny FLUX
 for script in flow_grpo dgpo neighbor_grpo g2rpo pro_grpo; do
   run "${script}_tiny-flux" "$script.py" --model tiny-flux
 done
+
+# 2. the real loading path on tiny random pipelines
 python - "$OUT" <<'PY'
 import sys
 from pathlib import Path
@@ -33,13 +54,65 @@ save_tiny_flux_pipeline(out / "flux")
 save_tiny_sd3_pipeline(out / "sd3")
 (out / "prompts.txt").write_text("a photo of red\na photo of green\na photo of cyan\n")
 PY
+PIPE=(--preset tiny-flux --train-prompts "$OUT/pipelines/prompts.txt" --reward mean_color --max-sequence-length 16)
 for model in flux sd3; do
   for rank in 8 0; do
     for script in flow_grpo dgpo; do
-      run "${script}_${model}_r${rank}" "$script.py" --preset tiny-flux --model "$model" \
-        --pretrained "$OUT/pipelines/$model" --train-prompts "$OUT/pipelines/prompts.txt" --reward mean_color \
-        --max-sequence-length 16 --lora-rank "$rank"
+      run "${script}_${model}_r${rank}" "$script.py" "${PIPE[@]}" --model "$model" --pretrained "$OUT/pipelines/$model" \
+        --lora-rank "$rank"
     done
   done
 done
-echo "all smoke runs passed"
+
+# 3. FSDP and DeepSpeed through `accelerate launch` (CUDA only)
+NGPU=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [[ $NGPU -gt 0 ]]; then
+  CONFIGS=(fsdp)
+  if python -c "import deepspeed" > /dev/null 2>&1; then CONFIGS+=(deepspeed_zero2); else
+    echo "skip deepspeed_zero2: deepspeed is not installed"; fi
+  PORT=29650
+  launch() {  # name, config, script, flags...  (in the background; the report comes after `wait`)
+    local name=$1 cfg=$2 script=$3; shift 3
+    PORT=$((PORT + 1))
+    timeout "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
+      --num_processes "$NGPU" --main_process_port $PORT \
+      "$script.py" --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" --log-every 0 "$@" \
+      > "$OUT/$name.log" 2>&1 &
+  }
+  NAMES=()
+  for cfg in "${CONFIGS[@]}"; do
+    for rank in 8 0; do
+      for script in flow_grpo dgpo; do
+        while (( $(jobs -rp | wc -l) >= ${SMOKE_JOBS:-4} )); do wait -n; done
+        launch "${cfg}_${script}_flux_r${rank}" "$cfg" "$script" "${PIPE[@]}" --model flux \
+          --pretrained "$OUT/pipelines/flux" --lora-rank "$rank"
+        NAMES+=("${cfg}_${script}_flux_r${rank}")
+      done
+    done
+    for script in neighbor_grpo g2rpo pro_grpo; do
+      while (( $(jobs -rp | wc -l) >= ${SMOKE_JOBS:-4} )); do wait -n; done
+      launch "${cfg}_${script}_tiny-flux_r0" "$cfg" "$script" --model tiny-flux --lora-rank 0
+      NAMES+=("${cfg}_${script}_tiny-flux_r0")
+    done
+  done
+  t0=$SECONDS
+  wait
+  for name in "${NAMES[@]}"; do report "$name" "<=$((SECONDS - t0))"; done
+  # resume each config's LoRA Flow-GRPO run from its checkpoint (accelerate's sharded / DeepSpeed state)
+  for cfg in "${CONFIGS[@]}"; do
+    name="${cfg}_flow_grpo_flux_r8"
+    [[ -d "$OUT/$name/checkpoints" ]] || continue
+    rm -f "$OUT/$name/summary.json"
+    t0=$SECONDS
+    timeout "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
+      --num_processes "$NGPU" flow_grpo.py \
+      --resume-from-checkpoint latest --output-dir "$OUT/$name" --iterations 2 --log-every 0 "${PIPE[@]}" \
+      --model flux --pretrained "$OUT/pipelines/flux" --lora-rank 8 > "$OUT/$name.resume.log" 2>&1
+    grep -q "resumed from" "$OUT/$name.resume.log" || { rm -f "$OUT/$name/summary.json"; }  # not resumed: a failure
+    cp "$OUT/$name.resume.log" "$OUT/$name.log"
+    report "$name" $((SECONDS - t0)) "resumed "
+  done
+else
+  echo "skip part 3 (FSDP, DeepSpeed): no CUDA device"
+fi
+[[ $FAILED == 0 ]] && echo "all smoke runs passed" || { echo "some smoke runs FAILED"; exit 1; }
