@@ -911,13 +911,54 @@ def build_tiny_flux(resolution=32, guidance_scale=3.5, lora_rank=8, lora_alpha=N
 class CachedTextEncoder:
     """Prompt embeddings computed once by a pipeline's own text encoders, which are then released (T5-XXL alone
     is 9.5 GB in bf16). Same interface as HashTextEncoder: `(prompts) -> (prompt_embeds, pooled_prompt_embeds)`.
-    Only the prompts embedded at start-up exist: all of --train-prompts and --eval-prompts (and "", the
+
+    They live on disk as raw arrays (`embeds.bin` (N, T, D), `pooled.bin` (N, D_pooled), `meta.json` with the
+    prompts), memory-mapped: a batch reads only its own prompts' rows, so a prompt set costs disk, not RAM (4 MB
+    per prompt at FLUX's 512 T5 tokens: 100 GB for 25k prompts), and the processes of a node share the OS page
+    cache. Only the prompts embedded at start-up exist: all of --train-prompts and --eval-prompts (and "", the
     unconditional branch of classifier-free guidance)."""
 
-    def __init__(self, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor):
-        self.index = {p: i for i, p in enumerate(prompts)}
-        self.embeds, self.pooled = embeds, pooled
-        self.seq_len, self.dim, self.pooled_dim = embeds.shape[1], embeds.shape[2], pooled.shape[1]
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        dtype = getattr(torch, meta["dtype"])
+        self.prompts = meta["prompts"]
+        self.index = {p: i for i, p in enumerate(self.prompts)}
+        self.embeds = self._mapped(directory / "embeds.bin", meta["embeds_shape"], dtype)
+        self.pooled = self._mapped(directory / "pooled.bin", meta["pooled_shape"], dtype)
+        self.seq_len, self.dim, self.pooled_dim = self.embeds.shape[1], self.embeds.shape[2], self.pooled.shape[1]
+
+    @staticmethod
+    def _mapped(path: Path, shape: list[int], dtype) -> torch.Tensor:
+        # shared=False: a private, copy-on-write mapping; pages are read from disk when indexed
+        return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=dtype).view(shape)
+
+    @staticmethod
+    def write(directory: Path, prompts: list[str], encode: Callable[[list[str]], tuple], batch: int = 32):
+        """Embed `prompts` in batches with `encode(prompts) -> (embeds (B, T, D), pooled (B, D_pooled))`, each batch
+        written straight into the files (never the whole set in memory), into a temporary directory renamed into
+        place at the end: a crashed or concurrent writer never leaves a half cache behind."""
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files = None
+        for i in range(0, len(prompts), batch):
+            embeds, pooled = (t.detach().cpu().contiguous() for t in encode(prompts[i:i + batch]))
+            if files is None:  # the shapes are known after the first batch
+                meta = {"prompts": prompts, "dtype": str(embeds.dtype).removeprefix("torch."),
+                        "embeds_shape": [len(prompts), *embeds.shape[1:]],
+                        "pooled_shape": [len(prompts), *pooled.shape[1:]]}
+                files = [torch.from_file(str(tmp / name), shared=True, size=math.prod(meta[key]),
+                                         dtype=embeds.dtype).view(meta[key])
+                         for name, key in (("embeds.bin", "embeds_shape"), ("pooled.bin", "pooled_shape"))]
+            files[0][i:i + len(embeds)] = embeds
+            files[1][i:i + len(pooled)] = pooled
+        del files  # unmapped: the data is in the files
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def __call__(self, prompts: list[str]):
         try:
@@ -925,7 +966,7 @@ class CachedTextEncoder:
         except KeyError as e:
             raise KeyError(f"prompt {e.args[0]!r} was not embedded at start-up: only --train-prompts and "
                            f"--eval-prompts are") from None
-        return self.embeds[rows], self.pooled[rows]
+        return self.embeds[rows], self.pooled[rows]  # copies of just these rows
 
     def uncond(self):
         """The empty prompt's embeddings (1, T, D) and (1, D_pooled): CFG's unconditional branch."""
@@ -937,49 +978,48 @@ PIPELINES = {  # --model -> (diffusers pipeline, policy, the command that fetche
     "sd3": ("StableDiffusion3Pipeline", "SD3Policy",
             "hf download stabilityai/stable-diffusion-3.5-medium --local-dir <dir>"),
 }
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
-def embed_prompts(pipe, model: str, prompts: list[str], max_sequence_length: int, source: str, device,
-                  log=print, batch: int = 32) -> CachedTextEncoder:
-    """Text conditioning for every prompt, computed once with the pipeline's own `encode_prompt` and cached on
-    disk (keyed by the weights' source, the sequence length and the prompt set), then kept on the CPU:
-    FLUX: T5 sequence (T, 4096) + CLIP-L pooled (768); SD3: [CLIP-L, CLIP-G | T5] sequence (77 + T, 4096) +
-    both CLIPs' pooled (2048). SD3 also embeds "" for classifier-free guidance."""
-    prompts = list(dict.fromkeys(prompts + ([""] if model == "sd3" else [])))
+def local_main_process_first():
+    """In a multi-process run the node's main process runs the block first and the others after it (to find what
+    it wrote); in a single process, nothing."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+        return PartialState().local_main_process_first()
+    return contextlib.nullcontext()
+
+
+def prompt_cache_dir(model: str, prompts: list[str], max_sequence_length: int, source: str) -> Path:
+    """$FLOWRL_CACHE/<model>-prompt-embeds-<hash>/, keyed by the weights' source, the sequence length and the
+    prompt set."""
     key = {"model": model, "source": source, "max_sequence_length": max_sequence_length,
            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
-    path = cached_model_path(f"{model}-prompt-embeds", key)
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
-        log(f"prompt embeddings: {len(prompts)} prompts from {path}")
-        return CachedTextEncoder(prompts, saved["embeds"], saved["pooled"])
-    encoders = [m for m in (getattr(pipe, f"text_encoder{s}", None) for s in ("", "_2", "_3")) if m is not None]
-    for m in encoders:
-        m.to(device)
-    embeds, pooled = [], []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            if model == "flux":
-                e, pl, _ = pipe.encode_prompt(chunk, prompt_2=None, device=device,
-                                              max_sequence_length=max_sequence_length)
-            else:
-                e, _, pl, _ = pipe.encode_prompt(chunk, prompt_2=None, prompt_3=None, device=device,
-                                                 do_classifier_free_guidance=False,
-                                                 max_sequence_length=max_sequence_length)
-            embeds.append(e.cpu())
-            pooled.append(pl.cpu())
-    embeds, pooled = torch.cat(embeds), torch.cat(pooled)
-    atomic_save({"embeds": embeds, "pooled": pooled}, path)
-    log(f"prompt embeddings: {len(prompts)} prompts embedded, cached in {path}")
-    return CachedTextEncoder(prompts, embeds, pooled)
+    return cached_model_path(f"{model}-prompt-embeds", key).with_suffix("")
+
+
+def pipeline_encoder(pipe, model: str, max_sequence_length: int, device):
+    """`prompts -> (embeds, pooled)` with the pipeline's own `encode_prompt`. FLUX: T5 sequence (T, 4096) +
+    CLIP-L pooled (768); SD3: [CLIP-L, CLIP-G | T5] sequence (77 + T, 4096) + both CLIPs' pooled (2048)."""
+    @torch.no_grad()
+    def encode(prompts):
+        if model == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device,
+                                                   max_sequence_length=max_sequence_length)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=max_sequence_length)
+        return embeds, pooled
+    return encode
 
 
 def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     """FLUX.1-dev (`--model flux`) or SD3.5 (`--model sd3`) from `--pretrained` (a diffusers directory, or a hub
-    id already in the local cache). The text encoders embed the prompt set once and are released; the
-    transformer is held in the mixed-precision dtype (bf16) with fp32 LoRA adapters, or in fp32 for full
-    fine-tuning (AdamW needs fp32 master weights)."""
+    id already in the local cache). The text encoders embed the prompt set once into a memory-mapped disk cache
+    (`CachedTextEncoder`) and are released; once the cache exists they are not even loaded. The transformer is held
+    in the mixed-precision dtype (bf16) with fp32 LoRA adapters, or in fp32 for full fine-tuning (AdamW needs fp32
+    master weights)."""
     import diffusers
     pipeline_name, policy_name, fetch = PIPELINES[args.model]
     fetch = f"{fetch}, then --pretrained <dir>"
@@ -994,17 +1034,33 @@ def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> 
         raise SystemExit(f"{source} is not a diffusers pipeline directory (no model_index.json); {fetch}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     offline = source.exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    try:
-        pipe = getattr(diffusers, pipeline_name).from_pretrained(args.pretrained, dtype=dtype,
-                                                                 local_files_only=offline)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise SystemExit(f"could not load {pipeline_name} from {args.pretrained!r} ({type(e).__name__}: {e}); "
-                         f"{fetch}") from None
     train = read_prompts(args.train_prompts)
     evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
-    text = embed_prompts(pipe, args.model, train + evals, args.max_sequence_length,
-                         str(source.resolve()) if source.exists() else args.pretrained, device, log)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # released
+    prompts = list(dict.fromkeys(train + evals + ([""] if args.model == "sd3" else [])))
+    cache = prompt_cache_dir(args.model, prompts, args.max_sequence_length,
+                             str(source.resolve()) if source.exists() else args.pretrained)
+    # The node's main process embeds the prompts (if no cache exists yet) while the others wait; then every
+    # process loads the pipeline WITHOUT its text encoders and maps the cache.
+    with local_main_process_first():
+        cached = (cache / "meta.json").is_file()
+        try:
+            pipe = getattr(diffusers, pipeline_name).from_pretrained(
+                args.pretrained, dtype=dtype, local_files_only=offline,
+                **({name: None for name in TEXT_COMPONENTS[:3 if args.model == "sd3" else 2]} if cached else {}))
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise SystemExit(f"could not load {pipeline_name} from {args.pretrained!r} ({type(e).__name__}: {e}); "
+                             f"{fetch}") from None
+        if cached:
+            log(f"prompt embeddings: {len(prompts)} prompts from {cache}")
+        else:
+            encoders = [getattr(pipe, n) for n in TEXT_COMPONENTS[:3] if getattr(pipe, n, None) is not None]
+            for m in encoders:
+                m.to(device)
+            CachedTextEncoder.write(cache, prompts, pipeline_encoder(pipe, args.model, args.max_sequence_length,
+                                                                     device))
+            log(f"prompt embeddings: {len(prompts)} prompts embedded, cached in {cache}")
+        text = CachedTextEncoder(cache)
+    for name in TEXT_COMPONENTS:  # released
         if hasattr(pipe, name):
             setattr(pipe, name, None)
     if torch.cuda.is_available():
@@ -1417,6 +1473,8 @@ class CommonArgs:
     checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)")
     checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints")
     resume_from_checkpoint: Optional[str] = arg(None, "resume from a checkpoint directory, or 'latest' in --output-dir")
+    dist_timeout_minutes: int = arg(120, "how long a process waits for the others at a collective (NCCL's default 10 "
+                                         "min is shorter than embedding a large prompt set on the main process)")
     # model
     reward: Optional[str] = arg(None, "training reward (default: the model's), or a weighted sum 'hpsv2:1,clip:0.5'; "
                                       f"available: {sorted(REWARDS) + sorted(LEARNED_REWARDS)}")
@@ -1534,9 +1592,14 @@ class Run:
         AcceleratorState._reset_state()
         GradientState._reset_state()
         # trackers write under <output_dir> (tensorboard: <output_dir>/<algorithm>/)
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
                                        log_with=None if args.report_to == "none" else args.report_to,
-                                       project_dir=str(self.out), cpu=not torch.cuda.is_available())
+                                       project_dir=str(self.out), cpu=not torch.cuda.is_available(),
+                                       kwargs_handlers=[InitProcessGroupKwargs(
+                                           timeout=timedelta(minutes=args.dist_timeout_minutes))])
         args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
         set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
         self.is_main = self.accelerator.is_main_process

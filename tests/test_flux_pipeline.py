@@ -72,8 +72,14 @@ def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, pr
         task.policy.encode_prompts(["a dog"])
     assert any("embedded, cached" in line for line in logs)
     logs.clear()
-    common.load_task(args, keep_reference=False, log=logs.append)  # second time: from the cache
+    loads = []
+    original = FluxPipeline.from_pretrained.__func__
+    monkeypatch.setattr(FluxPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(k) or original(cls, *a, **k)))
+    second = common.load_task(args, keep_reference=False, log=logs.append)  # second time: from the cache
     assert any("prompts from" in line for line in logs)
+    assert loads[0]["text_encoder"] is None and loads[0]["text_encoder_2"] is None  # T5 and CLIP not even loaded
+    torch.testing.assert_close(second.policy.encode_prompts(prompts)["prompt_embeds"], embeds)
 
 
 def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prompt_files, tmp_path, monkeypatch):

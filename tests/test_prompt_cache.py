@@ -1,0 +1,68 @@
+"""The prompt-embedding cache of --model flux / sd3 (common.CachedTextEncoder): written batch by batch, read back
+exactly, memory-mapped (loading it reads nothing; a batch reads its own rows), atomic."""
+
+import psutil
+import pytest
+import torch
+
+import common
+
+
+def fake_encoder(seq_len=6, dim=8, pooled_dim=4, dtype=torch.bfloat16):
+    """A deterministic stand-in for a pipeline's encode_prompt: each prompt's tensors are seeded by its text."""
+    return common.HashTextEncoder(seq_len, dim, pooled_dim), dtype
+
+
+def encode_with(encoder, dtype, calls=None):
+    def encode(prompts):
+        if calls is not None:
+            calls.append(len(prompts))
+        embeds, pooled = encoder(prompts)
+        return embeds.to(dtype), pooled.to(dtype)
+    return encode
+
+
+def test_written_in_batches_and_read_back_exactly(tmp_path):
+    encoder, dtype = fake_encoder()
+    prompts = [f"prompt {i}" for i in range(10)] + [""]
+    calls = []
+    common.CachedTextEncoder.write(tmp_path / "cache", prompts, encode_with(encoder, dtype, calls), batch=4)
+    assert calls == [4, 4, 3]  # never more than a batch at once
+    cached = common.CachedTextEncoder(tmp_path / "cache")
+    assert (cached.seq_len, cached.dim, cached.pooled_dim) == (6, 8, 4)
+    query = ["prompt 7", "", "prompt 0", "prompt 7"]
+    embeds, pooled = cached(query)
+    expected_embeds, expected_pooled = encode_with(encoder, dtype)(query)
+    assert embeds.dtype == torch.bfloat16
+    assert torch.equal(embeds, expected_embeds) and torch.equal(pooled, expected_pooled)
+    assert torch.equal(cached.uncond()[0], expected_embeds[1:2])
+    with pytest.raises(KeyError, match="not embedded at start-up"):
+        cached(["prompt 99"])
+    assert not list(tmp_path.glob("cache.tmp*"))  # the temporary directory was renamed into place
+
+
+def test_loading_maps_the_files_instead_of_reading_them(tmp_path):
+    """256 MB of embeddings: opening the cache adds (almost) nothing to the process's resident memory, a batch of
+    rows adds about its own size."""
+    rows, seq_len, dim = 512, 512, 512  # 512 x 512 x 512 bf16 = 256 MB
+    common.CachedTextEncoder.write(
+        tmp_path / "big", [f"p{i}" for i in range(rows)],
+        lambda ps: (torch.ones(len(ps), seq_len, dim, dtype=torch.bfloat16), torch.ones(len(ps), 4)), batch=64)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    cached = common.CachedTextEncoder(tmp_path / "big")
+    opened = process.memory_info().rss
+    embeds, _ = cached(["p3", "p400"])
+    after = process.memory_info().rss
+    assert (opened - before) < 16 * 2**20  # the 256 MB file is mapped, not read
+    assert (after - before) < 32 * 2**20 and embeds.shape == (2, seq_len, dim) and embeds.float().mean() == 1.0
+
+
+def test_a_finished_cache_is_not_overwritten_by_a_second_writer(tmp_path):
+    encoder, dtype = fake_encoder()
+    common.CachedTextEncoder.write(tmp_path / "cache", ["a", "b"], encode_with(encoder, dtype))
+    other = common.HashTextEncoder(6, 8, 4)  # same shapes, other values: must not replace the first
+    common.CachedTextEncoder.write(tmp_path / "cache", ["a", "b"], lambda ps: tuple(t + 1 for t in other(ps)))
+    embeds, _ = common.CachedTextEncoder(tmp_path / "cache")(["a"])
+    assert torch.equal(embeds, encode_with(encoder, dtype)(["a"])[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
