@@ -95,14 +95,27 @@ def test_missing_weights_or_packages_say_what_to_fetch(tmp_path, name, names_mis
     assert "pip install" in str(e.value) or "hf download" in str(e.value) or "environment" in str(e.value)
 
 
-def test_hps_scorer_with_a_tiny_open_clip_model():
+def test_hps_score_equals_open_clips_own_preprocessing_and_features():
+    """HPSv2's own scoring (its `score`: open_clip's validation transform on the saved image, the model's
+    normalised features, their dot product) computed with open_clip itself, against HPSScorer on the decoded
+    tensors. A tiny random CLIP with ViT-H-14's tokenizer stands in for the 1B-parameter checkpoint."""
     open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a reward extra (requirements-rewards.txt)")
+    from PIL import Image
     torch.manual_seed(0)
     text_cfg = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
     model = open_clip.CLIP(embed_dim=16, text_cfg=text_cfg,
-                           vision_cfg=dict(layers=1, width=32, patch_size=32, image_size=224, head_width=16))
-    scorer = common.HPSScorer(model, open_clip.get_tokenizer("ViT-H-14"))
-    images = torch.rand(2, 3, 64, 64)
-    s = scorer(images, ["a cat", "a dog"])
-    assert s.shape == (2,) and s.abs().max() <= 1
-    torch.testing.assert_close(scorer(images, ["a cat", "a dog"]), s)
+                           vision_cfg=dict(layers=1, width=32, patch_size=32, image_size=224, head_width=16)).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    scorer = common.HPSScorer(model, tokenizer)
+    images = torch.rand(3, 3, 48, 80)  # not square: the short side is resized, then centre-cropped
+    prompts = ["a cat", "a dog on a red sofa", "a city at night"]
+    ours = scorer(images, prompts)
+
+    preprocess = open_clip.image_transform(224, is_train=False)  # HPSv2's preprocess_val for ViT-H-14
+    pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()) for im in images]
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([preprocess(p) for p in pil]), normalize=True)
+        text_features = model.encode_text(tokenizer(prompts), normalize=True)
+    reference = (image_features @ text_features.T).diagonal()
+    torch.testing.assert_close(ours, reference, rtol=0, atol=2e-3)
+    assert ours.shape == (3,) and ours.abs().max() <= 1
