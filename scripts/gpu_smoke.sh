@@ -33,7 +33,7 @@ report() {  # name, seconds[, label]: one line from the run's summary.json, or i
 run() {  # name, script, flags...
   local name=$1 script=$2; shift 2
   local t0=$SECONDS
-  timeout "${SMOKE_TIMEOUT:-1800}" python "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" \
+  timeout -k 10 "${SMOKE_TIMEOUT:-1800}" python "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" \
     --log-every 0 "$@" > "$OUT/$name.log" 2>&1
   report "$name" $((SECONDS - t0))
 }
@@ -68,13 +68,13 @@ done
 NGPU=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [[ $NGPU -gt 0 ]]; then
   CONFIGS=(fsdp)
-  if python -c "import deepspeed" > /dev/null 2>&1; then CONFIGS+=(deepspeed_zero2); else
-    echo "skip deepspeed_zero2: deepspeed is not installed"; fi
+  if timeout -k 5 300 python -c "import deepspeed" > /dev/null 2>&1; then CONFIGS+=(deepspeed_zero2); else
+    echo "skip deepspeed_zero2: import deepspeed failed or took over 300 s (is it installed?)"; fi
   PORT=29650
   launch() {  # name, config, script, flags...  (in the background; the report comes after `wait`)
     local name=$1 cfg=$2 script=$3; shift 3
     PORT=$((PORT + 1))
-    timeout "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
+    timeout -k 10 "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
       --num_processes "$NGPU" --main_process_port $PORT \
       "$script.py" --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" --log-every 0 "$@" \
       > "$OUT/$name.log" 2>&1 &
@@ -104,7 +104,7 @@ if [[ $NGPU -gt 0 ]]; then
     [[ -d "$OUT/$name/checkpoints" ]] || continue
     rm -f "$OUT/$name/summary.json"
     t0=$SECONDS
-    timeout "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
+    timeout -k 10 "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
       --num_processes "$NGPU" flow_grpo.py \
       --resume-from-checkpoint latest --output-dir "$OUT/$name" --iterations 2 --log-every 0 "${PIPE[@]}" \
       --model flux --pretrained "$OUT/pipelines/flux" --lora-rank 8 > "$OUT/$name.resume.log" 2>&1
