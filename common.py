@@ -723,9 +723,9 @@ class DiffusersPolicy(Policy):
                 if p.requires_grad:
                     p.data = p.data.float()
         else:  # full fine-tuning: fp32 master weights for AdamW (autocast computes in bf16)
-            transformer = transformer.float().requires_grad_(True)
-            if keep_reference:
+            if keep_reference:  # frozen, so it stays in the dtype the weights came in (bf16 for the real models)
                 reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+            transformer = transformer.float().requires_grad_(True)
         super().__init__(transformer, reference)
 
     def to_latents(self, x):

@@ -7,12 +7,14 @@ The transformers are built on the meta device (no weights, no memory) with LoRA 
 ranks, so the counts are exact. Bytes per parameter, as the scripts hold them (accelerate mixed precision bf16):
 - LoRA: the frozen base in bf16 (2 B); the adapters in fp32 with their gradients and AdamW's two moments (16 B).
 - full fine-tuning: fp32 weights, fp32 gradients, AdamW moments (16 B per parameter), split by the strategy:
-  DDP replicates all of it; DeepSpeed ZeRO-2 shards gradients and optimizer state (weights replicated); FSDP
-  full shard shards everything (plus one gathered block at a time, counted below in bf16).
+  DDP replicates all of it; FSDP full shard shards everything (plus one gathered block at a time, counted in
+  bf16); DeepSpeed ZeRO-2 in bf16 replicates a bf16 copy of the weights (the engine casts the module) and shards
+  the fp32 master weights, the gradients (counted in fp32) and the optimizer state.
 Not counted: activations (they depend on resolution, micro-batch and checkpointing: measure them with
-`benchmarks/timing.py --config flux-dev`), the frozen copy a full fine-tune keeps only when it needs a KL reference
-(another 2 B per parameter in bf16), the VAE (84M for FLUX), and the text encoders, which embed the prompt set once
-and are released (T5-XXL alone is 4.8B parameters, 9.5 GB in bf16).
+`benchmarks/timing.py --config flux-dev`), the frozen copy a full fine-tune keeps only when it needs a reference
+(DGPO, or a KL term: another 2 B per parameter, as it stays in the bf16 it was loaded in), the VAE (84M for FLUX),
+and the text encoders, which embed the prompt set once and are released (T5-XXL alone is 4.8B parameters, 9.5 GB
+in bf16).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def rows(name: str, params: int, lora: int, block: int, rank: int, gpus: int) ->
     out = [f"| {name} LoRA r{rank} ({lora / 1e6:.1f}M trainable), DDP | {g(2 * params + 4 * lora)} | {g(4 * lora)} | "
            f"{g(8 * lora)} | **{g(2 * params + 16 * lora)}** |"]
     full = {"DDP": (4 * params, 4 * params, 8 * params),
-            f"DeepSpeed ZeRO-2 / {gpus}": (4 * params, 4 * params / gpus, 8 * params / gpus),
+            f"DeepSpeed ZeRO-2 / {gpus}": (2 * params + 4 * params / gpus, 4 * params / gpus, 8 * params / gpus),
             f"FSDP full shard / {gpus}": (4 * params / gpus + 2 * block, 4 * params / gpus, 8 * params / gpus)}
     for strategy, (w, gr, opt) in full.items():
         out.append(f"| {name} full fine-tune, {strategy} | {g(w)} | {g(gr)} | {g(opt)} | **{g(w + gr + opt)}** |")

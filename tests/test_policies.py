@@ -172,3 +172,22 @@ def test_unknown_model_and_real_models_give_clear_errors():
         model, reward = "sdxl", None
     with pytest.raises(ValueError, match="available: toy2d, tiny-flux"):
         common.load_task(A, keep_reference=False)
+
+
+def test_training_dtypes_of_a_bf16_loaded_transformer():
+    """As --model flux loads it in bf16: full fine-tuning trains fp32 master weights and keeps its frozen reference
+    in bf16 (half the memory); LoRA keeps the base in bf16 and trains fp32 adapters. Both run their reference."""
+    for lora_rank in (0, 4):
+        torch.manual_seed(0)
+        transformer, vae = common.tiny_flux_modules()
+        policy = common.FluxPolicy(transformer.to(torch.bfloat16), vae, common.HashTextEncoder(8, 32, 32), 32,
+                                   lora_rank=lora_rank, keep_reference=True)
+        trainable = policy.trainable_parameters()
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        frozen = policy.reference_net.parameters() if lora_rank == 0 else \
+            (p for p in policy.net.parameters() if not p.requires_grad)
+        assert {p.dtype for p in frozen} == {torch.bfloat16}
+        x, cond = policy.initial_noise(2), policy.encode_prompts(["a", "b"])
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, 0.5, cond)
+        assert v_ref.dtype == torch.float32 and torch.isfinite(v_ref).all()
