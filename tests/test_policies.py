@@ -128,10 +128,14 @@ def test_flux_lora_save_is_loadable_by_diffusers(flux, tmp_path):
     # and our loader restores the same outputs in a fresh policy
     fresh = common.build_tiny_flux(resolution=32, lora_rank=4)
     fresh.load(tmp_path)
-    x = flux.initial_noise(2, torch.Generator().manual_seed(0))
-    cond = flux.encode_prompts(["a photo of red"] * 2)
+    assert_same_velocity(fresh, flux)
+
+
+def assert_same_velocity(a, b):
+    x = b.initial_noise(2, torch.Generator().manual_seed(0))
+    cond = b.encode_prompts(["a photo of red"] * 2)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(x, 0.5, cond), flux.velocity(x, 0.5, cond))
+        torch.testing.assert_close(a.velocity(x, 0.5, cond), b.velocity(x, 0.5, cond))
 
 
 @pytest.mark.parametrize("targets", [common.FLUX_LORA_TARGETS, common.SD3_LORA_TARGETS])
@@ -161,10 +165,7 @@ def test_flux_full_finetune_save_is_loadable_by_diffusers(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
     fresh = common.build_tiny_flux(lora_rank=0, seed=1)
     fresh.load(tmp_path)
-    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
-    cond = policy.encode_prompts(["a photo of red"] * 2)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(x, 0.5, cond), policy.velocity(x, 0.5, cond))
+    assert_same_velocity(fresh, policy)
 
 
 def test_unknown_model_and_real_models_give_clear_errors():
