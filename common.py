@@ -978,7 +978,8 @@ PIPELINES = {  # --model -> (diffusers pipeline, policy, the command that fetche
     "sd3": ("StableDiffusion3Pipeline", "SD3Policy",
             "hf download stabilityai/stable-diffusion-3.5-medium --local-dir <dir>"),
 }
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+TEXT_ENCODERS = {"flux": ("text_encoder", "text_encoder_2"),  # CLIP-L, T5-XXL
+                 "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}  # CLIP-L, CLIP-G, T5-XXL
 
 
 def local_main_process_first():
@@ -1039,30 +1040,34 @@ def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> 
     prompts = list(dict.fromkeys(train + evals + ([""] if args.model == "sd3" else [])))
     cache = prompt_cache_dir(args.model, prompts, args.max_sequence_length,
                              str(source.resolve()) if source.exists() else args.pretrained)
-    # The node's main process embeds the prompts (if no cache exists yet) while the others wait; then every
-    # process loads the pipeline WITHOUT its text encoders and maps the cache.
-    with local_main_process_first():
-        cached = (cache / "meta.json").is_file()
+    encoders = TEXT_ENCODERS[args.model]
+
+    def load(with_text_encoders: bool):
         try:
-            pipe = getattr(diffusers, pipeline_name).from_pretrained(
+            return getattr(diffusers, pipeline_name).from_pretrained(
                 args.pretrained, dtype=dtype, local_files_only=offline,
-                **({name: None for name in TEXT_COMPONENTS[:3 if args.model == "sd3" else 2]} if cached else {}))
+                **({} if with_text_encoders else {name: None for name in encoders}))
         except (OSError, ValueError, EnvironmentError) as e:
             raise SystemExit(f"could not load {pipeline_name} from {args.pretrained!r} ({type(e).__name__}: {e}); "
                              f"{fetch}") from None
-        if cached:
-            log(f"prompt embeddings: {len(prompts)} prompts from {cache}")
-        else:
-            encoders = [getattr(pipe, n) for n in TEXT_COMPONENTS[:3] if getattr(pipe, n, None) is not None]
-            for m in encoders:
-                m.to(device)
+
+    # Without a cache, the node's main process loads the whole pipeline and embeds while the others wait; they
+    # then find the cache. With one, every process loads the pipeline at once, without its text encoders.
+    pipe = None
+    with local_main_process_first():
+        if not (cache / "meta.json").is_file():
+            pipe = load(with_text_encoders=True)
+            for name in encoders:
+                getattr(pipe, name).to(device)
             CachedTextEncoder.write(cache, prompts, pipeline_encoder(pipe, args.model, args.max_sequence_length,
                                                                      device))
             log(f"prompt embeddings: {len(prompts)} prompts embedded, cached in {cache}")
-        text = CachedTextEncoder(cache)
-    for name in TEXT_COMPONENTS:  # released
-        if hasattr(pipe, name):
-            setattr(pipe, name, None)
+            for name in encoders:  # released
+                setattr(pipe, name, None)
+    if pipe is None:
+        pipe = load(with_text_encoders=False)
+        log(f"prompt embeddings: {len(prompts)} prompts from {cache}")
+    text = CachedTextEncoder(cache)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     extra = {"scheduler_config": dict(pipe.scheduler.config)} if args.model == "sd3" else {}
@@ -1591,10 +1596,10 @@ class Run:
         from accelerate.state import AcceleratorState, GradientState
         AcceleratorState._reset_state()
         GradientState._reset_state()
-        # trackers write under <output_dir> (tensorboard: <output_dir>/<algorithm>/)
         from datetime import timedelta
 
         from accelerate.utils import InitProcessGroupKwargs
+        # trackers write under <output_dir> (tensorboard: <output_dir>/<algorithm>/)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
                                        log_with=None if args.report_to == "none" else args.report_to,
                                        project_dir=str(self.out), cpu=not torch.cuda.is_available(),
