@@ -43,15 +43,25 @@ def counts(model_cls, config: dict, rank: int, targets: list[str]) -> tuple[int,
     return total, lora, block
 
 
+def state_bytes(params: int, lora: int, block: int, strategy: str, gpus: int) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes per GPU. `lora` > 0: LoRA (a bf16 base, whatever the strategy);
+    0: full fine-tuning under `strategy`, one of "ddp", "deepspeed", "fsdp"."""
+    if lora:
+        return 2 * params + 4 * lora, 4 * lora, 8 * lora
+    return {"ddp": (4 * params, 4 * params, 8 * params),
+            "deepspeed": (2 * params + 4 * params / gpus, 4 * params / gpus, 8 * params / gpus),
+            "fsdp": (4 * params / gpus + 2 * block, 4 * params / gpus, 8 * params / gpus)}[strategy]
+
+
 def rows(name: str, params: int, lora: int, block: int, rank: int, gpus: int) -> list[str]:
     g = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
-    out = [f"| {name} LoRA r{rank} ({lora / 1e6:.1f}M trainable), DDP | {g(2 * params + 4 * lora)} | {g(4 * lora)} | "
-           f"{g(8 * lora)} | **{g(2 * params + 16 * lora)}** |"]
-    full = {"DDP": (4 * params, 4 * params, 8 * params),
-            f"DeepSpeed ZeRO-2 / {gpus}": (2 * params + 4 * params / gpus, 4 * params / gpus, 8 * params / gpus),
-            f"FSDP full shard / {gpus}": (4 * params / gpus + 2 * block, 4 * params / gpus, 8 * params / gpus)}
-    for strategy, (w, gr, opt) in full.items():
-        out.append(f"| {name} full fine-tune, {strategy} | {g(w)} | {g(gr)} | {g(opt)} | **{g(w + gr + opt)}** |")
+    w, gr, opt = state_bytes(params, lora, block, "ddp", gpus)
+    out = [f"| {name} LoRA r{rank} ({lora / 1e6:.1f}M trainable), DDP | {g(w)} | {g(gr)} | {g(opt)} | "
+           f"**{g(w + gr + opt)}** |"]
+    for strategy, label in [("ddp", "DDP"), ("deepspeed", f"DeepSpeed ZeRO-2 / {gpus}"),
+                            ("fsdp", f"FSDP full shard / {gpus}")]:
+        w, gr, opt = state_bytes(params, 0, block, strategy, gpus)
+        out.append(f"| {name} full fine-tune, {label} | {g(w)} | {g(gr)} | {g(opt)} | **{g(w + gr + opt)}** |")
     return out
 
 

@@ -2,31 +2,11 @@
 preprocessing identities, agreement with transformers' own CLIP forward, batch independence, determinism,
 weighted sums, loading from a local directory offline, and the errors for missing weights or packages."""
 
-import json
-import string
-
 import pytest
 import torch
 
 import common
-
-
-def tiny_clip(tmp_path):
-    """A CLIP with random weights and a character-level BPE tokenizer written to disk."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=224, patch_size=32), projection_dim=16)
-    return CLIPModel(config).eval(), tokenizer
+from tiny_pipelines import tiny_clip
 
 
 def test_clip_preprocess_identities():

@@ -1,5 +1,6 @@
-"""Tiny FLUX pipelines written to disk the way `hf download black-forest-labs/FLUX.1-dev` lays one out (random
-weights, tiny configs, tokenizers built from small vocabularies), so the real loading code runs with no network."""
+"""Tiny FLUX and SD3 pipelines written to disk the way `hf download black-forest-labs/FLUX.1-dev` lays one out, and
+a tiny CLIP reward (random weights, tiny configs, tokenizers built from small vocabularies), so the real loading code
+runs with no network."""
 
 import json
 import string
@@ -79,3 +80,26 @@ def save_tiny_sd3_pipeline(directory: Path, seed: int = 0) -> Path:
                                     text_encoder_3=t5, tokenizer_3=t5_tok, transformer=transformer)
     pipe.save_pretrained(directory)
     return directory
+
+
+def tiny_clip(directory: Path):
+    """A CLIP with random weights (PickScore's and CLIP score's architecture) and a character-level tokenizer
+    written to `directory`."""
+    from transformers import CLIPConfig, CLIPModel
+    tokenizer = clip_tokenizer(directory)
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=224, patch_size=32), projection_dim=16)
+    return CLIPModel(config).eval(), tokenizer
+
+
+def save_tiny_pickscore(reward_dir: Path) -> Path:
+    """A `--reward-dir` laid out as `common.load_pickscore` reads it: the model in PickScore_v1/, the tokenizer in
+    CLIP-ViT-H-14-laion2B-s32B-b79K/."""
+    model, tokenizer = tiny_clip(reward_dir / "_vocab")
+    model.save_pretrained(reward_dir / "PickScore_v1")
+    tokenizer.save_pretrained(reward_dir / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    return reward_dir
