@@ -1,0 +1,173 @@
+"""The README's multi-GPU commands, read out of the README itself and parsed the way `accelerate launch` parses them:
+every paper preset of every script is launched there; each command's config holds the preset's training state on an
+80 GB GPU by the real parameter counts (and the README's memory table is what benchmarks/memory_estimate.py prints);
+and each command, exactly as written except for the sizes (one prompt, groups of at most 4, 32 px, one iteration),
+trains an iteration on a tiny random pipeline of its model with its preset's reward loaded from --reward-dir."""
+
+import dataclasses
+import importlib
+import math
+import shlex
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+import common
+from tiny_pipelines import save_tiny_flux_pipeline, save_tiny_pickscore, save_tiny_sd3_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import memory_estimate  # noqa: E402
+
+SCRIPTS = ("flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo")
+GPU_GIB = 74.5  # an 80 GB card as torch reports it
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_commands() -> list[list[str]]:
+    """The `accelerate launch` lines of the Multi-GPU section's bash block, continuation lines joined and the
+    block's own variables expanded ($DATA into its flags; $FLUX and $SD3 stay, the tests put pipelines there)."""
+    block = readme_section("Multi-GPU").split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    variables, commands = {}, []
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("accelerate launch "):
+            words = []
+            for w in shlex.split(line):
+                words += shlex.split(variables[w[1:]]) if w[1:] in variables and w[1:] not in ("FLUX", "SD3") else [w]
+            commands.append(words)
+        elif line:
+            for assignment in line.split(";"):
+                name, _, value = assignment.strip().partition("=")
+                variables[name] = shlex.split(value)[0]
+    return commands
+
+
+def launch(words: list[str]):
+    """accelerate's own parse of `accelerate launch ...`, with the config file resolved."""
+    args = launch_command_parser().parse_args(words[2:])
+    args.config_file = str(ROOT / args.config_file)
+    args, _, _ = _validate_launch_command(args)
+    return args
+
+
+def parsed(words: list[str], pretrained: dict[str, str]):
+    """(module, args): the script and its flags as the script parses them, $FLUX / $SD3 replaced."""
+    la = launch(words)
+    module = importlib.import_module(Path(la.training_script).stem)
+    argv = [pretrained.get(w, w) for w in la.training_script_args]
+    return module, common.parse_args(module.Args, module.PRESETS, argv), argv
+
+
+COMMANDS = readme_commands()
+IDS = [f"{Path(launch(c).config_file).stem}-{c[c.index('--preset') + 1]}" for c in COMMANDS]
+
+
+def test_every_paper_preset_is_launched_in_the_readme_with_its_own_model():
+    assert len(COMMANDS) >= 8
+    launched = set()
+    for words in COMMANDS:
+        la = launch(words)
+        assert la.num_processes == 8 and la.mixed_precision == "bf16"
+        module, args, _ = parsed(words, {"$FLUX": "/data/FLUX.1-dev", "$SD3": "/data/sd3.5"})
+        pretrained = la.training_script_args[la.training_script_args.index("--pretrained") + 1]
+        assert pretrained == {"flux": "$FLUX", "sd3": "$SD3"}[args.model], words
+        assert args.train_prompts and args.eval_prompts and args.reward_dir and args.reward, words
+        launched.add((Path(la.training_script).stem, args.preset))
+    paper = {(name, preset) for name in SCRIPTS
+             for preset, values in importlib.import_module(name).PRESETS.items() if values["model"] in ("flux", "sd3")}
+    assert paper <= launched, f"paper presets with no README command: {sorted(paper - launched)}"
+
+
+@lru_cache(maxsize=None)
+def _counts(model: str, rank: int) -> tuple[int, int, int]:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    cls, config, targets = {
+        "flux": (FluxTransformer2DModel, common.FLUX_DEV_TRANSFORMER_CONFIG, common.FLUX_LORA_TARGETS),
+        "sd3": (SD3Transformer2DModel, common.SD35_MEDIUM_TRANSFORMER_CONFIG, common.SD3_LORA_TARGETS)}[model]
+    params, lora, block = memory_estimate.counts(cls, config, max(rank, 1), targets)
+    return params, lora if rank else 0, block
+
+
+def _state_gib(model: str, rank: int, strategy: str, reference: bool, gpus: int = 8) -> float:
+    """Training state per GPU: memory_estimate's weights + gradients + AdamW, plus the bf16 frozen copy a full
+    fine-tune keeps for a reference (a LoRA reference is the base with the adapters off: no memory)."""
+    params, lora, block = _counts(model, rank)
+    extra = 2 * params if reference and not rank else 0
+    return (sum(memory_estimate.state_bytes(params, lora, block, strategy, gpus)) + extra) / memory_estimate.GIB
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=IDS)
+def test_the_commands_config_holds_the_training_state_on_an_80gb_gpu(words):
+    la = launch(words)
+    strategy = "fsdp" if la.use_fsdp else "deepspeed" if la.use_deepspeed else "ddp"
+    module, args, _ = parsed(words, {})
+    reference = module.__name__ == "dgpo" or getattr(args, "kl_beta", 0) > 0
+    assert _state_gib(args.model, args.lora_rank, strategy, reference) < GPU_GIB
+
+
+def test_the_fit_check_can_fail_and_the_readme_memory_table_is_the_estimates(capsys, monkeypatch):
+    assert _state_gib("flux", 0, "ddp", reference=False) > 2 * GPU_GIB  # FLUX.1-dev full fine-tune under DDP
+    monkeypatch.setattr(sys, "argv", ["memory_estimate.py"])
+    memory_estimate.main()
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 10 and table[0] in readme_section("Multi-GPU")
+    missing = [row for row in table if row not in readme_section("Multi-GPU")]
+    assert not missing, f"README's memory table differs from `python benchmarks/memory_estimate.py`: {missing}"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readme")
+    (root / "train.txt").write_text("a photo of red\na photo of green\na photo of cyan\n")
+    (root / "eval.txt").write_text("a photo of blue\n")
+    return {"$FLUX": str(save_tiny_flux_pipeline(root / "FLUX.1-dev")),
+            "$SD3": str(save_tiny_sd3_pipeline(root / "stable-diffusion-3.5-medium")),
+            "rewards": str(save_tiny_pickscore(root / "rewards")),
+            "train": str(root / "train.txt"), "eval": str(root / "eval.txt")}
+
+
+def _shrunk(module, args) -> list[str]:
+    """Flags that shrink a paper preset to CPU size and change nothing else: one prompt, groups of at most 4 (Pro-
+    GRPO's funnel scaled so that it ends at 2), anchors at most 4, 32 px, 16 text tokens, one iteration."""
+    names = {f.name for f in dataclasses.fields(module.Args)}
+    flags = ["--prompts-per-iteration", "1", "--group-size", str(min(args.group_size, 4)), "--resolution", "32",
+             "--max-sequence-length", "16", "--iterations", "1", "--checkpoint-every", "0", "--log-every", "0"]
+    if "group_sizes" in names:
+        sizes = [int(g) for g in args.group_sizes.split(",")]
+        flags += ["--group-sizes", ",".join(str(math.ceil(2 * g / sizes[-1])) for g in sizes)]
+    if "num_anchors" in names:
+        flags += ["--num-anchors", str(min(args.num_anchors, 4))]
+    return flags
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=IDS)
+def test_the_command_trains_an_iteration_on_a_tiny_pipeline(words, assets, tmp_path, monkeypatch):
+    """HPSv2.1 (a reward extra, open-clip-torch, with a ViT-H that has no tiny stand-in) is swapped for PickScore:
+    a weighted multi-reward stays one."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    loads = []
+    monkeypatch.setitem(common.LEARNED_REWARDS, "pickscore",
+                        lambda root, device="cpu": loads.append(root) or common.load_pickscore(root, device))
+    module, args, argv = parsed(words, {k: v for k, v in assets.items() if k.startswith("$")})
+    reward = args.reward.replace("hpsv2", "pickscore")
+    argv = [{"train.txt": assets["train"], "eval.txt": assets["eval"], "/data/rewards": assets["rewards"]}.get(w, w)
+            for w in argv]
+    summary = module.main(argv + _shrunk(module, args) + ["--reward", reward, "--output-dir", str(tmp_path / "run")])
+    assert summary["preset"] == args.preset and summary["model"] == args.model
+    assert summary["nfe_rollout"] > 0 and summary["nfe_train"] > 0
+    assert math.isfinite(summary["eval_reward_before"]) and math.isfinite(summary["eval_reward_after"])
+    assert loads == [Path(assets["rewards"])] * len(reward.split(","))
+    final = tmp_path / "run" / "final"
+    if args.lora_rank:
+        assert (final / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        assert (final / "transformer" / "config.json").is_file()
