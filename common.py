@@ -752,10 +752,11 @@ class DiffusersPolicy(Policy):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model = self._unwrapped()
-        if self._has_adapters():
+        if self._has_adapters():  # with the adapter's config: without its alpha, diffusers assumes alpha = rank
             import diffusers
-            getattr(diffusers, self.pipeline_class).save_lora_weights(directory,
-                                                                      transformer_lora_layers=lora_state_dict(state))
+            getattr(diffusers, self.pipeline_class).save_lora_weights(
+                directory, transformer_lora_layers=lora_state_dict(state),
+                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
         else:  # save_pretrained would read the (sharded) module itself; write the gathered state dict instead
             from huggingface_hub import save_torch_state_dict
             model.save_config(directory / "transformer")

@@ -13,7 +13,7 @@ import flow_grpo
 import g2rpo
 import neighbor_grpo
 import pro_grpo
-from tiny_pipelines import save_tiny_flux_pipeline
+from tiny_pipelines import assert_pipeline_loads_the_trained_lora, save_tiny_flux_pipeline
 
 SCRIPTS = {"flow_grpo": flow_grpo, "dgpo": dgpo, "neighbor_grpo": neighbor_grpo, "g2rpo": g2rpo,
            "pro_grpo": pro_grpo}
@@ -94,3 +94,14 @@ def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prom
         with pytest.raises(SystemExit, match=message) as e:
             common.load_task(args, keep_reference=False, log=lambda *_: None)
         assert "hf download" in str(e.value) or message == "needs --pretrained" and "hf download" in str(e.value)
+
+
+
+@pytest.mark.parametrize("alpha", [None, "8"])  # the default 2 x rank, and alpha = rank
+def test_saved_lora_loaded_by_the_pipelines_load_lora_weights_is_the_trained_model(pipeline_dir, prompt_files,
+                                                                                   tmp_path, alpha):
+    from diffusers import FluxPipeline
+    extra = ["--lora-alpha", alpha] if alpha else []
+    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, *extra))
+    policy = common.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    assert_pipeline_loads_the_trained_lora(policy, FluxPipeline, pipeline_dir, tmp_path / "final")

@@ -13,7 +13,7 @@ import flow_grpo
 import g2rpo
 import neighbor_grpo
 import pro_grpo
-from tiny_pipelines import save_tiny_sd3_pipeline
+from tiny_pipelines import assert_pipeline_loads_the_trained_lora, save_tiny_sd3_pipeline
 
 SCRIPTS = {"flow_grpo": flow_grpo, "dgpo": dgpo, "neighbor_grpo": neighbor_grpo, "g2rpo": g2rpo,
            "pro_grpo": pro_grpo}
@@ -100,3 +100,11 @@ def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline
     assert summary["model"] == "sd3" and summary["nfe_train"] > 0
     if lora_rank != "0":  # what StableDiffusion3Pipeline.load_lora_weights reads
         assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("alpha", [None, "8"])  # the default 2 x rank, and alpha = rank
+def test_saved_lora_loaded_by_the_pipelines_load_lora_weights_is_the_trained_model(pipeline_dir, prompt_file,
+                                                                                   tmp_path, alpha):
+    from diffusers import StableDiffusion3Pipeline
+    policy = _policy(pipeline_dir, prompt_file, tmp_path, *(["--lora-alpha", alpha] if alpha else []))
+    assert_pipeline_loads_the_trained_lora(policy, StableDiffusion3Pipeline, pipeline_dir, tmp_path / "final")

@@ -103,3 +103,23 @@ def save_tiny_pickscore(reward_dir: Path) -> Path:
     model.save_pretrained(reward_dir / "PickScore_v1")
     tokenizer.save_pretrained(reward_dir / "CLIP-ViT-H-14-laion2B-s32B-b79K")
     return reward_dir
+
+
+def assert_pipeline_loads_the_trained_lora(policy, pipeline_cls, pipeline_dir: Path, out: Path):
+    """`<Pipeline>.load_lora_weights` on what `policy.save` wrote must give the velocity we trained. (Without the
+    adapter's alpha in the file diffusers assumes alpha = rank, scale 1: half the update of our default 2 x rank.)"""
+    with torch.no_grad():  # a trained-looking update: lora_B leaves its zero init
+        for name, p in policy.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    policy.save(out)
+    pipe = pipeline_cls.from_pretrained(pipeline_dir, local_files_only=True)
+    pipe.load_lora_weights(out)
+    x, cond = policy.initial_noise(2, torch.Generator().manual_seed(0)), policy.encode_prompts(["a photo of red"] * 2)
+    with torch.no_grad():
+        trained = policy.velocity(x, 0.6, cond)
+        loaded = policy._forward(pipe.transformer, x, torch.full((2,), 0.6), cond)
+        with policy.reference():  # the base: the comparison would pass trivially if the adapters did nothing
+            base = policy.velocity(x, 0.6, cond)
+    assert (trained - base).abs().max() > 1e-2
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
