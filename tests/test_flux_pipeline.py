@@ -82,6 +82,28 @@ def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, pr
     torch.testing.assert_close(second.policy.encode_prompts(prompts)["prompt_embeds"], embeds)
 
 
+
+@pytest.mark.parametrize("num_steps", [2, 6])
+def test_ode_sampling_and_decoding_equal_the_flux_pipelines_own(pipeline_dir, prompt_files, tmp_path, num_steps):
+    """FluxPipeline(latents=x, guidance 3.5, N steps) from the same packed noise gives the same images as our Euler
+    ODE and decode: the dynamic shift at this resolution, timestep and guidance scaling, latent packing, prompt
+    embeddings (the cached ones) and the VAE's scaling and shift factors, all at once."""
+    from diffusers import FluxPipeline
+    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS,
+                             _flags(pipeline_dir, prompt_files, tmp_path, "--lora-rank", "0"))
+    policy = common.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    prompts = ["a photo of red", "a photo of cyan"]
+    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = policy.decode(common.sample_ode(policy, x, policy.sigmas(num_steps), policy.encode_prompts(prompts),
+                                               solver="euler"))
+    pipe = FluxPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    theirs = pipe(prompt=prompts, latents=x.clone(), height=32, width=32, num_inference_steps=num_steps,
+                  guidance_scale=3.5, max_sequence_length=16, output_type="pt").images
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prompt_files, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     flags = _flags(pipeline_dir, prompt_files, tmp_path)

@@ -39,6 +39,11 @@ def t5_tokenizer():
                            model_max_length=512)
 
 
+# FLUX.1-dev's scheduler/scheduler_config.json: the resolution-dependent ("dynamic") shift
+FLUX_DEV_SCHEDULER_CONFIG = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                                 num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
+
 def save_tiny_flux_pipeline(directory: Path, seed: int = 0) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -51,7 +56,8 @@ def save_tiny_flux_pipeline(directory: Path, seed: int = 0) -> Path:
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     transformer, vae = common.tiny_flux_modules()
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip,
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip,
                         tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(directory)
     return directory
