@@ -10,13 +10,15 @@
 # On a CPU parts 1-2 run with CPU bf16 autocast. Prints the device and one line per run; exits non-zero if any
 # run failed (each run's log is OUT_DIR/<name>.log).
 #   bash scripts/gpu_smoke.sh [OUT_DIR]
-# SMOKE_JOBS=N: part 3 runs N launches at a time (default 4); SMOKE_TIMEOUT=S: a run is killed after S s (1800).
+# SMOKE_JOBS=N: part 3 runs N launches at a time (default 4); SMOKE_TIMEOUT=S: a run is killed after S s (1800);
+# PYTHON=...: the interpreter (default `python`, else `python3`); `accelerate launch` runs through it too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=${1:-runs/gpu_smoke}
 mkdir -p "$OUT"
 FAILED=0
-python - <<'PY'
+"$PY" - <<'PY'
 import torch
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA)",
       "| torch", torch.__version__, "| bf16 supported:", torch.cuda.is_bf16_supported() if torch.cuda.is_available() else "cpu autocast")
@@ -25,7 +27,7 @@ PY
 report() {  # name, seconds[, label]: one line from the run's summary.json, or its failure
   local name=$1 secs=$2 label=${3:-}
   if [[ -f "$OUT/$name/summary.json" ]]; then
-    python -c "import json; s=json.load(open('$OUT/$name/summary.json')); c=json.load(open('$OUT/$name/config.json')); print(f\"ok  {'$label$name':42s} reward {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f}  nfe {s['nfe_rollout']}/{s['nfe_train']}  {c['mixed_precision']}  {s['num_processes']} proc  $secs s\")"
+    "$PY" -c "import json; s=json.load(open('$OUT/$name/summary.json')); c=json.load(open('$OUT/$name/config.json')); print(f\"ok  {'$label$name':42s} reward {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f}  nfe {s['nfe_rollout']}/{s['nfe_train']}  {c['mixed_precision']}  {s['num_processes']} proc  $secs s\")"
   else
     echo "FAILED $name (log: $OUT/$name.log)"; tail -15 "$OUT/$name.log"; FAILED=1
   fi
@@ -33,7 +35,7 @@ report() {  # name, seconds[, label]: one line from the run's summary.json, or i
 run() {  # name, script, flags...
   local name=$1 script=$2; shift 2
   local t0=$SECONDS
-  timeout -k 10 "${SMOKE_TIMEOUT:-1800}" python "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" \
+  timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" \
     --log-every 0 "$@" > "$OUT/$name.log" 2>&1
   report "$name" $((SECONDS - t0))
 }
@@ -44,7 +46,7 @@ for script in flow_grpo dgpo neighbor_grpo g2rpo pro_grpo; do
 done
 
 # 2. the real loading path on tiny random pipelines
-python - "$OUT" <<'PY'
+"$PY" - "$OUT" <<'PY'
 import sys
 from pathlib import Path
 sys.path.insert(0, "tests")
@@ -65,16 +67,16 @@ for model in flux sd3; do
 done
 
 # 3. FSDP and DeepSpeed through `accelerate launch` (CUDA only)
-NGPU=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [[ $NGPU -gt 0 ]]; then
   CONFIGS=(fsdp)
-  if timeout -k 5 300 python -c "import deepspeed" > /dev/null 2>&1; then CONFIGS+=(deepspeed_zero2); else
+  if timeout -k 5 300 "$PY" -c "import deepspeed" > /dev/null 2>&1; then CONFIGS+=(deepspeed_zero2); else
     echo "skip deepspeed_zero2: import deepspeed failed or took over 300 s (is it installed?)"; fi
   PORT=29650
   launch() {  # name, config, script, flags...  (in the background; the report comes after `wait`)
     local name=$1 cfg=$2 script=$3; shift 3
     PORT=$((PORT + 1))
-    timeout -k 10 "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
+    timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$cfg.yaml" \
       --num_processes "$NGPU" --main_process_port $PORT \
       "$script.py" --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" --log-every 0 "$@" \
       > "$OUT/$name.log" 2>&1 &
@@ -104,7 +106,7 @@ if [[ $NGPU -gt 0 ]]; then
     [[ -d "$OUT/$name/checkpoints" ]] || continue
     rm -f "$OUT/$name/summary.json"
     t0=$SECONDS
-    timeout -k 10 "${SMOKE_TIMEOUT:-1800}" accelerate launch --config_file "configs/accelerate/$cfg.yaml" \
+    timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$cfg.yaml" \
       --num_processes "$NGPU" flow_grpo.py \
       --resume-from-checkpoint latest --output-dir "$OUT/$name" --iterations 2 --log-every 0 "${PIPE[@]}" \
       --model flux --pretrained "$OUT/pipelines/flux" --lora-rank 8 > "$OUT/$name.resume.log" 2>&1
