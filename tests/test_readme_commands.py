@@ -1,12 +1,15 @@
-"""The README's multi-GPU commands, read out of the README itself and parsed the way `accelerate launch` parses them:
-every paper preset of every script is launched there; each command's config holds the preset's training state on an
-80 GB GPU by the real parameter counts (and the README's memory table is what benchmarks/memory_estimate.py prints);
-and each command, exactly as written except for the sizes (one prompt, groups of at most 4, 32 px, one iteration),
-trains an iteration on a tiny random pipeline of its model with its preset's reward loaded from --reward-dir."""
+"""The README's commands, read out of the README itself. `accelerate launch` lines are parsed the way `accelerate
+launch` parses them: every paper preset of every script is launched there; each command's config holds its training
+state on an 80 GB GPU by the real parameter counts (and the README's memory table is what
+benchmarks/memory_estimate.py prints); and each command, exactly as written except for the sizes (one prompt,
+groups of at most 4, 32 px, one iteration) and the paths, trains an iteration on a tiny random pipeline of its model
+with its rewards loaded from --reward-dir. `python <script>.py` lines parse, need no reward weights unless they
+name a real model, and those on the tiny FLUX run as written."""
 
 import dataclasses
 import importlib
 import math
+import re
 import shlex
 import sys
 from functools import lru_cache
@@ -16,7 +19,7 @@ import pytest
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
 import common
-from tiny_pipelines import save_tiny_flux_pipeline, save_tiny_pickscore, save_tiny_sd3_pipeline
+from tiny_pipelines import save_tiny_clip_rewards, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -31,23 +34,27 @@ def readme_section(title: str) -> str:
     return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-def readme_commands() -> list[list[str]]:
-    """The `accelerate launch` lines of the Multi-GPU section's bash block, continuation lines joined and the
-    block's own variables expanded ($DATA into its flags; $FLUX and $SD3 stay, the tests put pipelines there)."""
-    block = readme_section("Multi-GPU").split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    variables, commands = {}, []
-    for line in block.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line.startswith("accelerate launch "):
+def readme_shell_lines() -> list[list[str]]:
+    """Every command line of the README's bash blocks as words: continuation lines joined, comments dropped, the
+    blocks' variables expanded except $FLUX and $SD3 (the pipeline directories, which the tests choose)."""
+    text = (ROOT / "README.md").read_text()
+    variables, lines = {}, []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            if re.match(r"^[A-Z_]+=", line):  # FLUX=...; SD3=...  /  DATA="..."
+                for assignment in line.split(";"):
+                    name, _, value = assignment.strip().partition("=")
+                    variables[name] = shlex.split(value)[0]
+                continue
             words = []
             for w in shlex.split(line):
-                words += shlex.split(variables[w[1:]]) if w[1:] in variables and w[1:] not in ("FLUX", "SD3") else [w]
-            commands.append(words)
-        elif line:
-            for assignment in line.split(";"):
-                name, _, value = assignment.strip().partition("=")
-                variables[name] = shlex.split(value)[0]
-    return commands
+                keep = not w.startswith("$") or w[1:] in ("FLUX", "SD3")
+                words += [w] if keep else shlex.split(variables[w[1:]])
+            lines.append(words)
+    return lines
 
 
 def launch(words: list[str]):
@@ -58,29 +65,30 @@ def launch(words: list[str]):
     return args
 
 
-def parsed(words: list[str], pretrained: dict[str, str]):
-    """(module, args): the script and its flags as the script parses them, $FLUX / $SD3 replaced."""
+def parsed(words: list[str]):
+    """(module, args, argv): the script and its flags as the script parses them."""
     la = launch(words)
     module = importlib.import_module(Path(la.training_script).stem)
-    argv = [pretrained.get(w, w) for w in la.training_script_args]
+    argv = list(la.training_script_args)
     return module, common.parse_args(module.Args, module.PRESETS, argv), argv
 
 
-COMMANDS = readme_commands()
-IDS = [f"{Path(launch(c).config_file).stem}-{c[c.index('--preset') + 1]}" for c in COMMANDS]
+LAUNCHES = [w for w in readme_shell_lines() if w[:3] == ["accelerate", "launch", "--config_file"]]
+IDS = [f"{i}-{Path(launch(c).config_file).stem}-{c[c.index('--preset') + 1]}" for i, c in enumerate(LAUNCHES)]
+PYTHON = [w for w in readme_shell_lines() if w[0] == "python" and w[1].removesuffix(".py") in SCRIPTS]
 
 
 def test_every_paper_preset_is_launched_in_the_readme_with_its_own_model():
-    assert len(COMMANDS) >= 8
+    assert len(LAUNCHES) >= 9
     launched = set()
-    for words in COMMANDS:
+    for words in LAUNCHES:
         la = launch(words)
         assert la.num_processes == 8 and la.mixed_precision == "bf16"
-        module, args, _ = parsed(words, {"$FLUX": "/data/FLUX.1-dev", "$SD3": "/data/sd3.5"})
-        pretrained = la.training_script_args[la.training_script_args.index("--pretrained") + 1]
-        assert pretrained == {"flux": "$FLUX", "sd3": "$SD3"}[args.model], words
+        module, args, argv = parsed(words)
+        pretrained = argv[argv.index("--pretrained") + 1]
+        assert pretrained in ({"flux": "$FLUX", "sd3": "$SD3"}[args.model], "/data/FLUX.1-dev"), words
         assert args.train_prompts and args.eval_prompts and args.reward_dir and args.reward, words
-        launched.add((Path(la.training_script).stem, args.preset))
+        launched.add((module.__name__, args.preset))
     paper = {(name, preset) for name in SCRIPTS
              for preset, values in importlib.import_module(name).PRESETS.items() if values["model"] in ("flux", "sd3")}
     assert paper <= launched, f"paper presets with no README command: {sorted(paper - launched)}"
@@ -104,11 +112,11 @@ def _state_gib(model: str, rank: int, strategy: str, reference: bool, gpus: int 
     return (sum(memory_estimate.state_bytes(params, lora, block, strategy, gpus)) + extra) / memory_estimate.GIB
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=IDS)
+@pytest.mark.parametrize("words", LAUNCHES, ids=IDS)
 def test_the_commands_config_holds_the_training_state_on_an_80gb_gpu(words):
     la = launch(words)
     strategy = "fsdp" if la.use_fsdp else "deepspeed" if la.use_deepspeed else "ddp"
-    module, args, _ = parsed(words, {})
+    module, args, _ = parsed(words)
     reference = module.__name__ == "dgpo" or getattr(args, "kl_beta", 0) > 0
     assert _state_gib(args.model, args.lora_rank, strategy, reference) < GPU_GIB
 
@@ -128,10 +136,10 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     (root / "train.txt").write_text("a photo of red\na photo of green\na photo of cyan\n")
     (root / "eval.txt").write_text("a photo of blue\n")
-    return {"$FLUX": str(save_tiny_flux_pipeline(root / "FLUX.1-dev")),
-            "$SD3": str(save_tiny_sd3_pipeline(root / "stable-diffusion-3.5-medium")),
-            "rewards": str(save_tiny_pickscore(root / "rewards")),
-            "train": str(root / "train.txt"), "eval": str(root / "eval.txt")}
+    return {"flux": str(save_tiny_flux_pipeline(root / "FLUX.1-dev")),
+            "sd3": str(save_tiny_sd3_pipeline(root / "stable-diffusion-3.5-medium")),
+            "--reward-dir": str(save_tiny_clip_rewards(root / "rewards")),
+            "--train-prompts": str(root / "train.txt"), "--eval-prompts": str(root / "eval.txt")}
 
 
 def _shrunk(module, args) -> list[str]:
@@ -148,26 +156,43 @@ def _shrunk(module, args) -> list[str]:
     return flags
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=IDS)
+@pytest.mark.parametrize("words", LAUNCHES, ids=IDS)
 def test_the_command_trains_an_iteration_on_a_tiny_pipeline(words, assets, tmp_path, monkeypatch):
     """HPSv2.1 (a reward extra, open-clip-torch, with a ViT-H that has no tiny stand-in) is swapped for PickScore:
     a weighted multi-reward stays one."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
     loads = []
-    monkeypatch.setitem(common.LEARNED_REWARDS, "pickscore",
-                        lambda root, device="cpu": loads.append(root) or common.load_pickscore(root, device))
-    module, args, argv = parsed(words, {k: v for k, v in assets.items() if k.startswith("$")})
+    for name in ("pickscore", "clip"):
+        monkeypatch.setitem(common.LEARNED_REWARDS, name, lambda root, device="cpu", _name=name, _load=common.
+                            LEARNED_REWARDS[name]: loads.append((_name, root)) or _load(root, device))
+    module, args, argv = parsed(words)
+    paths = {"--pretrained": assets[args.model], **{k: v for k, v in assets.items() if k.startswith("--")}}
+    argv = [paths.get(flag, word) for flag, word in zip([None] + argv, argv)]  # the value after each path flag
     reward = args.reward.replace("hpsv2", "pickscore")
-    argv = [{"train.txt": assets["train"], "eval.txt": assets["eval"], "/data/rewards": assets["rewards"]}.get(w, w)
-            for w in argv]
     summary = module.main(argv + _shrunk(module, args) + ["--reward", reward, "--output-dir", str(tmp_path / "run")])
     assert summary["preset"] == args.preset and summary["model"] == args.model
     assert summary["nfe_rollout"] > 0 and summary["nfe_train"] > 0
     assert math.isfinite(summary["eval_reward_before"]) and math.isfinite(summary["eval_reward_after"])
-    assert loads == [Path(assets["rewards"])] * len(reward.split(","))
+    root = Path(assets["--reward-dir"])
+    assert loads == [(part.split(":")[0], root) for part in reward.split(",")]
     final = tmp_path / "run" / "final"
     if args.lora_rank:
         assert (final / "pytorch_lora_weights.safetensors").is_file()
     else:
         assert (final / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("words", PYTHON, ids=[" ".join(w[1:]) for w in PYTHON])
+def test_the_python_commands_parse_and_those_on_the_tiny_flux_run(words, tmp_path, monkeypatch):
+    assert len(PYTHON) >= 12
+    module = importlib.import_module(words[1].removesuffix(".py"))
+    if len(words) == 3 and words[2].endswith((".yaml", ".json")):  # a config file of the user's
+        return
+    args = common.parse_args(module.Args, module.PRESETS, words[2:])
+    if args.model not in ("flux", "sd3"):  # the built-in models must run with no weights on disk
+        assert args.reward is None or all(p.split(":")[0] in common.REWARDS for p in args.reward.split(",")), words
+    if args.model == "tiny-flux":
+        monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+        summary = module.main(words[2:] + ["--output-dir", str(tmp_path / "run")])
+        assert summary["iterations"] == args.iterations and summary["nfe_train"] > 0

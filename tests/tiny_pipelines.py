@@ -102,12 +102,14 @@ def tiny_clip(directory: Path):
     return CLIPModel(config).eval(), tokenizer
 
 
-def save_tiny_pickscore(reward_dir: Path) -> Path:
-    """A `--reward-dir` laid out as `common.load_pickscore` reads it: the model in PickScore_v1/, the tokenizer in
-    CLIP-ViT-H-14-laion2B-s32B-b79K/."""
+def save_tiny_clip_rewards(reward_dir: Path) -> Path:
+    """A `--reward-dir` laid out as `common.load_pickscore` and `common.load_clip_score` read it: PickScore's model
+    in PickScore_v1/ with its tokenizer in CLIP-ViT-H-14-laion2B-s32B-b79K/, CLIP score's in clip-vit-large-patch14/."""
     model, tokenizer = tiny_clip(reward_dir / "_vocab")
     model.save_pretrained(reward_dir / "PickScore_v1")
     tokenizer.save_pretrained(reward_dir / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    model.save_pretrained(reward_dir / "clip-vit-large-patch14")
+    tokenizer.save_pretrained(reward_dir / "clip-vit-large-patch14")
     return reward_dir
 
 
