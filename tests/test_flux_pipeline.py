@@ -13,7 +13,8 @@ import flow_grpo
 import g2rpo
 import neighbor_grpo
 import pro_grpo
-from tiny_pipelines import assert_pipeline_loads_the_trained_lora, save_tiny_flux_pipeline
+from tiny_pipelines import (assert_pipeline_loads_the_trained_lora, assert_pipeline_samples_the_same_images,
+                            save_tiny_flux_pipeline)
 
 SCRIPTS = {"flow_grpo": flow_grpo, "dgpo": dgpo, "neighbor_grpo": neighbor_grpo, "g2rpo": g2rpo,
            "pro_grpo": pro_grpo}
@@ -92,16 +93,8 @@ def test_ode_sampling_and_decoding_equal_the_flux_pipelines_own(pipeline_dir, pr
     args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS,
                              _flags(pipeline_dir, prompt_files, tmp_path, "--lora-rank", "0"))
     policy = common.load_task(args, keep_reference=False, log=lambda *_: None).policy
-    prompts = ["a photo of red", "a photo of cyan"]
-    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = policy.decode(common.sample_ode(policy, x, policy.sigmas(num_steps), policy.encode_prompts(prompts),
-                                               solver="euler"))
     pipe = FluxPipeline.from_pretrained(pipeline_dir, local_files_only=True)
-    theirs = pipe(prompt=prompts, latents=x.clone(), height=32, width=32, num_inference_steps=num_steps,
-                  guidance_scale=3.5, max_sequence_length=16, output_type="pt").images
-    assert ours.shape == theirs.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert_pipeline_samples_the_same_images(policy, pipe, num_steps, guidance_scale=3.5)
 
 
 def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prompt_files, tmp_path, monkeypatch):

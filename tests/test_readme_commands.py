@@ -73,20 +73,21 @@ def parsed(words: list[str]):
     return module, common.parse_args(module.Args, module.PRESETS, argv), argv
 
 
-LAUNCHES = [w for w in readme_shell_lines() if w[:3] == ["accelerate", "launch", "--config_file"]]
+LINES = readme_shell_lines()
+LAUNCHES = [w for w in LINES if w[:3] == ["accelerate", "launch", "--config_file"]]
 IDS = [f"{i}-{Path(launch(c).config_file).stem}-{c[c.index('--preset') + 1]}" for i, c in enumerate(LAUNCHES)]
-PYTHON = [w for w in readme_shell_lines() if w[0] == "python" and w[1].removesuffix(".py") in SCRIPTS]
+PYTHON = [w for w in LINES if w[0] == "python" and w[1].removesuffix(".py") in SCRIPTS]
 
 
 def test_every_paper_preset_is_launched_in_the_readme_with_its_own_model():
-    assert len(LAUNCHES) >= 9
+    assert len(LAUNCHES) >= 9 and len(PYTHON) >= 12  # what the parametrized tests below run on
     launched = set()
     for words in LAUNCHES:
         la = launch(words)
         assert la.num_processes == 8 and la.mixed_precision == "bf16"
         module, args, argv = parsed(words)
         pretrained = argv[argv.index("--pretrained") + 1]
-        assert pretrained in ({"flux": "$FLUX", "sd3": "$SD3"}[args.model], "/data/FLUX.1-dev"), words
+        assert pretrained in {"flux": ("$FLUX", "/data/FLUX.1-dev"), "sd3": ("$SD3",)}[args.model], words
         assert args.train_prompts and args.eval_prompts and args.reward_dir and args.reward, words
         launched.add((module.__name__, args.preset))
     paper = {(name, preset) for name in SCRIPTS
@@ -185,7 +186,6 @@ def test_the_command_trains_an_iteration_on_a_tiny_pipeline(words, assets, tmp_p
 
 @pytest.mark.parametrize("words", PYTHON, ids=[" ".join(w[1:]) for w in PYTHON])
 def test_the_python_commands_parse_and_those_on_the_tiny_flux_run(words, tmp_path, monkeypatch):
-    assert len(PYTHON) >= 12
     module = importlib.import_module(words[1].removesuffix(".py"))
     if len(words) == 3 and words[2].endswith((".yaml", ".json")):  # a config file of the user's
         return

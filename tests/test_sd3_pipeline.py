@@ -13,7 +13,8 @@ import flow_grpo
 import g2rpo
 import neighbor_grpo
 import pro_grpo
-from tiny_pipelines import assert_pipeline_loads_the_trained_lora, save_tiny_sd3_pipeline
+from tiny_pipelines import (assert_pipeline_loads_the_trained_lora, assert_pipeline_samples_the_same_images,
+                            save_tiny_sd3_pipeline)
 
 SCRIPTS = {"flow_grpo": flow_grpo, "dgpo": dgpo, "neighbor_grpo": neighbor_grpo, "g2rpo": g2rpo,
            "pro_grpo": pro_grpo}
@@ -70,16 +71,8 @@ def test_ode_sampling_and_decoding_equal_the_pipelines_own(pipeline_dir, prompt_
     """StableDiffusion3Pipeline(latents=x, CFG 4.5, 6 steps) gives the same images as our Euler ODE and decode."""
     from diffusers import StableDiffusion3Pipeline
     policy = _policy(pipeline_dir, prompt_file, tmp_path)
-    prompts = ["a photo of red", "a photo of cyan"]
-    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = policy.decode(common.sample_ode(policy, x, policy.sigmas(6), policy.encode_prompts(prompts),
-                                               solver="euler"))
     pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, local_files_only=True)
-    theirs = pipe(prompt=prompts, negative_prompt="", latents=x.clone(), height=32, width=32, num_inference_steps=6,
-                  guidance_scale=4.5, max_sequence_length=16, output_type="pt").images
-    assert ours.shape == theirs.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert_pipeline_samples_the_same_images(policy, pipe, 6, guidance_scale=4.5, negative_prompt="")
 
 
 def test_cfg_counts_two_nfe_and_without_cfg_is_the_conditional_velocity(pipeline_dir, prompt_file, tmp_path):

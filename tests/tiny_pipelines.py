@@ -131,3 +131,17 @@ def assert_pipeline_loads_the_trained_lora(policy, pipeline_cls, pipeline_dir: P
             base = policy.velocity(x, 0.6, cond)
     assert (trained - base).abs().max() > 1e-2
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+
+
+def assert_pipeline_samples_the_same_images(policy, pipe, num_steps: int, **call_kwargs):
+    """`pipe(latents=x, N steps, output_type="pt")` from the same noise gives the images of our Euler ODE and
+    decode (32 px, 16 text tokens; `call_kwargs` adds the guidance and, for SD3, the negative prompt)."""
+    prompts = ["a photo of red", "a photo of cyan"]
+    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = policy.decode(common.sample_ode(policy, x, policy.sigmas(num_steps), policy.encode_prompts(prompts),
+                                               solver="euler"))
+    theirs = pipe(prompt=prompts, latents=x.clone(), height=32, width=32, num_inference_steps=num_steps,
+                  max_sequence_length=16, output_type="pt", **call_kwargs).images
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
