@@ -1,0 +1,110 @@
+"""Which scaled-dot-product attention kernel the transformers run on, chosen and checked rather than left to PyTorch.
+
+PyTorch tries cuDNN attention first on Hopper GPUs. On an H200 with torch 2.11 (cuDNN 9.19) its backward pass gave
+NaN in FLUX's transformer at diffusers' tiny test widths, and crashed (`CUBLAS_STATUS_EXECUTION_FAILED`, "illegal
+memory access") at FLUX.1-dev's widths with fp32 weights under bf16 autocast and at 2025 + 512 tokens (720 px);
+flash and memory-efficient attention passed every case (pytorch/pytorch#196678 reports the same bug). So:
+
+- `--attention-backend auto` (the default) on a GPU runs flash attention where it takes the inputs, else
+  memory-efficient attention, and never cuDNN; `flash`, `efficient`, `cudnn`, `math` ask for one kernel (math stays
+  enabled as the fallback for inputs the chosen kernel cannot take, such as the fp32 reward models).
+- Before the first training step `configure` runs the chosen kernel once, forward and backward, on random tensors of
+  the model's head size, head count, sequence length and compute dtype, against the math kernel in fp32. A kernel
+  that errors, returns NaN or disagrees stops the run with one line that names a kernel that passed the same check.
+- On the CPU nothing changes (PyTorch's own choice; cuDNN does not exist there) unless a backend is named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+CHOICES = ("auto", *BACKENDS)
+AUTO_ORDER = ("flash", "efficient")  # what `auto` tries, in this order; cuDNN only when asked for by name
+# Agreement with the fp32 math kernel: relative L2 error of the output and of each input gradient. bf16 rounding
+# alone gives ~4e-3 (8 bits of mantissa); a broken kernel gives NaN or O(1).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class AttentionShape:
+    """What a model's attention calls look like: heads, head size, and the joint (image + text) sequence length."""
+    heads: int
+    head_dim: int
+    seq_len: int
+
+
+def check_backend(name: str, shape: AttentionShape, dtype: torch.dtype, device, seed: int = 0) -> Optional[str]:
+    """Run `name` alone, forward and backward, on random q, k, v of `shape` in `dtype` (batch 1), against the math
+    kernel in fp32 on the same (rounded) inputs. Returns None if it agrees, else one line saying what went wrong."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(1, shape.heads, shape.seq_len, shape.head_dim, generator=g).to(device, dtype)
+               for _ in range(3))
+    grad_out = torch.randn(1, shape.heads, shape.seq_len, shape.head_dim, generator=g).to(device, dtype)
+
+    def run(backend, dt):
+        inputs = [t.detach().to(dt).requires_grad_(True) for t in (q, k, v)]
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(*inputs)
+        out.backward(grad_out.to(dt))
+        return [out.detach().float()] + [t.grad.float() for t in inputs]
+
+    try:
+        got = run(BACKENDS[name], dtype)
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    except RuntimeError as e:  # "No available kernel", a CUDA error, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    want = run(SDPBackend.MATH, torch.float32)
+    for label, a, b in zip(("output", "dq", "dk", "dv"), got, want):
+        if not torch.isfinite(a).all():
+            return f"non-finite {label}"
+        err = ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+        if err > TOLERANCE.get(dtype, 3e-2):
+            return f"{label} differs from the math kernel by {err:.2e} (relative)"
+    return None
+
+
+def enable(names: set[str]):
+    """Process-wide: the named kernels on (PyTorch prefers flash, then memory-efficient), math always on as the
+    fallback for inputs they cannot take (e.g. fp32 reward models under flash), the others off."""
+    torch.backends.cuda.enable_flash_sdp("flash" in names)
+    torch.backends.cuda.enable_mem_efficient_sdp("efficient" in names)
+    torch.backends.cuda.enable_cudnn_sdp("cudnn" in names)
+    torch.backends.cuda.enable_math_sdp(True)
+
+
+def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtype, device, log=print) -> Optional[str]:
+    """Choose, check and enable the attention kernel for a model with attention calls of `shape` computed in `dtype`
+    (the autocast dtype under mixed precision). Returns the kernel in use (None: PyTorch's default, on the CPU with
+    `auto` or for a model without attention). Raises SystemExit with one line when the chosen kernel fails."""
+    if requested not in CHOICES:
+        raise SystemExit(f"--attention-backend must be one of {', '.join(CHOICES)}; got {requested!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if shape is None or (requested == "auto" and not on_gpu):
+        return None
+    candidates = AUTO_ORDER if requested == "auto" else (requested,)
+    failures = {}
+    for name in candidates:
+        failures[name] = check_backend(name, shape, dtype, device)
+        if failures[name] is None:
+            # auto: every kernel of AUTO_ORDER that did not fail stays on (memory-efficient serves the fp32 calls
+            # flash cannot take); cuDNN stays off unless asked for by name
+            enable({name} if requested != "auto" else {n for n in AUTO_ORDER if failures.get(n) is None})
+            log(f"attention: {name} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
+                f"{shape.seq_len} tokens, {str(dtype).removeprefix('torch.')}, forward and backward)")
+            return name
+    where = (f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, "
+             f"{str(dtype).removeprefix('torch.')})")
+    tried = "; ".join(f"{n}: {why}" for n, why in failures.items())
+    working = [n for n in BACKENDS if n not in failures and check_backend(n, shape, dtype, device) is None]
+    if working:
+        raise SystemExit(f"attention kernel check failed on {where}: {tried}. Use --attention-backend {working[0]}, "
+                         f"which passes the same check")
+    raise SystemExit(f"attention kernel check failed on {where}: {tried}; no other kernel passes it either")

@@ -1,0 +1,107 @@
+"""infra/attention.py: the attention kernel is chosen, checked numerically against the math kernel, and a kernel
+that fails stops the run with one line naming one that passes. The kernels themselves run on the CPU (flash and
+math exist there); a broken GPU kernel is simulated by a wrapper that corrupts one kernel's output."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from infra import attention
+
+SHAPE = attention.AttentionShape(heads=2, head_dim=16, seq_len=40)
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel_flags():
+    flags = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()]
+    yield
+    for enable, on in zip((torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                           torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_math_sdp), flags):
+        enable(on)
+
+
+@pytest.fixture
+def broken_flash(monkeypatch):
+    """Flash attention that returns NaN wherever it is the only kernel allowed (as cuDNN's backward did on an H200)."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        out = original(*args, **kwargs)
+        only_flash = torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+        return out * float("nan") if only_flash else out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_working_kernels_pass_the_check_on_the_cpu(dtype):
+    assert attention.check_backend("flash", SHAPE, dtype, "cpu") is None
+    assert attention.check_backend("math", SHAPE, dtype, "cpu") is None
+
+
+def test_a_kernel_missing_on_this_device_fails_the_check_with_its_reason():
+    reason = attention.check_backend("cudnn", SHAPE, torch.float32, "cpu")  # no cuDNN attention on a CPU
+    assert reason and "RuntimeError" in reason
+
+
+def test_a_kernel_giving_nan_fails_and_the_error_names_a_kernel_that_passes(broken_flash):
+    assert attention.check_backend("flash", SHAPE, torch.float32, "cpu") == "non-finite output"
+    with pytest.raises(SystemExit) as e:
+        attention.configure("flash", SHAPE, torch.float32, "cpu", log=lambda *_: None)
+    message = str(e.value)
+    assert "\n" not in message and "flash: non-finite output" in message
+    assert "Use --attention-backend math" in message  # efficient and cuDNN do not run on a CPU: math is what passes
+
+
+def test_a_wrong_answer_is_caught_not_only_nan(monkeypatch):
+    original = F.scaled_dot_product_attention
+
+    def off_by_a_bit(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out * 1.1 if not torch.backends.cuda.math_sdp_enabled() else out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", off_by_a_bit)
+    reason = attention.check_backend("flash", SHAPE, torch.float32, "cpu")
+    assert reason.startswith("output differs from the math kernel")
+
+
+def test_auto_on_a_gpu_takes_flash_else_efficient_and_never_cudnn(monkeypatch):
+    """The choice and the process-wide flags, with the per-kernel check replaced by its verdicts."""
+    verdicts = {"flash": None, "efficient": None, "cudnn": None, "math": None}
+    monkeypatch.setattr(attention, "check_backend", lambda name, *a, **k: verdicts[name])
+    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=lambda *_: None) == "flash"
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    verdicts["flash"] = "non-finite dq"
+    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=lambda *_: None) == "efficient"
+    assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    verdicts["efficient"] = "RuntimeError: illegal memory access"
+    with pytest.raises(SystemExit, match="Use --attention-backend cudnn"):
+        attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=lambda *_: None)
+    assert attention.configure("cudnn", SHAPE, torch.bfloat16, "cuda", log=lambda *_: None) == "cudnn"
+    assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_auto_on_the_cpu_changes_nothing_and_bad_names_are_refused():
+    assert attention.configure("auto", SHAPE, torch.float32, "cpu") is None
+    assert attention.configure("flash", None, torch.float32, "cpu") is None  # a model without attention (the toy)
+    with pytest.raises(SystemExit, match="--attention-backend must be one of auto, flash"):
+        attention.configure("xformers", SHAPE, torch.float32, "cpu")
+
+
+def test_flux_and_sd3_report_their_attention_shape():
+    flux = common.build_tiny_flux(resolution=32, lora_rank=4)
+    assert flux.attention_shape() == attention.AttentionShape(heads=2, head_dim=16, seq_len=256 + 8)
+    assert common.Toy2DPolicy(keep_reference=False).attention_shape() is None
+
+
+def test_a_run_with_a_named_kernel_checks_it_before_training(tmp_path, broken_flash):
+    """The check runs at the start of a real run, before the first evaluation, and stops it with one line."""
+    import flow_grpo
+    flags = ["--model", "tiny-flux", "--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0"]
+    with pytest.raises(SystemExit, match="flash: non-finite output"):
+        flow_grpo.main(flags + ["--attention-backend", "flash"])
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "final").exists()
