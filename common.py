@@ -189,6 +189,35 @@ def sde_step_with_logprob(x, v, sigma, sigma_next, noise_level: float, prev_samp
 
 
 # ======================================================================================================
+# Non-finite numbers stop the run
+# ======================================================================================================
+
+
+class NonFiniteError(SystemExit):
+    """A NaN or infinite reward, loss, log-probability ratio or gradient norm. It is a SystemExit: the run stops with
+    one line on stderr and exit status 1, no traceback, before anything is saved from the broken state (the last
+    checkpoint stays as it was, no final weights are written). The run in progress sets `where` (the iteration, the
+    last checkpoint)."""
+
+    where: Callable[[], str] = staticmethod(lambda: "")
+
+    def __init__(self, name: str, value):
+        value = torch.as_tensor(value).detach().float().flatten()
+        bad = value[~torch.isfinite(value)]
+        self.quantity = name
+        super().__init__(f"stopped: {name} is {bad[0].item()} ({len(bad)} of {len(value)} values non-finite)"
+                         f"{NonFiniteError.where()}. Likely causes: the attention kernel (try --attention-backend "
+                         f"efficient or math), a learning rate too high for this model (--learning-rate), or the "
+                         f"precision (--mixed-precision no)")
+
+
+def check_finite(name: str, value):
+    """Raise NonFiniteError unless every element of `value` is finite."""
+    if not torch.isfinite(torch.as_tensor(value)).all():
+        raise NonFiniteError(name, value)
+
+
+# ======================================================================================================
 # Group advantages and the PPO-clipped loss
 # ======================================================================================================
 
@@ -200,6 +229,7 @@ def group_advantages(rewards: torch.Tensor, std: str = "group", clip: float = 5.
     group's std (DanceGRPO, G2RPO); `std="global"` by the std of all rewards given (Flow-GRPO's default,
     which gathers the rewards of every process first). The mean is always the group's.
     """
+    check_finite("reward", rewards)
     centred = rewards - rewards.mean(dim=-1, keepdim=True)
     if std == "group":
         scale = rewards.std(dim=-1, keepdim=True) if rewards.shape[-1] > 1 else torch.ones_like(rewards[..., :1])
@@ -231,6 +261,7 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
     official Flow-GRPO logging.
     """
     log_ratio = log_prob - old_log_prob
+    check_finite("log-probability ratio", log_ratio.detach())
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -328,9 +359,12 @@ def optimizer_step(accelerator, policy: "Policy", optimizer, max_grad_norm: floa
     The norm is over ALL the network's parameters (frozen ones have no gradient and count zero): under FSDP
     accelerate computes the global norm across shards only when handed exactly the wrapped model's parameters,
     and would otherwise clip each process's shard by its local norm. Under DeepSpeed the engine has already
-    clipped and stepped in the last backward pass (see `accumulating`); this returns its global norm.
+    clipped and stepped in the last backward pass (see `accumulating`); this returns its global norm. A non-finite
+    norm stops the run (NonFiniteError) before the step.
     """
     grad_norm = accelerator.clip_grad_norm_(policy.net.parameters(), max_grad_norm)
+    if grad_norm is not None:  # checked before the step: the weights never take a non-finite update
+        check_finite("gradient norm", grad_norm)
     optimizer.step()
     optimizer.zero_grad()
     return grad_norm
@@ -383,6 +417,11 @@ class Policy:
 
     def _forward(self, net, x, sigma, cond):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def attention_shape(self):
+        """The attention calls of the model (heads, head size, joint sequence length), for the kernel check
+        (infra/attention.py); None for a model without attention."""
+        return None
 
     cfg_scale: float = 1.0  # classifier-free guidance scale (SD3); 1 means none
 
@@ -498,7 +537,7 @@ class Policy:
             return make_sigmas(num_steps, image_seq_len=self.image_seq_len)
         return make_sigmas(num_steps, shift=self.default_shift)
 
-    def save(self, directory: str | Path):  # pragma: no cover - abstract
+    def save(self, directory: str | Path, state: Optional[dict] = None):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def load(self, directory: str | Path):  # pragma: no cover - abstract
@@ -613,9 +652,9 @@ class Toy2DPolicy(Policy):
     def sample_shape(self):
         return (2,)
 
-    def save(self, directory):
+    def save(self, directory, state=None):
         from safetensors.torch import save_file
-        state = self.full_state_dict()
+        state = self.full_state_dict() if state is None else state
         if not self.is_main:
             return
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -742,11 +781,12 @@ class DiffusersPolicy(Policy):
             out.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
 
-    def save(self, directory):
+    def save(self, directory, state=None):
         """LoRA: `pytorch_lora_weights.safetensors`, which `<Pipeline>.load_lora_weights(directory)` reads.
         Full fine-tuning: `transformer/` as `save_pretrained` lays it out (config + safetensors shards), which
-        `<Transformer>.from_pretrained` reads. Every process calls this; the main process writes."""
-        state = self.full_state_dict()  # gathered from the FSDP shards
+        `<Transformer>.from_pretrained` reads. Every process calls this (or passes the `full_state_dict()` it
+        gathered already); the main process writes."""
+        state = self.full_state_dict() if state is None else state  # gathered from the FSDP shards
         if not self.is_main:
             return
         directory = Path(directory)
@@ -823,6 +863,12 @@ class FluxPolicy(DiffusersPolicy):
     def sample_shape(self):
         return (self.image_seq_len, 4 * self.latent_channels)
 
+    def attention_shape(self):
+        from infra.attention import AttentionShape
+        cfg = self._unwrapped().config
+        return AttentionShape(cfg.num_attention_heads, cfg.attention_head_dim,
+                              self.image_seq_len + self.text_encoder.seq_len)
+
     def unpack(self, x):
         b, h = x.shape[0], self.latent_hw
         x = x.view(b, h // 2, h // 2, self.latent_channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
@@ -872,6 +918,12 @@ class SD3Policy(DiffusersPolicy):
 
     def sample_shape(self):
         return (self.latent_channels, self.latent_hw, self.latent_hw)
+
+    def attention_shape(self):
+        from infra.attention import AttentionShape
+        cfg = self._unwrapped().config
+        return AttentionShape(cfg.num_attention_heads, cfg.attention_head_dim,
+                              (self.latent_hw // cfg.patch_size) ** 2 + self.uncond["prompt_embeds"].shape[1])
 
     def sigmas(self, num_steps: int, shift: Optional[float] = None) -> torch.Tensor:
         """The pipeline scheduler's own N-step schedule, as StableDiffusion3Pipeline and Flow-GRPO's SD3 code
@@ -1446,6 +1498,7 @@ def evaluate(task: Task, args) -> dict[str, float]:
             rewards.append(task.reward_fn(samples, p))
             for k, fn in task.metrics.items():
                 metrics[k].append(fn(samples, p))
+    check_finite("evaluation reward", torch.cat(rewards))
     out = {"reward": torch.cat(rewards).mean().item()}
     out.update({k: torch.cat(v).mean().item() for k, v in metrics.items()})
     return out
@@ -1479,6 +1532,9 @@ class CommonArgs:
     checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)")
     checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints")
     resume_from_checkpoint: Optional[str] = arg(None, "resume from a checkpoint directory, or 'latest' in --output-dir")
+    attention_backend: str = arg("auto", "attention kernel: 'auto' (on a GPU flash, else memory-efficient, never "
+                                          "cuDNN, whose backward gives NaN on H100/H200 with torch 2.11), 'flash', "
+                                          "'efficient', 'cudnn' or 'math'; checked against math before training")
     dist_timeout_minutes: int = arg(120, "how long a process waits for the others at a collective (NCCL's default 10 "
                                          "min is shorter than embedding a large prompt set on the main process)")
     # model
@@ -1565,6 +1621,12 @@ def _check_args(args, presets):
 # ======================================================================================================
 
 
+def weight_fingerprint(state: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """(len(names), 2) float64: each named tensor's sum and sum of squares. Any real update changes it, and it keeps
+    no copy of the weights (12B parameters in fp32 are 48 GB)."""
+    return torch.stack([torch.stack([state[n].double().sum(), state[n].double().square().sum()]) for n in names])
+
+
 def mean_stats(stats: list[dict]) -> dict:
     """Average a list of per-step statistics dicts key by key."""
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
@@ -1621,6 +1683,18 @@ class Run:
         self.eval_seconds = 0.0
         self.elapsed_before = 0.0  # wall seconds of the run before a resume
         self.first_iteration = 0
+        self.iteration = None  # the iteration in progress (None: before training)
+        self.evaluating = None  # the label of the evaluation in progress
+        NonFiniteError.where = self._position
+
+    def _position(self) -> str:
+        """Where a stopped run stands, for its one-line message: the iteration and what is on disk."""
+        found = self._checkpoints()
+        where = (f" in the {self.evaluating} evaluation" if self.evaluating else
+                 f" at iteration {self.iteration}" if self.iteration is not None else " before training")
+        resume = (f"last checkpoint {found[-1]} (resume: --resume-from-checkpoint latest --output-dir {self.out})"
+                  if found else "no checkpoint")
+        return f"{where}; {resume}; no final weights were written"
 
     @property
     def device(self):
@@ -1636,6 +1710,11 @@ class Run:
         "before" evaluation. `state` names whatever else a checkpoint must restore for an exact resume: torch
         Generators and objects with state_dict / load_state_dict (the model, optimizer and RNGs are handled)."""
         self.task, self.state = task, state
+        from infra import attention
+        mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
+        dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
+        attention.configure(self.args.attention_backend, task.policy.attention_shape(), dtype, self.device,
+                            self.print)
         if self.args.resume_from_checkpoint is None:
             self.before = self.evaluate(task, "before")
             return self.before
@@ -1650,6 +1729,7 @@ class Run:
         progress = saved["progress"]
         task.policy.nfe = dict(progress["nfe"])
         self.first_iteration, self.before = progress["iteration"], progress["before"]
+        self.fingerprint_before = progress["fingerprint_before"]
         self.elapsed_before, self.eval_seconds = progress["elapsed"], progress["eval_seconds"]
         if self.is_main:  # drop metrics logged after the checkpoint: those iterations run again
             log = self.out / "metrics.jsonl"
@@ -1684,6 +1764,7 @@ class Run:
         state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                  for name, obj in self.state.items()}
         progress = {"iteration": iterations_done, "nfe": dict(self.task.policy.nfe), "before": self.before,
+                    "fingerprint_before": self.fingerprint_before,
                     "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
         torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
         self.task.policy.save(path / "weights")  # every process: FSDP gathers the weights collectively
@@ -1701,7 +1782,9 @@ class Run:
 
     def evaluate(self, task: Task, label: str) -> dict[str, float]:
         t0 = time.time()
+        self.evaluating = label
         result = evaluate(task, self.args)
+        self.evaluating = None
         if task.grid_prompts and label in ("before", "after") and self.is_main:
             sample_grid(task, self.args, self.out / f"samples_{label}.png")
         self.eval_seconds += time.time() - t0
@@ -1722,6 +1805,8 @@ class Run:
                     torch.distributed.broadcast(p.data, src=0)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=a.learning_rate, weight_decay=a.weight_decay,
                                       betas=(0.9, a.adam_beta2))
+        self.trainable_names = [n for n, p in policy.net.named_parameters() if p.requires_grad]
+        self.fingerprint_before = weight_fingerprint(policy.net.state_dict(), self.trainable_names)
         return policy.prepare(self.accelerator, optimizer)
 
     def _configure_deepspeed(self):
@@ -1739,6 +1824,8 @@ class Run:
 
     def begin_iteration(self, policy: Policy):
         self._t0, self._nfe0 = time.time(), dict(policy.nfe)
+        self.iteration = getattr(self, "_next_iteration", self.first_iteration)
+        self._next_iteration = self.iteration + 1
 
     def end_iteration(self, iteration: int, task: Task, rewards: torch.Tensor, losses: dict, **extra):
         """Log one iteration: reward statistics of the (gathered) rewards (groups, G), this iteration's NFE
@@ -1754,6 +1841,9 @@ class Run:
         if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
             metrics.update({f"eval/{k}": v for k, v in self.evaluate(task, f"it {iteration + 1}").items()})
         self.log(iteration, metrics)
+        for k, v in metrics.items():  # before any checkpoint is written from this state
+            if isinstance(v, (float, int, torch.Tensor)):
+                check_finite(k, v)
         every = self.args.checkpoint_every
         if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
             self.save_checkpoint(iteration + 1)
@@ -1787,8 +1877,13 @@ class Run:
                 summary[f"{k}_before"], summary[f"{k}_after"] = before[k], after[k]
         summary.update(extra)
         self.accelerator.wait_for_everyone()
+        state = task.policy.full_state_dict()  # every process: FSDP gathers the weights collectively
+        if self.is_main:  # did training move the weights? (a smoke run must fail when it did not)
+            changed = weight_fingerprint(state, self.trainable_names) != self.fingerprint_before
+            summary["trainable_tensors_changed"] = int(changed.any(-1).sum())
+            summary["trainable_tensors"] = len(self.trainable_names)
         if self.args.save_weights:
-            task.policy.save(self.out / "final")  # every process: FSDP gathers the weights collectively
+            task.policy.save(self.out / "final", state)
             summary["weights"] = str(self.out / "final")
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))

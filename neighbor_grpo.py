@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, accumulating, arg, euler_step, group_advantages, load_task, mean_stats,
-                    optimizer_step, parse_args, sample_ode, select)
+from common import (CommonArgs, Run, accumulating, arg, check_finite, euler_step, group_advantages, load_task,
+                    mean_stats, optimizer_step, parse_args, sample_ode, select)
 
 
 @dataclass
@@ -133,6 +133,7 @@ def neighbor_grpo_loss(log_pi, log_pi_old, adv, clip_range):
     log_pi, log_pi_old (P, B, G); adv (P, G), the same candidates' advantages for every anchor of the group.
     A_i > 0 raises pi(i|k), i.e. pulls the anchor toward candidate i; A_i < 0 pushes it away.
     """
+    check_finite("log-probability ratio", (log_pi - log_pi_old).detach())
     ratio = torch.exp(log_pi - log_pi_old)
     a = adv.unsqueeze(1)
     objective = torch.minimum(a * ratio, a * ratio.clamp(1 - clip_range, 1 + clip_range)).sum(-1)

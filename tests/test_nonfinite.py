@@ -1,0 +1,96 @@
+"""A run never goes on, or saves, on NaN: a non-finite reward, loss, log-probability ratio or gradient norm stops it
+with one line (which quantity, where, the likely causes), exit status 1, no traceback, no final weights, and the last
+checkpoint as it was. And the summary says whether training changed the weights at all."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import dgpo
+import flow_grpo
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--log-every", "0", "--eval-samples-per-prompt", "8"]
+
+
+def nan_reward_from_call(monkeypatch, n):
+    """The toy reward, NaN for every sample from its n-th call on (call 1 is the evaluation before training)."""
+    calls = []
+    original = common.REWARDS["toy_mode"]
+
+    def reward(points, prompts):
+        calls.append(1)
+        r = original(points, prompts)
+        return r * float("nan") if len(calls) >= n else r
+
+    monkeypatch.setitem(common.REWARDS, "toy_mode", reward)
+
+
+def test_a_learning_rate_that_blows_up_the_weights_stops_the_run_at_once(tmp_path):
+    """As a user would meet it: a subprocess, lr 1e6. One line on stderr, exit status 1, nothing saved."""
+    cmd = [sys.executable, str(ROOT / "flow_grpo.py"), "--learning-rate", "1e6", "--iterations", "5",
+           "--output-dir", str(tmp_path), *FLAGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: log-probability ratio is") and "at iteration 0" in last, proc.stderr
+    assert "--learning-rate" in last and "--attention-backend" in last
+    assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_a_nan_reward_stops_the_run_and_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    nan_reward_from_call(monkeypatch, 5)  # iteration 3
+    flags = ["--iterations", "8", "--checkpoint-every", "2", "--output-dir", str(tmp_path), *FLAGS]
+    with pytest.raises(common.NonFiniteError) as e:
+        flow_grpo.main(flags)
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("stopped: reward is nan") and "at iteration 3" in message
+    assert f"last checkpoint {tmp_path / 'checkpoints' / 'checkpoint-2'}" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
+    # the checkpoint holds finite weights, and the run resumes from it
+    weights = common.Toy2DPolicy(keep_reference=False)
+    weights.load(tmp_path / "checkpoints" / "checkpoint-2" / "weights")
+    assert all(torch.isfinite(p).all() for p in weights.net.parameters())
+    monkeypatch.undo()
+    summary = flow_grpo.main(flags + ["--resume-from-checkpoint", "latest"])
+    assert summary["iterations"] == 8 and (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_a_nan_gradient_stops_before_the_optimizer_step():
+    net = torch.nn.Linear(2, 1)
+    policy = common.Policy(net)
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    net(torch.tensor([[float("nan"), 1.0]])).sum().backward()
+    with pytest.raises(common.NonFiniteError, match="gradient norm is nan"):
+        common.optimizer_step(acc, policy, optimizer, max_grad_norm=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # the step never happened
+
+
+def test_a_nan_loss_is_caught_when_it_is_logged(tmp_path, monkeypatch):
+    """DGPO has no ratio; its loss is checked with every logged number before a checkpoint is written."""
+    original = dgpo.dgpo_loss
+    monkeypatch.setattr(dgpo, "dgpo_loss", lambda *a, **k: original(*a, **k) * float("nan"))
+    monkeypatch.setattr(common, "optimizer_step", lambda *a, **k: torch.tensor(0.0))  # let the NaN reach the log
+    monkeypatch.setattr(dgpo, "optimizer_step", lambda *a, **k: torch.tensor(0.0))
+    with pytest.raises(common.NonFiniteError, match="stopped: loss/dgpo_loss is nan .* at iteration 0"):
+        dgpo.main(["--iterations", "3", "--checkpoint-every", "1", "--output-dir", str(tmp_path), *FLAGS])
+    assert not (tmp_path / "checkpoints").exists()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])  # logged, for the post-mortem
+    assert row["iteration"] == 0
+
+
+def test_the_summary_says_whether_training_moved_the_weights(tmp_path):
+    moved = flow_grpo.main(["--iterations", "2", "--output-dir", str(tmp_path / "a"), *FLAGS])
+    assert moved["trainable_tensors_changed"] == moved["trainable_tensors"] > 0
+    still = flow_grpo.main(["--iterations", "2", "--learning-rate", "0", "--output-dir", str(tmp_path / "b"), *FLAGS])
+    assert still["trainable_tensors_changed"] == 0
