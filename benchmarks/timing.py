@@ -30,7 +30,9 @@ Configs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -102,20 +104,35 @@ def peak_tflops(device_name: str) -> float | None:
 # ======================================================================================================
 
 
+@contextlib.contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_timing_task(spec):
-    """A `common.register_model` builder: FLUX with `spec`'s widths and random weights, mean-colour prompts."""
+    """A `common.register_model` builder: FLUX with `spec`'s widths and random weights, mean-colour prompts.
+
+    The transformer is built on the run's device, directly in the dtype it trains in (a bf16 base under LoRA, as
+    --model flux holds it; fp32 for full fine-tuning): FLUX.1-dev's 11.9B parameters built in fp32 on a CPU take
+    minutes and 48 GB of RAM, on a GPU seconds."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     def build(args, keep_reference, device, log):
         torch.manual_seed(args.seed)
-        transformer = FluxTransformer2DModel(**spec["transformer"])
-        if args.lora_rank > 0 and args.mixed_precision == "bf16":  # as --model flux holds it: a bf16 base
-            transformer = transformer.to(torch.bfloat16)
+        bf16_base = args.lora_rank > 0 and args.mixed_precision == "bf16"
+        with torch.device(device), default_dtype(torch.bfloat16 if bf16_base else torch.float32):
+            transformer = FluxTransformer2DModel(**spec["transformer"])
         n = len(spec["vae"]["block_out_channels"])
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=spec["transformer"]["in_channels"] // 4,
-                            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                            use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
-                            shift_factor=0.1159, **spec["vae"])
+        with torch.device(device):
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=spec["transformer"]["in_channels"] // 4,
+                                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                                shift_factor=0.1159, **spec["vae"])
         policy = common.FluxPolicy(transformer, vae, common.HashTextEncoder(**spec["text"]), args.resolution,
                                    args.guidance_scale, args.lora_rank, args.lora_alpha, keep_reference, device)
         colors = list(common.COLORS)
@@ -131,7 +148,7 @@ def sync():
         torch.cuda.synchronize()
 
 
-def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None):
+def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, extra: list[str]):
     import importlib
 
     import accelerate
@@ -177,7 +194,7 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None):
     run_dir = out / "run"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    module.main([*flags, *spec["flags"], *SHARED_FLAGS, "--output-dir", str(run_dir)])
+    module.main([*flags, *spec["flags"], *SHARED_FLAGS, *extra, "--output-dir", str(run_dir)])
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     config_used = json.loads((run_dir / "config.json").read_text())
@@ -225,15 +242,19 @@ def median(xs):
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
-def table(results: list[dict], config: str, depth) -> list[str]:
-    r0 = results[0]
+def table(results: list[dict], config: str, depth, extra_flags: str = "") -> list[str]:
+    """The markdown table; a method whose run failed gets a row saying how."""
+    r0 = next((r for r in results if "error" not in r), None)
+    if r0 is None:
+        return [f"## Time per iteration: {config}", "", *(f"- {r['method']}: failed: {r['error']}" for r in results), ""]
     peak = peak_tflops(r0["device"])
     tf = CONFIGS[config]["transformer"]
     double, single = depth or (tf["num_layers"], tf["num_single_layers"])
     layers = f"{double} double + {single} single"
     lines = [f"## Time per iteration: {config} ({r0['device']})", "",
              f"`python benchmarks/timing.py --config {config}"
-             + (f" --depth {depth[0]} {depth[1]}" if depth else "") + "`: FLUX transformer with hidden "
+             + (f" --depth {depth[0]} {depth[1]}" if depth else "")
+             + (f" --extra-flags '{extra_flags}'" if extra_flags else "") + "`: FLUX transformer with hidden "
              f"{tf['num_attention_heads'] * tf['attention_head_dim']}, {layers} blocks "
              f"({r0['params'] / 1e6:,.1f}M parameters), random weights. Medians over the iterations after the first. "
              "Model share = (transformer forwards + backward passes) / iteration time; the rest is overhead "
@@ -242,6 +263,9 @@ def table(results: list[dict], config: str, depth) -> list[str]:
              "| model share | overhead | TFLOP / it | MFU | peak memory |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 10)
+            continue
         s, f, b = median(r["seconds"]), median(r["fwd_seconds"]), median(r["bwd_seconds"])
         ng, g = median(r["nfe_no_grad"]), median(r["nfe_grad"])
         flops = ng * r["flops_fwd"] + g * r["flops_grad"]
@@ -262,10 +286,13 @@ def main():
                    help="transformer blocks (default: the config's)")
     p.add_argument("--methods", nargs="+", default=None, help="a subset of the method names")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
+    p.add_argument("--extra-flags", default="", help="more flags for every method's run, e.g. "
+                   "'--gradient-checkpointing' at full depth")
+    p.add_argument("--timeout", type=float, default=None, help="seconds a method's run may take (then: a failed row)")
     p.add_argument("--worker", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args.config, args.worker[0], Path(args.worker[1]), args.depth)
+        return worker(args.config, args.worker[0], Path(args.worker[1]), args.depth, shlex.split(args.extra_flags))
 
     results = []
     names = [n for n in CONFIGS[args.config]["methods"] if args.methods is None or n in args.methods]
@@ -276,18 +303,30 @@ def main():
             cmd = [sys.executable, __file__, "--config", args.config, "--worker", name, str(d)]
             if args.depth:
                 cmd += ["--depth", *map(str, args.depth)]
+            if args.extra_flags:
+                cmd += [f"--extra-flags={args.extra_flags}"]  # "=": the value starts with --
             t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+            stderr = ""
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+                stderr = proc.stderr
+                error = None if proc.returncode == 0 else \
+                    (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:200]
+            except subprocess.TimeoutExpired:
+                error = f"over the {args.timeout:.0f} s timeout"
+            if error:
+                results.append({"method": name, "error": error})
+                print(f"  {name:24s} FAILED: {error}\n{stderr[-3000:]}", flush=True)
+                continue
             results.append(json.loads((d / "result.json").read_text()))
             print(f"  {name:24s} {time.time() - t0:6.1f} s", flush=True)
-    lines = table(results, args.config, args.depth)
+    lines = table(results, args.config, args.depth, args.extra_flags)
     print("\n".join(lines))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines))
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

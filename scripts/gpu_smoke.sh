@@ -7,40 +7,52 @@
 #      on this machine's GPUs (--num_processes = the GPU count): Flow-GRPO and DGPO on the tiny FLUX pipeline
 #      with LoRA (bf16 base, fp32 adapters) and full fine-tuning, the other three scripts full fine-tuning,
 #      then a resume from each config's checkpoint. DeepSpeed runs when `import deepspeed` works.
-# On a CPU parts 1-2 run with CPU bf16 autocast. Prints the device and one line per run; exits non-zero if any
-# run failed (each run's log is OUT_DIR/<name>.log).
+# Every run is judged by scripts/check_run.py: it fails unless it finished, its evaluation rewards and every logged
+# number are finite, and training changed its weights. (Before that check, a run whose rewards were all NaN printed
+# "ok" here.) On a CPU parts 1-2 run with CPU bf16 autocast. Prints the device and one line per run; exits non-zero
+# if any run failed (each run's log is OUT_DIR/<name>.log).
 #   bash scripts/gpu_smoke.sh [OUT_DIR]
-# SMOKE_JOBS=N: part 3 runs N launches at a time (default 4); SMOKE_TIMEOUT=S: a run is killed after S s (1800);
+# SMOKE_JOBS=N: runs at a time (default: 4 on a GPU, 1 on a CPU); SMOKE_TIMEOUT=S: a run is killed after S s (1800);
 # PYTHON=...: the interpreter (default `python`, else `python3`); `accelerate launch` runs through it too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=${1:-runs/gpu_smoke}
 mkdir -p "$OUT"
-FAILED=0
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+JOBS=${SMOKE_JOBS:-$([[ $NGPU -gt 0 ]] && echo 4 || echo 1)}
 "$PY" - <<'PY'
 import torch
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA)",
       "| torch", torch.__version__, "| bf16 supported:", torch.cuda.is_bf16_supported() if torch.cuda.is_available() else "cpu autocast")
 PY
 
-report() {  # name, seconds[, label]: one line from the run's summary.json, or its failure
-  local name=$1 secs=$2 label=${3:-}
-  if [[ -f "$OUT/$name/summary.json" ]]; then
-    "$PY" -c "import json; s=json.load(open('$OUT/$name/summary.json')); c=json.load(open('$OUT/$name/config.json')); print(f\"ok  {'$label$name':42s} reward {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f}  nfe {s['nfe_rollout']}/{s['nfe_train']}  {c['mixed_precision']}  {s['num_processes']} proc  $secs s\")"
-  else
-    echo "FAILED $name (log: $OUT/$name.log)"; tail -15 "$OUT/$name.log"; FAILED=1
-  fi
-}
-run() {  # name, script, flags...
+NAMES=()
+throttle() { while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done; }
+run() {  # name, script, flags...  (in the background, at most $JOBS at a time; judged after `wait`)
   local name=$1 script=$2; shift 2
-  local t0=$SECONDS
-  timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" \
-    --log-every 0 "$@" > "$OUT/$name.log" 2>&1
-  report "$name" $((SECONDS - t0))
+  throttle
+  timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" "$script" --mixed-precision bf16 --iterations 2 --checkpoint-every 1 \
+    --output-dir "$OUT/$name" --log-every 0 "$@" > "$OUT/$name.log" 2>&1 &
+  NAMES+=("$name")
 }
+judge() {  # every run named so far: one line each; the failures' log tails after
+  local t0=$1 failed=0
+  wait
+  echo "(these $(( ${#NAMES[@]} )) runs took $((SECONDS - t0)) s, $JOBS at a time)"
+  "$PY" scripts/check_run.py "${NAMES[@]/#/$OUT/}" || failed=1
+  if [[ $failed == 1 ]]; then
+    for name in "${NAMES[@]}"; do
+      "$PY" scripts/check_run.py "$OUT/$name" > /dev/null || { echo "--- $OUT/$name.log"; tail -15 "$OUT/$name.log"; }
+    done
+    FAILED=1
+  fi
+  NAMES=()
+}
+FAILED=0
 
 # 1. the tiny FLUX
+t0=$SECONDS
 for script in flow_grpo dgpo neighbor_grpo g2rpo pro_grpo; do
   run "${script}_tiny-flux" "$script.py" --model tiny-flux
 done
@@ -65,55 +77,53 @@ for model in flux sd3; do
     done
   done
 done
+judge $t0
 
 # 3. FSDP and DeepSpeed through `accelerate launch` (CUDA only)
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [[ $NGPU -gt 0 ]]; then
   CONFIGS=(fsdp)
   if timeout -k 5 300 "$PY" -c "import deepspeed" > /dev/null 2>&1; then CONFIGS+=(deepspeed_zero2); else
     echo "skip deepspeed_zero2: import deepspeed failed or took over 300 s (is it installed?)"; fi
   PORT=29650
-  launch() {  # name, config, script, flags...  (in the background; the report comes after `wait`)
+  launch() {  # name, config, script, flags...  (in the background, at most $JOBS at a time)
     local name=$1 cfg=$2 script=$3; shift 3
+    throttle
     PORT=$((PORT + 1))
     timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$cfg.yaml" \
       --num_processes "$NGPU" --main_process_port $PORT \
       "$script.py" --iterations 2 --checkpoint-every 1 --output-dir "$OUT/$name" --log-every 0 "$@" \
       > "$OUT/$name.log" 2>&1 &
+    NAMES+=("$name")
   }
-  NAMES=()
+  t0=$SECONDS
   for cfg in "${CONFIGS[@]}"; do
     for rank in 8 0; do
       for script in flow_grpo dgpo; do
-        while (( $(jobs -rp | wc -l) >= ${SMOKE_JOBS:-4} )); do wait -n; done
         launch "${cfg}_${script}_flux_r${rank}" "$cfg" "$script" "${PIPE[@]}" --model flux \
           --pretrained "$OUT/pipelines/flux" --lora-rank "$rank"
-        NAMES+=("${cfg}_${script}_flux_r${rank}")
       done
     done
     for script in neighbor_grpo g2rpo pro_grpo; do
-      while (( $(jobs -rp | wc -l) >= ${SMOKE_JOBS:-4} )); do wait -n; done
       launch "${cfg}_${script}_tiny-flux_r0" "$cfg" "$script" --model tiny-flux --lora-rank 0
-      NAMES+=("${cfg}_${script}_tiny-flux_r0")
     done
   done
-  t0=$SECONDS
-  wait
-  for name in "${NAMES[@]}"; do report "$name" "<=$((SECONDS - t0))"; done
+  judge $t0
   # resume each config's LoRA Flow-GRPO run from its checkpoint (accelerate's sharded / DeepSpeed state)
+  t0=$SECONDS
   for cfg in "${CONFIGS[@]}"; do
     name="${cfg}_flow_grpo_flux_r8"
     [[ -d "$OUT/$name/checkpoints" ]] || continue
-    rm -f "$OUT/$name/summary.json"
-    t0=$SECONDS
+    mv "$OUT/$name/summary.json" "$OUT/$name/summary.first.json"
     timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$cfg.yaml" \
       --num_processes "$NGPU" flow_grpo.py \
       --resume-from-checkpoint latest --output-dir "$OUT/$name" --iterations 2 --log-every 0 "${PIPE[@]}" \
       --model flux --pretrained "$OUT/pipelines/flux" --lora-rank 8 > "$OUT/$name.resume.log" 2>&1
-    grep -q "resumed from" "$OUT/$name.resume.log" || { rm -f "$OUT/$name/summary.json"; }  # not resumed: a failure
+    grep -q "resumed from" "$OUT/$name.resume.log" || rm -f "$OUT/$name/summary.json"  # not resumed: a failure
     cp "$OUT/$name.resume.log" "$OUT/$name.log"
-    report "$name" $((SECONDS - t0)) "resumed "
+    NAMES+=("$name")
   done
+  echo "resumed:"
+  judge $t0
 else
   echo "skip part 3 (FSDP, DeepSpeed): no CUDA device"
 fi
