@@ -21,7 +21,7 @@ reference NFE (no grad), versus Flow-GRPO's N-1 gradient NFE on an SDE trajector
 Run:
     python dgpo.py                                   # toy2d, CPU
     python dgpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
-    python dgpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
+    python dgpo.py --model shapes                    # text-to-image on CPU: coloured shapes (infra/shapes.py)
     accelerate launch dgpo.py --preset dgpo-sd3 --pretrained <SD3.5-M dir> --train-prompts <file>   # paper
 """
 
@@ -32,8 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, accumulating, arg, gathered_group_advantages, load_task, optimizer_step,
-                    parse_args, sample_ode, select)
+from common import (CommonArgs, accumulating, arg, gathered_group_advantages, load_task, optimizer_step, sample_ode,
+                    select)
+from infra.args import parse_args
+from infra.run import Run
 
 
 @dataclass

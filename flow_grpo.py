@@ -18,7 +18,7 @@ Run:
     python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~20 s
     python flow_grpo.py --preset toy2d-dancegrpo            # DanceGRPO's variant on the toy
     python flow_grpo.py --model tiny-flux --iterations 2    # the FLUX code path, random weights
-    python flow_grpo.py --model shapes                      # text-to-image on CPU: coloured shapes (shapes.py)
+    python flow_grpo.py --model shapes                      # text-to-image on CPU: coloured shapes (infra/shapes.py)
     accelerate launch flow_grpo.py --preset dancegrpo-flux --pretrained <FLUX.1-dev dir> --train-prompts <file>
 """
 
@@ -28,13 +28,15 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, gathered_group_advantages, load_task, parse_args, sde_ppo_update,
-                    sde_step_with_logprob, select)
+from common import (CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, load_task, mean_stats,
+                    optimizer_step, sde_step_with_logprob, select)
+from infra.args import parse_args
+from infra.run import Run
 
 
 @dataclass
 class Args(CommonArgs):
-    # the SDE (ALGORITHMS.md section 0)
+    # the SDE (common.sde_step_with_logprob)
     sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta")
     noise_level: float = arg(0.7, "Flow-GRPO's a (0.7 SD3, 0.9 FLUX) or DanceGRPO's eta (0.3)")
     # which transitions train
@@ -65,7 +67,7 @@ PRESETS = {
     # The FLUX code path with random weights: a smoke test of packing, guidance, LoRA and VAE decoding.
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
                       lora_rank=8, learning_rate=1e-3, eval_steps=6, eval_samples_per_prompt=2, log_every=1),
-    # The shapes task (shapes.py): Flow-GRPO's SDE (a = 0.7) on all 10 steps, LoRA r16 on the small FLUX.
+    # The shapes task (infra/shapes.py): Flow-GRPO's SDE (a = 0.7) on all 10 steps, LoRA r16 on the small FLUX.
     "shapes": dict(model="shapes", iterations=40, num_steps=10, noise_level=0.7, group_size=8,
                    prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3,
                    adv_std="global", eval_steps=20, eval_samples_per_prompt=2, log_every=5),
@@ -95,21 +97,21 @@ PRESETS = {
 
 
 @torch.no_grad()
-def sde_rollout(policy, noise, sigmas, cond, args):
-    """Sample with the SDE at every step. Returns states (N+1, B, ...) and old log-probs (N, B).
+def sde_rollout(policy, noise, sigmas, cond, noise_level: float, variant: str, chunk: int = 0):
+    """Sample with the SDE at every step (`common.sde_step_with_logprob`, Flow-GRPO's `sde_step_with_logprob` /
+    DanceGRPO's `flux_step`). Returns states (N+1, B, ...) and old log-probs (N, B).
 
-    The log-probs are those of the sampling weights, i.e. log pi_old; `rollout_batch_size` only chunks the
-    model calls (memory), the result is the same.
+    The log-probs are those of the sampling weights, i.e. log pi_old; `chunk` (--rollout-batch-size) only splits
+    the model calls (memory), the result is the same.
     """
     states, log_probs = [], []
-    chunk = args.rollout_batch_size or noise.shape[0]
+    chunk = chunk or noise.shape[0]
     for i in range(0, noise.shape[0], chunk):
         x, c = noise[i:i + chunk], select(cond, slice(i, i + chunk))
         xs, lps = [x], []
         for j in range(len(sigmas) - 1):
             v = policy.velocity(x, sigmas[j], c)
-            x, lp, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], args.noise_level,
-                                                variant=args.sde_variant)
+            x, lp, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], noise_level, variant=variant)
             xs.append(x)
             lps.append(lp)
         states.append(torch.stack(xs))
@@ -117,16 +119,92 @@ def sde_rollout(policy, noise, sigmas, cond, args):
     return torch.cat(states, dim=1), torch.cat(log_probs, dim=1)
 
 
-def trained_steps(batch: int, num_steps: int, args, generator=None) -> torch.Tensor:
+def trained_steps(batch: int, num_steps: int, fraction: float, shuffle: bool, generator=None) -> torch.Tensor:
     """(B, n_train) indices of the transitions each sample trains on.
 
     Flow-GRPO: the first int(N * 0.99) = N - 1 steps in order, the same for every sample.
-    DanceGRPO: each sample its own random int(N * 0.6) steps (`shuffle_timesteps`).
+    DanceGRPO: each sample its own random int(N * 0.6) steps (`shuffle`).
     """
-    n_train = max(1, int(num_steps * args.timestep_fraction))
-    if args.shuffle_timesteps:
+    n_train = max(1, int(num_steps * fraction))
+    if shuffle:
         return torch.stack([torch.randperm(num_steps, generator=generator)[:n_train] for _ in range(batch)])
     return torch.arange(n_train).expand(batch, n_train)
+
+
+# ======================================================================================================
+# ALGO LOGIC: the PPO-clipped GRPO loss of one SDE transition, and the update over all stored transitions
+# ======================================================================================================
+
+
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
+    """PPO's clipped surrogate `mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps)))`, rho = exp(logp - logp_old)
+    (Flow-GRPO train_sd3.py's `policy_loss`, DanceGRPO's `train_one_step`).
+
+    Returns `(loss, stats)` with the clip fraction and the approx-KL `0.5 (logp - logp_old)^2` of the
+    official Flow-GRPO logging.
+    """
+    log_ratio = log_prob - old_log_prob
+    check_finite("log-probability ratio", log_ratio.detach())
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+             "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean().item()}
+    return loss, stats
+
+
+def sde_transition_loss(policy, x, x_next, sigma, sigma_next, old_log_prob, advantages, cond, noise_level: float,
+                        variant: str, clip_range: float, kl_beta: float):
+    """The GRPO loss of stored transitions x -> x_next (one per sample; sigma, sigma_next per sample).
+
+    Recomputes v_theta(x) WITH gradient and scores the stored x_next under the current Gaussian policy (Flow-GRPO's
+    `compute_log_prob`); ratio = exp(log pi_theta - log pi_old). With `kl_beta > 0` adds Flow-GRPO's KL to the
+    frozen reference: the squared distance of the two policies' means over 2 std^2 (the closed form for Gaussians of
+    the same std, up to the step's dt, as the official `kl_loss`).
+    """
+    v = policy.velocity(x, sigma, cond)
+    _, log_prob, mean, std = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level, prev_sample=x_next,
+                                                   variant=variant)
+    loss, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range)
+    stats["policy_loss"] = loss.item()
+    if kl_beta > 0:
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, sigma, cond)
+        _, _, mean_ref, _ = sde_step_with_logprob(x, v_ref, sigma, sigma_next, noise_level, prev_sample=x_next,
+                                                  variant=variant)
+        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)
+        loss = loss + kl_beta * kl.mean()
+        stats["kl"] = kl.mean().item()
+    return loss, stats
+
+
+def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages, sigmas, cond, steps, *,
+               noise_level: float, variant: str, clip_range: float, kl_beta: float, updates: int, micro_batch: int,
+               max_grad_norm: float):
+    """PPO updates over the stored SDE transitions. states (N+1, B, ...), old_log_probs (N, B), advantages (B,),
+    `steps` (B, n_train): each sample's trained transitions.
+
+    Each of the `updates` optimizer steps takes a random 1/updates of the samples and accumulates gradients over
+    their trained transitions (and micro-batches of `micro_batch` samples), as Flow-GRPO's config accumulates over
+    timesteps and half the batches; from the second step on the ratio is off-policy and the clip acts. Returns the
+    averaged loss statistics and the last gradient norm.
+    """
+    batch_size, n_train = steps.shape
+    stats = []
+    for batch in torch.randperm(batch_size, device=steps.device).chunk(updates):
+        micro = batch.split(micro_batch or len(batch))
+        passes = [(j, mb) for j in range(n_train) for mb in micro]
+        for n, (j, mb) in enumerate(passes):
+            t = steps[mb, j]  # each sample's own transition t -> t + 1
+            with accumulating(accelerator, policy, last=n == len(passes) - 1):  # one all-reduce per optimizer step
+                loss, st = sde_transition_loss(policy, states[t, mb], states[t + 1, mb], sigmas[t], sigmas[t + 1],
+                                               old_log_probs[t, mb], advantages[mb], select(cond, mb), noise_level,
+                                               variant, clip_range, kl_beta)
+                accelerator.backward(loss * len(mb) / len(batch) / n_train)
+            stats.append(st)
+        grad_norm = optimizer_step(accelerator, policy, optimizer, max_grad_norm)
+    return mean_stats(stats), grad_norm
 
 
 # ======================================================================================================
@@ -158,7 +236,8 @@ def main(argv=None):
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
         prompts = [task.train_prompts[i] for i in pick for _ in range(G)]
         cond = policy.encode_prompts(prompts)
-        states, old_log_probs = sde_rollout(policy, policy.initial_noise(P * G), sigmas, cond, args)
+        states, old_log_probs = sde_rollout(policy, policy.initial_noise(P * G), sigmas, cond, args.noise_level,
+                                            args.sde_variant, args.rollout_batch_size)
 
         # ALGO LOGIC 2: rewards and group advantages. Rewards of all processes are gathered so the global std
         # is the whole batch's (Flow-GRPO); each process keeps the rows of its own groups.
@@ -167,9 +246,12 @@ def main(argv=None):
 
         # ALGO LOGIC 3: PPO updates over the stored transitions. Each update takes a random 1/U of the samples,
         # accumulates gradients over their trained steps (and micro-batches), then steps the optimizer once.
-        steps = trained_steps(P * G, args.num_steps, args).to(run.device)
-        stats, grad_norm = sde_ppo_update(policy, optimizer, acc, states, old_log_probs, advantages, sigmas, cond,
-                                          steps, args)
+        steps = trained_steps(P * G, args.num_steps, args.timestep_fraction, args.shuffle_timesteps).to(run.device)
+        stats, grad_norm = ppo_update(policy, optimizer, acc, states, old_log_probs, advantages, sigmas, cond, steps,
+                                      noise_level=args.noise_level, variant=args.sde_variant,
+                                      clip_range=args.clip_range, kl_beta=args.kl_beta,
+                                      updates=args.updates_per_iteration, micro_batch=args.train_micro_batch_size,
+                                      max_grad_norm=args.max_grad_norm)
 
         # TRY NOT TO MODIFY: logging
         run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm)

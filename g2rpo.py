@@ -20,7 +20,7 @@ Gradient NFE per group and iteration is |M| (one forward per shared state), agai
 Run:
     python g2rpo.py                                   # toy2d, CPU
     python g2rpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
-    python g2rpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
+    python g2rpo.py --model shapes                    # text-to-image on CPU: coloured shapes (infra/shapes.py)
     accelerate launch g2rpo.py --preset g2rpo-flux --pretrained <FLUX.1-dev dir> --train-prompts <file>
 """
 
@@ -30,8 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, euler_step, group_advantages, load_task, optimizer_step,
-                    parse_args, ppo_clip_loss, sample_ode, sde_step_with_logprob, select)
+from common import (CommonArgs, arg, check_finite, euler_step, group_advantages, load_task, optimizer_step, sample_ode,
+                    sde_step_with_logprob, select)
+from infra.args import parse_args
+from infra.run import Run
 
 
 @dataclass
@@ -100,7 +102,8 @@ def mixed_advantages(rewards: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def singular_rollout(policy, prompts, sigmas, branch_steps, granularities, G, args, reward_fn):
+def singular_rollout(policy, prompts, sigmas, branch_steps, granularities, G: int, noise_level: float, reward_fn,
+                     chunk: int = 0):
     """Anchor ODE per prompt, then for each k: G one-step SDE branches from the shared x_k, completed at every
     granularity and scored.
 
@@ -119,11 +122,11 @@ def singular_rollout(policy, prompts, sigmas, branch_steps, granularities, G, ar
         velocities.append(v)
     rows = torch.arange(P, device=x.device).repeat_interleave(G)
     cond_g, prompts_g = select(cond, rows), [prompts[i] for i in rows.tolist()]
-    chunk = args.rollout_batch_size or P * G
+    chunk = chunk or P * G
     branches = []
     for k in branch_steps:
         x_next, log_prob, _, _ = sde_step_with_logprob(states[k][rows], velocities[k][rows], sigmas[k], sigmas[k + 1],
-                                                       args.noise_level)
+                                                       noise_level)
         rewards = []
         for lam in granularities:
             grid = granular_sigmas(sigmas, k, lam)[k + 1:]  # from x_{k+1} on
@@ -142,6 +145,30 @@ def parse_schedule(args):
     if any(not 0 <= k < args.num_steps for k in steps):
         raise SystemExit(f"--branch-steps must lie in [0, {args.num_steps}), got {args.branch_steps}")
     return steps, grans
+
+
+# ======================================================================================================
+# ALGO LOGIC: the PPO-clipped loss (the official code's, as Flow-GRPO's)
+# ======================================================================================================
+
+
+# Copied from flow_grpo.ppo_clip_loss
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
+    """PPO's clipped surrogate `mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps)))`, rho = exp(logp - logp_old)
+    (Flow-GRPO train_sd3.py's `policy_loss`, DanceGRPO's `train_one_step`).
+
+    Returns `(loss, stats)` with the clip fraction and the approx-KL `0.5 (logp - logp_old)^2` of the
+    official Flow-GRPO logging.
+    """
+    log_ratio = log_prob - old_log_prob
+    check_finite("log-probability ratio", log_ratio.detach())
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+             "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean().item()}
+    return loss, stats
 
 
 # ======================================================================================================
@@ -175,8 +202,8 @@ def main(argv=None):
         # ALGO LOGIC 1-3: anchor, one-step branches, multi-granularity completion and rewards
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
         prompts = [task.train_prompts[i] for i in pick]
-        anchor, branches = singular_rollout(policy, prompts, sigmas, branch_steps, granularities, G, args,
-                                            task.reward_fn)
+        anchor, branches = singular_rollout(policy, prompts, sigmas, branch_steps, granularities, G, args.noise_level,
+                                            task.reward_fn, args.rollout_batch_size)
         cond = policy.encode_prompts(prompts)
 
         # ALGO LOGIC 4-5: per k, A_mix, then the PPO loss of the G branches from ONE velocity at the shared x_k

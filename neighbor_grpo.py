@@ -24,7 +24,7 @@ FLUX preset), against DanceGRPO's 14 per sample.
 Run:
     python neighbor_grpo.py                                   # toy2d, CPU
     python neighbor_grpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
-    python neighbor_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
+    python neighbor_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (infra/shapes.py)
     accelerate launch neighbor_grpo.py --preset neighbor-grpo-flux --pretrained <FLUX.1-dev dir> --train-prompts <f>
 """
 
@@ -35,8 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, accumulating, arg, check_finite, euler_step, group_advantages, load_task,
-                    mean_stats, optimizer_step, parse_args, sample_ode, select)
+from common import (CommonArgs, accumulating, arg, check_finite, euler_step, group_advantages, load_task, mean_stats,
+                    optimizer_step, sample_ode, select)
+from infra.args import parse_args
+from infra.run import Run
 
 
 @dataclass

@@ -18,7 +18,7 @@ claimed -26% full-epoch FLOPs (Flash -41%) against Flow-GRPO with G = 24, at hig
 Run:
     python pro_grpo.py                                   # toy2d: 32 -> 16 -> 8, CPU
     python pro_grpo.py --model tiny-flux --iterations 2  # the FLUX code path, random weights
-    python pro_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (shapes.py)
+    python pro_grpo.py --model shapes                    # text-to-image on CPU: coloured shapes (infra/shapes.py)
     accelerate launch pro_grpo.py --preset pro-grpo-sd3 --pretrained <SD3.5-M dir> --train-prompts <file>
 """
 
@@ -28,8 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, Run, arg, gathered_group_advantages, load_task, parse_args, sde_ppo_update,
-                    sde_step_with_logprob, select)
+from common import (CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, load_task, mean_stats,
+                    optimizer_step, sde_step_with_logprob, select)
+from infra.args import parse_args
+from infra.run import Run
 
 
 @dataclass
@@ -110,7 +112,8 @@ def optimal_variance_filter(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def expand_and_prune_rollout(policy, prompts, sigmas, args, group_sizes, prune_steps, reward_fn):
+def expand_and_prune_rollout(policy, prompts, sigmas, group_sizes, prune_steps, reward_fn, noise_level: float,
+                             variant: str):
     """Flow-GRPO's SDE rollout of P groups of G_max, pruned at `prune_steps` to the next funnel size.
 
     At a checkpoint j the velocity v_j of every live trajectory is computed (as for any step), then the proxy
@@ -139,7 +142,7 @@ def expand_and_prune_rollout(policy, prompts, sigmas, args, group_sizes, prune_s
             states = [s[keep] for s in states]
             log_probs = [lp[keep] for lp in log_probs]
             stage += 1
-        x, lp, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], args.noise_level, variant=args.sde_variant)
+        x, lp, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], noise_level, variant=variant)
         states.append(x)
         log_probs.append(lp)
     survivors = [prompts[i] for i in alive_prompt]
@@ -166,6 +169,85 @@ def parse_funnel(args):
     if steps != sorted(set(steps)) or (steps and (steps[0] < 0 or steps[-1] >= args.num_steps)):
         raise SystemExit(f"--prune-steps must be increasing steps in [0, {args.num_steps}), got {args.prune_steps}")
     return sizes, steps
+
+
+# ======================================================================================================
+# ALGO LOGIC: the base method's update on the survivors (Flow-GRPO's PPO loss, KL and update, unchanged)
+# ======================================================================================================
+
+
+# Copied from flow_grpo.ppo_clip_loss
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
+    """PPO's clipped surrogate `mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps)))`, rho = exp(logp - logp_old)
+    (Flow-GRPO train_sd3.py's `policy_loss`, DanceGRPO's `train_one_step`).
+
+    Returns `(loss, stats)` with the clip fraction and the approx-KL `0.5 (logp - logp_old)^2` of the
+    official Flow-GRPO logging.
+    """
+    log_ratio = log_prob - old_log_prob
+    check_finite("log-probability ratio", log_ratio.detach())
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+             "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean().item()}
+    return loss, stats
+
+
+# Copied from flow_grpo.sde_transition_loss
+def sde_transition_loss(policy, x, x_next, sigma, sigma_next, old_log_prob, advantages, cond, noise_level: float,
+                        variant: str, clip_range: float, kl_beta: float):
+    """The GRPO loss of stored transitions x -> x_next (one per sample; sigma, sigma_next per sample).
+
+    Recomputes v_theta(x) WITH gradient and scores the stored x_next under the current Gaussian policy (Flow-GRPO's
+    `compute_log_prob`); ratio = exp(log pi_theta - log pi_old). With `kl_beta > 0` adds Flow-GRPO's KL to the
+    frozen reference: the squared distance of the two policies' means over 2 std^2 (the closed form for Gaussians of
+    the same std, up to the step's dt, as the official `kl_loss`).
+    """
+    v = policy.velocity(x, sigma, cond)
+    _, log_prob, mean, std = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level, prev_sample=x_next,
+                                                   variant=variant)
+    loss, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range)
+    stats["policy_loss"] = loss.item()
+    if kl_beta > 0:
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, sigma, cond)
+        _, _, mean_ref, _ = sde_step_with_logprob(x, v_ref, sigma, sigma_next, noise_level, prev_sample=x_next,
+                                                  variant=variant)
+        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)
+        loss = loss + kl_beta * kl.mean()
+        stats["kl"] = kl.mean().item()
+    return loss, stats
+
+
+# Copied from flow_grpo.ppo_update
+def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages, sigmas, cond, steps, *,
+               noise_level: float, variant: str, clip_range: float, kl_beta: float, updates: int, micro_batch: int,
+               max_grad_norm: float):
+    """PPO updates over the stored SDE transitions. states (N+1, B, ...), old_log_probs (N, B), advantages (B,),
+    `steps` (B, n_train): each sample's trained transitions.
+
+    Each of the `updates` optimizer steps takes a random 1/updates of the samples and accumulates gradients over
+    their trained transitions (and micro-batches of `micro_batch` samples), as Flow-GRPO's config accumulates over
+    timesteps and half the batches; from the second step on the ratio is off-policy and the clip acts. Returns the
+    averaged loss statistics and the last gradient norm.
+    """
+    batch_size, n_train = steps.shape
+    stats = []
+    for batch in torch.randperm(batch_size, device=steps.device).chunk(updates):
+        micro = batch.split(micro_batch or len(batch))
+        passes = [(j, mb) for j in range(n_train) for mb in micro]
+        for n, (j, mb) in enumerate(passes):
+            t = steps[mb, j]  # each sample's own transition t -> t + 1
+            with accumulating(accelerator, policy, last=n == len(passes) - 1):  # one all-reduce per optimizer step
+                loss, st = sde_transition_loss(policy, states[t, mb], states[t + 1, mb], sigmas[t], sigmas[t + 1],
+                                               old_log_probs[t, mb], advantages[mb], select(cond, mb), noise_level,
+                                               variant, clip_range, kl_beta)
+                accelerator.backward(loss * len(mb) / len(batch) / n_train)
+            stats.append(st)
+        grad_norm = optimizer_step(accelerator, policy, optimizer, max_grad_norm)
+    return mean_stats(stats), grad_norm
 
 
 # ======================================================================================================
@@ -199,7 +281,8 @@ def main(argv=None):
         # ALGO LOGIC 1: expand-and-prune SDE rollout; only the G_final survivors per prompt come back
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
         prompts, states, old_log_probs, _, proxies = expand_and_prune_rollout(
-            policy, [task.train_prompts[i] for i in pick], sigmas, args, group_sizes, prune_steps, task.reward_fn)
+            policy, [task.train_prompts[i] for i in pick], sigmas, group_sizes, prune_steps, task.reward_fn,
+            args.noise_level, args.sde_variant)
         cond = policy.encode_prompts(prompts)
 
         # ALGO LOGIC 2: TRUE final rewards of the survivors, z-scored within each group's survivors
@@ -208,8 +291,11 @@ def main(argv=None):
 
         # ALGO LOGIC 3: the baseline's PPO update on the survivors (Flow-GRPO: first N-1 steps, in order)
         steps = torch.arange(n_train, device=run.device).expand(P * G, n_train)
-        stats, grad_norm = sde_ppo_update(policy, optimizer, acc, states, old_log_probs, advantages, sigmas, cond,
-                                          steps, args)
+        stats, grad_norm = ppo_update(policy, optimizer, acc, states, old_log_probs, advantages, sigmas, cond, steps,
+                                      noise_level=args.noise_level, variant=args.sde_variant,
+                                      clip_range=args.clip_range, kl_beta=args.kl_beta,
+                                      updates=args.updates_per_iteration, micro_batch=args.train_micro_batch_size,
+                                      max_grad_norm=args.max_grad_norm)
 
         # TRY NOT TO MODIFY: logging
         proxy_spread = {f"prune/proxy_group_std_{c}": p.std(dim=1).mean() for c, p in enumerate(proxies)}

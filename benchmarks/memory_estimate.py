@@ -66,7 +66,7 @@ def rows(name: str, params: int, lora: int, block: int, rank: int, gpus: int) ->
 
 
 def main():
-    import common
+    from infra import diffusers_models as dm
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=8)
@@ -74,8 +74,8 @@ def main():
     lines = ["| model, training, strategy | weights GiB | gradients GiB | optimizer GiB | total per GPU GiB |",
              "| --- | --- | --- | --- | --- |"]
     for name, cls, config, rank, targets in [
-            ("FLUX.1-dev", FluxTransformer2DModel, common.FLUX_DEV_TRANSFORMER_CONFIG, 64, common.FLUX_LORA_TARGETS),
-            ("SD3.5-M", SD3Transformer2DModel, common.SD35_MEDIUM_TRANSFORMER_CONFIG, 32, common.SD3_LORA_TARGETS)]:
+            ("FLUX.1-dev", FluxTransformer2DModel, dm.FLUX_DEV_TRANSFORMER_CONFIG, 64, dm.FLUX_LORA_TARGETS),
+            ("SD3.5-M", SD3Transformer2DModel, dm.SD35_MEDIUM_TRANSFORMER_CONFIG, 32, dm.SD3_LORA_TARGETS)]:
         params, lora, block = counts(cls, config, rank, targets)
         print(f"{name}: {params:,} parameters, LoRA r{rank}: {lora:,}, largest block {block:,}", file=sys.stderr)
         lines += rows(name, params, lora, block, rank, args.gpus)

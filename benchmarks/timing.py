@@ -6,7 +6,7 @@ tensor shapes: seconds per iteration, peak memory and training MFU.
     python benchmarks/timing.py --config flux-dev --depth 19 38   # the full 12B depth (needs the memory)
 
 Every script runs in its own process, unchanged, on a FLUX transformer with random weights registered as
-`--model timing-flux` (common.register_model), a random-weight VAE, a hash text encoder and the mean-colour
+`--model timing-flux` (tasks.register_model), a random-weight VAE, a hash text encoder and the mean-colour
 reward. What is measured, per training iteration (the first is a warm-up and is left out):
 - model time: every transformer forward, timed inside `Policy.velocity`, plus every backward pass, timed around
   `Accelerator.backward` (each one runs back through the transformer; the loss arithmetic it also
@@ -45,6 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from infra import diffusers_models  # noqa: E402
+from infra import rewards  # noqa: E402
+from infra import run  # noqa: E402
+from infra import tasks  # noqa: E402
 
 # name -> (script, flags) per config; the flags pick the preset, the shared flags below do the rest
 CONFIGS = {
@@ -65,7 +69,7 @@ CONFIGS = {
     },
     # diffusers' tiny test config: a seconds-long smoke run of the measurement itself (tests use it)
     "tiny": {
-        "transformer": dict(common.TINY_FLUX_TRANSFORMER_CONFIG),
+        "transformer": dict(diffusers_models.TINY_FLUX_TRANSFORMER_CONFIG),
         "vae": dict(block_out_channels=(4,), layers_per_block=1, norm_num_groups=1),
         "text": dict(seq_len=8, dim=32, pooled_dim=32),
         "flags": ["--resolution", "32", "--iterations", "3", "--mixed-precision", "no"],
@@ -115,7 +119,7 @@ def default_dtype(dtype):
 
 
 def build_timing_task(spec):
-    """A `common.register_model` builder: FLUX with `spec`'s widths and random weights, mean-colour prompts.
+    """A `tasks.register_model` builder: FLUX with `spec`'s widths and random weights, mean-colour prompts.
 
     The transformer is built on the run's device, directly in the dtype it trains in (a bf16 base under LoRA, as
     --model flux holds it; fp32 for full fine-tuning): FLUX.1-dev's 11.9B parameters built in fp32 on a CPU take
@@ -133,9 +137,9 @@ def build_timing_task(spec):
                                 down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                                 use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
                                 shift_factor=0.1159, **spec["vae"])
-        policy = common.FluxPolicy(transformer, vae, common.HashTextEncoder(**spec["text"]), args.resolution,
+        policy = diffusers_models.FluxPolicy(transformer, vae, diffusers_models.HashTextEncoder(**spec["text"]), args.resolution,
                                    args.guidance_scale, args.lora_rank, args.lora_alpha, keep_reference, device)
-        colors = list(common.COLORS)
+        colors = list(rewards.COLORS)
         task = common.Task(policy, common.get_reward("mean_color"), [f"a photo of {c}" for c in colors],
                            [f"a photo of {colors[0]}"])
         build.task = task
@@ -157,7 +161,7 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, ext
     if depth:
         spec["transformer"].update(num_layers=depth[0], num_single_layers=depth[1])
     build = build_timing_task(spec)
-    common.register_model("timing-flux", build)
+    tasks.register_model("timing-flux", build)
 
     # the clocks: forward time inside Policy.velocity, backward time around Accelerator.backward
     clock = {"fwd": 0.0, "bwd": 0.0}
@@ -175,7 +179,7 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, ext
 
     common.Policy.velocity = timed(common.Policy.velocity, "fwd")
     accelerate.Accelerator.backward = timed(accelerate.Accelerator.backward, "bwd")
-    begin, end = common.Run.begin_iteration, common.Run.end_iteration
+    begin, end = run.Run.begin_iteration, run.Run.end_iteration
 
     def begin_iteration(self, policy):
         sync()
@@ -187,7 +191,7 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, ext
         per_iteration.append(dict(clock))
         end(self, iteration, task, *a, **k)
 
-    common.Run.begin_iteration, common.Run.end_iteration = begin_iteration, end_iteration
+    run.Run.begin_iteration, run.Run.end_iteration = begin_iteration, end_iteration
 
     script, flags = spec["methods"][name]
     module = importlib.import_module(Path(script).stem)

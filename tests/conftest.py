@@ -15,6 +15,7 @@ os.environ["FLOWRL_CACHE"] = os.environ.get("FLOWRL_CACHE") or str(ROOT / ".cach
 torch.set_num_threads(2)
 
 import common  # noqa: E402
+from infra import run  # noqa: E402
 
 
 class GaussianPolicy(common.Policy):
@@ -53,11 +54,11 @@ def gaussian_policy():
 def capture_policy(monkeypatch):
     """Run a script's main() and keep the trained policy: returns a dict filled with it at Run.finish."""
     captured = {}
-    original = common.Run.finish
+    original = run.Run.finish
 
     def finish(self, task, before, after, **extra):
         captured["policy"] = task.policy
         return original(self, task, before, after, **extra)
 
-    monkeypatch.setattr(common.Run, "finish", finish)
+    monkeypatch.setattr(run.Run, "finish", finish)
     return captured

@@ -42,12 +42,12 @@ def test_fsdp_config_wraps_the_transformer_blocks_of_either_model(monkeypatch, m
     FLUX + SD3 list in one config broke both); with none named it takes the model's `_no_split_modules`."""
     import diffusers
     from diffusers import SD3Transformer2DModel
-    import common
+    from infra.diffusers_models import tiny_flux_modules
     for k, v in prepare_multi_gpu_env(_launch_args("fsdp")).items():
         monkeypatch.setenv(k, v)
     plugin = FullyShardedDataParallelPlugin()
     if model == "flux":
-        net, _ = common.tiny_flux_modules()
+        net, _ = tiny_flux_modules()
         expected = {diffusers.models.transformers.transformer_flux.FluxTransformerBlock,
                     diffusers.models.transformers.transformer_flux.FluxSingleTransformerBlock}
     else:

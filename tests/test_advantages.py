@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common
+import flow_grpo
 
 
 def test_group_advantages_zero_mean_unit_std_per_group():
@@ -42,7 +43,7 @@ def test_ppo_loss_matches_the_formula_and_its_gradient_has_the_sign_of_A():
     new = (old + 0.01 * torch.randn(32)).requires_grad_(True)
     adv = torch.randn(32)
     eps = 1e-3
-    loss, stats = common.ppo_clip_loss(new, old, adv, eps)
+    loss, stats = flow_grpo.ppo_clip_loss(new, old, adv, eps)
     ratio = torch.exp(new - old)
     expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()
     torch.testing.assert_close(loss, expected)
@@ -59,6 +60,6 @@ def test_ppo_loss_matches_the_formula_and_its_gradient_has_the_sign_of_A():
 def test_ppo_loss_at_ratio_one_is_the_policy_gradient():
     logp = torch.randn(10, requires_grad=True)
     adv = torch.randn(10)
-    loss, _ = common.ppo_clip_loss(logp, logp.detach(), adv, 1e-4)
+    loss, _ = flow_grpo.ppo_clip_loss(logp, logp.detach(), adv, 1e-4)
     loss.backward()
     torch.testing.assert_close(logp.grad, -adv / 10)

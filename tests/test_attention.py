@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from infra import diffusers_models
 from infra import attention
 
 SHAPE = attention.AttentionShape(heads=2, head_dim=16, seq_len=40)
@@ -93,7 +94,7 @@ def test_auto_on_the_cpu_changes_nothing_and_bad_names_are_refused():
 
 
 def test_flux_and_sd3_report_their_attention_shape():
-    flux = common.build_tiny_flux(resolution=32, lora_rank=4)
+    flux = diffusers_models.build_tiny_flux(resolution=32, lora_rank=4)
     assert flux.attention_shape() == attention.AttentionShape(heads=2, head_dim=16, seq_len=256 + 8)
     assert common.Toy2DPolicy(keep_reference=False).attention_shape() is None
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+from infra import run
 import dgpo
 import flow_grpo
 import g2rpo
@@ -28,18 +29,18 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path
         flags += ["--ema-start", "2"]  # so the EMA (restored from the checkpoint) drives rollouts after resuming
     full = main(flags + ["--output-dir", str(tmp_path / "full")])
 
-    original = common.Run.end_iteration
+    original = run.Run.end_iteration
 
     def crash_at_5(self, iteration, *a, **kw):
         original(self, iteration, *a, **kw)
         if iteration == 4:  # after checkpoint-3 was written and two more iterations logged
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.Run, "end_iteration", crash_at_5)
+    monkeypatch.setattr(run.Run, "end_iteration", crash_at_5)
     with pytest.raises(KeyboardInterrupt):
         main(flags + ["--output-dir", str(tmp_path / "cut")])
     assert len(metrics(tmp_path / "cut")) == 5
-    monkeypatch.setattr(common.Run, "end_iteration", original)
+    monkeypatch.setattr(run.Run, "end_iteration", original)
     resumed = main(flags + ["--output-dir", str(tmp_path / "cut"), "--resume-from-checkpoint", "latest"])
 
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")

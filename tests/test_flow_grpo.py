@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import common
+from infra.args import parse_args
+from infra import diffusers_models
 import flow_grpo
 
 
@@ -36,11 +38,8 @@ def test_toy2d_dancegrpo_preset_trains_random_60_percent_of_steps(tmp_path):
 
 
 def test_trained_steps_orders():
-    class A:
-        timestep_fraction, shuffle_timesteps = 0.99, False
-    assert flow_grpo.trained_steps(3, 10, A).tolist() == [list(range(9))] * 3
-    A.timestep_fraction, A.shuffle_timesteps = 0.6, True
-    steps = flow_grpo.trained_steps(50, 10, A, torch.Generator().manual_seed(0))
+    assert flow_grpo.trained_steps(3, 10, 0.99, shuffle=False).tolist() == [list(range(9))] * 3
+    steps = flow_grpo.trained_steps(50, 10, 0.6, shuffle=True, generator=torch.Generator().manual_seed(0))
     assert steps.shape == (50, 6)
     assert all(len(set(row)) == 6 for row in steps.tolist())  # distinct steps per sample
     assert len({tuple(row) for row in steps.tolist()}) > 1  # and different between samples
@@ -48,24 +47,25 @@ def test_trained_steps_orders():
 
 def test_rollout_log_probs_are_recomputed_exactly_before_the_update():
     """The ratio is 1 at the first update: training recomputes the same log-probs the rollout stored."""
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--num-steps", "5"])
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--num-steps", "5"])
     policy = common.Toy2DPolicy(keep_reference=False)
     cond = policy.encode_prompts(["mode 2"] * 6)
     sigmas = policy.sigmas(5)
-    states, old = flow_grpo.sde_rollout(policy, policy.initial_noise(6), sigmas, cond, args)
+    states, old = flow_grpo.sde_rollout(policy, policy.initial_noise(6), sigmas, cond, args.noise_level,
+                                        args.sde_variant)
     assert states.shape == (6, 6, 2) and old.shape == (5, 6)
-    idx = torch.arange(6)
     for j in range(5):
-        steps = torch.full((6,), j)
-        _, st = common.sde_grpo_loss(policy, states, old, torch.randn(6), sigmas, cond, idx, steps, args)
+        _, st = flow_grpo.sde_transition_loss(policy, states[j], states[j + 1], sigmas[j], sigmas[j + 1], old[j],
+                                              torch.randn(6), cond, args.noise_level, args.sde_variant,
+                                              args.clip_range, kl_beta=0.0)
         assert st["approx_kl"] < 1e-10 and st["clipfrac"] == 0
 
 
 def test_tiny_flux_lora_iteration_changes_only_lora_and_keeps_reference(tmp_path, capture_policy):
     argv = ["--model", "tiny-flux", "--iterations", "1", "--kl-beta", "0.01", "--learning-rate", "1e-2",
             "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"]
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
-    base = common.build_tiny_flux(resolution=args.resolution, lora_rank=0, seed=args.seed)
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
+    base = diffusers_models.build_tiny_flux(resolution=args.resolution, lora_rank=0, seed=args.seed)
     base_state = {k: v.clone() for k, v in base.net.state_dict().items()}
     s = flow_grpo.main(argv)
     policy = capture_policy["policy"]
@@ -93,30 +93,30 @@ def test_tiny_flux_two_iterations_write_summary(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ arguments
 def test_preset_then_command_line_precedence():
-    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, [])
+    a = parse_args(flow_grpo.Args, flow_grpo.PRESETS, [])
     assert a.preset == "toy2d" and a.model == "toy2d" and a.learning_rate == 1e-3
-    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "dancegrpo-flux", "--model", "tiny-flux"])
+    a = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "dancegrpo-flux", "--model", "tiny-flux"])
     assert a.model == "tiny-flux" and a.sde_variant == "dance_grpo" and a.num_steps == 16 and a.shift == 3.0
-    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux", "--group_size", "3"])
+    a = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux", "--group_size", "3"])
     assert a.preset == "tiny-flux" and a.group_size == 3 and a.lora_rank == 8
 
 
 def test_config_file(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"model": "toy2d", "iterations": 7, "noise_level": 0.5}))
-    a = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, [str(tmp_path / "c.json")])
+    a = parse_args(flow_grpo.Args, flow_grpo.PRESETS, [str(tmp_path / "c.json")])
     assert a.iterations == 7 and a.noise_level == 0.5
 
 
 def test_bad_preset_and_model_are_clear_errors():
     with pytest.raises(SystemExit, match="unknown preset"):
-        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])
+        parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])
     with pytest.raises(SystemExit, match="unknown model"):
-        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
+        parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
     with pytest.raises(SystemExit, match="unknown model 'sdxl'"):
-        common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sdxl"])
+        parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sdxl"])
     # a real model picks the script's paper preset for it
-    assert common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux"]).preset == "dancegrpo-flux"
-    assert common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3"]).preset == "flow-grpo-sd3"
+    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux"]).preset == "dancegrpo-flux"
+    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3"]).preset == "flow-grpo-sd3"
 
 
 def test_two_process_run_sums_nfe_over_processes(tmp_path):

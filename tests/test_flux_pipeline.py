@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+from infra.args import parse_args
+from infra import pipelines
 import dgpo
 import flow_grpo
 import g2rpo
@@ -57,10 +59,10 @@ def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline
 def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, prompt_files, tmp_path, monkeypatch):
     from diffusers import FluxPipeline
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path))
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path))
     logs = []
     task = common.load_task(args, keep_reference=False, log=logs.append)
-    assert isinstance(task.policy.text_encoder, common.CachedTextEncoder)
+    assert isinstance(task.policy.text_encoder, pipelines.CachedTextEncoder)
     assert task.train_prompts == ["a photo of red", "a photo of green", "a photo of cyan"]
     assert task.eval_prompts == ["a photo of blue"]
     pipe = FluxPipeline.from_pretrained(pipeline_dir, local_files_only=True)
@@ -90,7 +92,7 @@ def test_ode_sampling_and_decoding_equal_the_flux_pipelines_own(pipeline_dir, pr
     ODE and decode: the dynamic shift at this resolution, timestep and guidance scaling, latent packing, prompt
     embeddings (the cached ones) and the VAE's scaling and shift factors, all at once."""
     from diffusers import FluxPipeline
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS,
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS,
                              _flags(pipeline_dir, prompt_files, tmp_path, "--lora-rank", "0"))
     policy = common.load_task(args, keep_reference=False, log=lambda *_: None).policy
     pipe = FluxPipeline.from_pretrained(pipeline_dir, local_files_only=True)
@@ -105,7 +107,7 @@ def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prom
              "not a diffusers pipeline directory": flags[:i + 1] + [str(tmp_path)] + flags[i + 2:],
              "could not load FluxPipeline": flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:]}
     for message, argv in cases.items():
-        args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
+        args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
         with pytest.raises(SystemExit, match=message) as e:
             common.load_task(args, keep_reference=False, log=lambda *_: None)
         assert "hf download" in str(e.value) or message == "needs --pretrained" and "hf download" in str(e.value)
@@ -117,6 +119,6 @@ def test_saved_lora_loaded_by_the_pipelines_load_lora_weights_is_the_trained_mod
                                                                                    tmp_path, alpha):
     from diffusers import FluxPipeline
     extra = ["--lora-alpha", alpha] if alpha else []
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, *extra))
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, *extra))
     policy = common.load_task(args, keep_reference=False, log=lambda *_: None).policy
     assert_pipeline_loads_the_trained_lora(policy, FluxPipeline, pipeline_dir, tmp_path / "final")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common
+from infra.args import parse_args
 import g2rpo
 
 
@@ -35,10 +36,6 @@ def test_mixed_advantages_are_the_sum_of_per_granularity_z_scores():
     assert g2rpo.mixed_advantages(r * 100, clip=2.0).abs().max() <= 2.0
 
 
-class Args:
-    noise_level, rollout_batch_size = 0.7, 0
-
-
 def test_singular_rollout_branches_share_x_k_and_completion_is_deterministic(monkeypatch):
     policy = common.Toy2DPolicy(keep_reference=False)
     sigmas = policy.sigmas(10)
@@ -50,7 +47,7 @@ def test_singular_rollout_branches_share_x_k_and_completion_is_deterministic(mon
         return original(x, *a, **kw)
 
     monkeypatch.setattr(g2rpo, "sde_step_with_logprob", spy)
-    anchor, branches = g2rpo.singular_rollout(policy, ["mode 1", "mode 6"], sigmas, [0, 2, 4], [1, 2], 6, Args,
+    anchor, branches = g2rpo.singular_rollout(policy, ["mode 1", "mode 6"], sigmas, [0, 2, 4], [1, 2], 6, 0.7,
                                               common.toy_mode_reward)
     assert anchor.shape == (11, 2, 2) and len(branches) == 3 and len(seen) == 3
     for x_k, b in zip(seen, branches):
@@ -93,4 +90,4 @@ def test_tiny_flux_runs(tmp_path):
 def test_bad_schedules_are_clear_errors():
     for flags in (["--granularities", "0,1"], ["--branch-steps", "3,12"]):
         with pytest.raises(SystemExit):
-            g2rpo.parse_schedule(common.parse_args(g2rpo.Args, g2rpo.PRESETS, flags))
+            g2rpo.parse_schedule(parse_args(g2rpo.Args, g2rpo.PRESETS, flags))

@@ -36,11 +36,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
     """Recomputing block activations in backward changes memory, not the gradient (LoRA and full fine-tuning)."""
     import torch
 
-    import common
+    from infra.diffusers_models import build_tiny_flux
 
     grads = []
     for checkpointing in (False, True):
-        policy = common.build_tiny_flux(lora_rank=lora_rank, seed=0)
+        policy = build_tiny_flux(lora_rank=lora_rank, seed=0)
         if lora_rank == 0:
             policy.net.requires_grad_(True)
         if checkpointing:
@@ -55,6 +55,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
 
 def test_gradient_checkpointing_on_the_toy_fails_clearly():
     import common
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--gradient-checkpointing"])
+    from infra.args import parse_args
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--gradient-checkpointing"])
     with pytest.raises(SystemExit, match="needs a diffusers transformer"):
         common.load_task(args, keep_reference=False, log=lambda *_: None)

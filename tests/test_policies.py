@@ -5,6 +5,8 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import common
+from infra import diffusers_models, pretrained
+from infra import rewards
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +15,7 @@ def toy():
 
 
 def test_toy_base_model_is_cached_and_reproduces_the_ring(toy):
-    path = common.cached_model_path("toy2d-base", common.TOY_BASE_CONFIG)
+    path = pretrained.cached_model_path("toy2d-base", pretrained.TOY_BASE_CONFIG)
     assert path.exists(), "the pretrained toy base must be cached on disk"
     prompts = [f"mode {i}" for i in range(8) for _ in range(128)]
     g = torch.Generator().manual_seed(0)
@@ -58,7 +60,7 @@ def test_nfe_counts_with_and_without_gradient(toy):
 # ------------------------------------------------------------------------------------------------ tiny FLUX
 @pytest.fixture
 def flux():
-    return common.build_tiny_flux(resolution=32, lora_rank=4)
+    return diffusers_models.build_tiny_flux(resolution=32, lora_rank=4)
 
 
 def test_flux_packing_matches_the_pipeline(flux):
@@ -77,7 +79,7 @@ def test_flux_velocity_decode_and_reward_shapes(flux):
     assert v.shape == x.shape and v.dtype == torch.float32
     images = flux.decode(x)
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
-    r = common.mean_color_reward(images, prompts)
+    r = rewards.mean_color_reward(images, prompts)
     assert r.shape == (2,) and ((0 <= r) & (r <= 1)).all()
 
 
@@ -110,7 +112,7 @@ def test_flux_trainable_parameters_are_only_lora(flux):
 
 
 def test_full_finetune_without_reference_refuses_reference_context():
-    policy = common.build_tiny_flux(lora_rank=0, keep_reference=False)
+    policy = diffusers_models.build_tiny_flux(lora_rank=0, keep_reference=False)
     with pytest.raises(RuntimeError, match="keep_reference"):
         with policy.reference():
             pass
@@ -126,7 +128,7 @@ def test_flux_lora_save_is_loadable_by_diffusers(flux, tmp_path):
     state = FluxPipeline.lora_state_dict(tmp_path)
     assert state and all(k.startswith("transformer.") for k in state)
     # and our loader restores the same outputs in a fresh policy
-    fresh = common.build_tiny_flux(resolution=32, lora_rank=4)
+    fresh = diffusers_models.build_tiny_flux(resolution=32, lora_rank=4)
     fresh.load(tmp_path)
     assert_same_velocity(fresh, flux)
 
@@ -138,16 +140,16 @@ def assert_same_velocity(a, b):
         torch.testing.assert_close(a.velocity(x, 0.5, cond), b.velocity(x, 0.5, cond))
 
 
-@pytest.mark.parametrize("targets", [common.FLUX_LORA_TARGETS, common.SD3_LORA_TARGETS])
+@pytest.mark.parametrize("targets", [diffusers_models.FLUX_LORA_TARGETS, diffusers_models.SD3_LORA_TARGETS])
 def test_lora_state_dict_from_keys_equals_peft(targets):
-    """`common.lora_state_dict` (what `save` writes; it reads keys, so FSDP's wrappers cannot hide layers) gives
+    """`diffusers_models.lora_state_dict` (what `save` writes; it reads keys, so FSDP's wrappers cannot hide layers) gives
     exactly peft's `get_peft_model_state_dict` on an unwrapped model."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     torch.manual_seed(0)
-    net, _ = common.tiny_flux_modules()
+    net, _ = diffusers_models.tiny_flux_modules()
     net.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=targets))
-    ours, peft_own = common.lora_state_dict(net.state_dict()), get_peft_model_state_dict(net)
+    ours, peft_own = diffusers_models.lora_state_dict(net.state_dict()), get_peft_model_state_dict(net)
     assert ours.keys() == peft_own.keys() and len(ours) > 0
     assert all(torch.equal(ours[k], peft_own[k]) for k in ours)
 
@@ -155,7 +157,7 @@ def test_lora_state_dict_from_keys_equals_peft(targets):
 def test_flux_full_finetune_save_is_loadable_by_diffusers(tmp_path):
     """Full fine-tuning writes the gathered state dict itself (not through save_pretrained, which would read the
     FSDP-sharded module): the result must be what `from_pretrained` reads, with the trained values."""
-    policy = common.build_tiny_flux(lora_rank=0)
+    policy = diffusers_models.build_tiny_flux(lora_rank=0)
     with torch.no_grad():
         for p in policy.net.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -163,7 +165,7 @@ def test_flux_full_finetune_save_is_loadable_by_diffusers(tmp_path):
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
     for k, v in policy.net.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
-    fresh = common.build_tiny_flux(lora_rank=0, seed=1)
+    fresh = diffusers_models.build_tiny_flux(lora_rank=0, seed=1)
     fresh.load(tmp_path)
     assert_same_velocity(fresh, policy)
 
@@ -180,8 +182,8 @@ def test_training_dtypes_of_a_bf16_loaded_transformer():
     in bf16 (half the memory); LoRA keeps the base in bf16 and trains fp32 adapters. Both run their reference."""
     for lora_rank in (0, 4):
         torch.manual_seed(0)
-        transformer, vae = common.tiny_flux_modules()
-        policy = common.FluxPolicy(transformer.to(torch.bfloat16), vae, common.HashTextEncoder(8, 32, 32), 32,
+        transformer, vae = diffusers_models.tiny_flux_modules()
+        policy = diffusers_models.FluxPolicy(transformer.to(torch.bfloat16), vae, diffusers_models.HashTextEncoder(8, 32, 32), 32,
                                    lora_rank=lora_rank, keep_reference=True)
         trainable = policy.trainable_parameters()
         assert trainable and all(p.dtype == torch.float32 for p in trainable)

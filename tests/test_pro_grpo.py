@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from infra.args import parse_args
 import flow_grpo
 import pro_grpo
 
@@ -35,10 +36,6 @@ def test_funnel_nfe_arithmetic():
     assert pro_grpo.funnel_nfe(10, [24], []) == 240
 
 
-class Args:
-    noise_level, sde_variant = 0.7, "flow_grpo"
-
-
 def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
     policy = common.Toy2DPolicy(keep_reference=False)
     sigmas = policy.sigmas(10)
@@ -50,7 +47,7 @@ def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
 
     prompts = ["mode 1", "mode 5", "mode 2"]
     survivors, states, log_probs, alive, proxies = pro_grpo.expand_and_prune_rollout(
-        policy, prompts, sigmas, Args, [16, 8, 4], [5, 7], reward)
+        policy, prompts, sigmas, [16, 8, 4], [5, 7], reward, noise_level=0.7, variant="flow_grpo")
     # exactly the funnel's model calls: proxies reuse the step's velocity and pruned trajectories stop
     assert policy.nfe == {"no_grad": 3 * pro_grpo.funnel_nfe(10, [16, 8, 4], [5, 7]), "grad": 0}
     assert states.shape == (11, 12, 2) and log_probs.shape == (10, 12)
@@ -89,7 +86,7 @@ def test_bad_funnels_are_clear_errors():
     for flags in (["--group-sizes", "8,16", "--prune-steps", "5"], ["--group-sizes", "16,8", "--prune-steps", "12"],
                   ["--group-sizes", "16,8,4", "--prune-steps", "5"]):
         with pytest.raises(SystemExit):
-            pro_grpo.parse_funnel(common.parse_args(pro_grpo.Args, pro_grpo.PRESETS, flags))
+            pro_grpo.parse_funnel(parse_args(pro_grpo.Args, pro_grpo.PRESETS, flags))
 
 
 def test_toy2d_pro_grpo_raises_eval_reward_and_reports_nfe(tmp_path):

@@ -1,4 +1,4 @@
-"""The prompt-embedding cache of --model flux / sd3 (common.CachedTextEncoder): written batch by batch, read back
+"""The prompt-embedding cache of --model flux / sd3 (pipelines.CachedTextEncoder): written batch by batch, read back
 exactly, memory-mapped (loading it reads nothing; a batch reads its own rows), atomic."""
 
 import psutil
@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import common
+from infra import diffusers_models
+from infra import pipelines
 
 
 def fake_encoder(seq_len=6, dim=8, pooled_dim=4, dtype=torch.bfloat16):
     """A deterministic stand-in for a pipeline's encode_prompt: each prompt's tensors are seeded by its text."""
-    return common.HashTextEncoder(seq_len, dim, pooled_dim), dtype
+    return diffusers_models.HashTextEncoder(seq_len, dim, pooled_dim), dtype
 
 
 def encode_with(encoder, dtype, calls=None):
@@ -26,9 +28,9 @@ def test_written_in_batches_and_read_back_exactly(tmp_path):
     encoder, dtype = fake_encoder()
     prompts = [f"prompt {i}" for i in range(10)] + [""]
     calls = []
-    common.CachedTextEncoder.write(tmp_path / "cache", prompts, encode_with(encoder, dtype, calls), batch=4)
+    pipelines.CachedTextEncoder.write(tmp_path / "cache", prompts, encode_with(encoder, dtype, calls), batch=4)
     assert calls == [4, 4, 3]  # never more than a batch at once
-    cached = common.CachedTextEncoder(tmp_path / "cache")
+    cached = pipelines.CachedTextEncoder(tmp_path / "cache")
     assert (cached.seq_len, cached.dim, cached.pooled_dim) == (6, 8, 4)
     query = ["prompt 7", "", "prompt 0", "prompt 7"]
     embeds, pooled = cached(query)
@@ -45,12 +47,12 @@ def test_loading_maps_the_files_instead_of_reading_them(tmp_path):
     """256 MB of embeddings: opening the cache adds (almost) nothing to the process's resident memory, a batch of
     rows adds about its own size."""
     rows, seq_len, dim = 512, 512, 512  # 512 x 512 x 512 bf16 = 256 MB
-    common.CachedTextEncoder.write(
+    pipelines.CachedTextEncoder.write(
         tmp_path / "big", [f"p{i}" for i in range(rows)],
         lambda ps: (torch.ones(len(ps), seq_len, dim, dtype=torch.bfloat16), torch.ones(len(ps), 4)), batch=64)
     process = psutil.Process()
     before = process.memory_info().rss
-    cached = common.CachedTextEncoder(tmp_path / "big")
+    cached = pipelines.CachedTextEncoder(tmp_path / "big")
     opened = process.memory_info().rss
     embeds, _ = cached(["p3", "p400"])
     after = process.memory_info().rss
@@ -60,9 +62,9 @@ def test_loading_maps_the_files_instead_of_reading_them(tmp_path):
 
 def test_a_finished_cache_is_not_overwritten_by_a_second_writer(tmp_path):
     encoder, dtype = fake_encoder()
-    common.CachedTextEncoder.write(tmp_path / "cache", ["a", "b"], encode_with(encoder, dtype))
-    other = common.HashTextEncoder(6, 8, 4)  # same shapes, other values: must not replace the first
-    common.CachedTextEncoder.write(tmp_path / "cache", ["a", "b"], lambda ps: tuple(t + 1 for t in other(ps)))
-    embeds, _ = common.CachedTextEncoder(tmp_path / "cache")(["a"])
+    pipelines.CachedTextEncoder.write(tmp_path / "cache", ["a", "b"], encode_with(encoder, dtype))
+    other = diffusers_models.HashTextEncoder(6, 8, 4)  # same shapes, other values: must not replace the first
+    pipelines.CachedTextEncoder.write(tmp_path / "cache", ["a", "b"], lambda ps: tuple(t + 1 for t in other(ps)))
+    embeds, _ = pipelines.CachedTextEncoder(tmp_path / "cache")(["a"])
     assert torch.equal(embeds, encode_with(encoder, dtype)(["a"])[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

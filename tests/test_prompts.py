@@ -5,13 +5,15 @@ import json
 import pytest
 
 import common
+from infra.args import parse_args
+from infra import tasks
 import flow_grpo
 
 
 def test_txt_skips_blank_and_comment_lines(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("# my prompts\nmode 1\n\n  mode 2  \n#mode 3\n", encoding="utf-8")
-    assert common.read_prompts(f) == ["mode 1", "mode 2"]
+    assert tasks.read_prompts(f) == ["mode 1", "mode 2"]
 
 
 def test_jsonl_reads_the_prompt_field_and_ignores_the_rest(tmp_path):
@@ -19,7 +21,7 @@ def test_jsonl_reads_the_prompt_field_and_ignores_the_rest(tmp_path):
     rows = [{"tag": "counting", "prompt": "a photo of three red squares", "include": [{"class": "square"}]},
             {"prompt": "a photo of a blue circle"}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
-    assert common.read_prompts(f) == ["a photo of three red squares", "a photo of a blue circle"]
+    assert tasks.read_prompts(f) == ["a photo of three red squares", "a photo of a blue circle"]
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -32,16 +34,16 @@ def test_bad_prompt_files_fail_with_the_line_and_the_fix(tmp_path, name, text, m
     f = tmp_path / name
     f.write_text(text, encoding="utf-8")
     with pytest.raises(SystemExit, match=message):
-        common.read_prompts(f)
+        tasks.read_prompts(f)
     with pytest.raises(SystemExit, match="not found"):
-        common.read_prompts(tmp_path / "missing.txt")
+        tasks.read_prompts(tmp_path / "missing.txt")
 
 
 def test_a_run_trains_and_evaluates_on_the_files_prompts(tmp_path):
     train, evals = tmp_path / "train.txt", tmp_path / "eval.jsonl"
     train.write_text("mode 3\n")
     evals.write_text(json.dumps({"prompt": "mode 3"}) + "\n")
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS,
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS,
                              ["--train-prompts", str(train), "--eval-prompts", str(evals)])
     task = common.load_task(args, keep_reference=False, log=lambda *_: None)
     assert (task.train_prompts, task.eval_prompts) == (["mode 3"], ["mode 3"])

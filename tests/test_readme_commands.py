@@ -19,6 +19,9 @@ import pytest
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
 import common
+from infra.args import parse_args
+from infra import diffusers_models
+from infra import rewards
 from tiny_pipelines import save_tiny_clip_rewards, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +73,7 @@ def parsed(words: list[str]):
     la = launch(words)
     module = importlib.import_module(Path(la.training_script).stem)
     argv = list(la.training_script_args)
-    return module, common.parse_args(module.Args, module.PRESETS, argv), argv
+    return module, parse_args(module.Args, module.PRESETS, argv), argv
 
 
 LINES = readme_shell_lines()
@@ -99,8 +102,8 @@ def test_every_paper_preset_is_launched_in_the_readme_with_its_own_model():
 def _counts(model: str, rank: int) -> tuple[int, int, int]:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     cls, config, targets = {
-        "flux": (FluxTransformer2DModel, common.FLUX_DEV_TRANSFORMER_CONFIG, common.FLUX_LORA_TARGETS),
-        "sd3": (SD3Transformer2DModel, common.SD35_MEDIUM_TRANSFORMER_CONFIG, common.SD3_LORA_TARGETS)}[model]
+        "flux": (FluxTransformer2DModel, diffusers_models.FLUX_DEV_TRANSFORMER_CONFIG, diffusers_models.FLUX_LORA_TARGETS),
+        "sd3": (SD3Transformer2DModel, diffusers_models.SD35_MEDIUM_TRANSFORMER_CONFIG, diffusers_models.SD3_LORA_TARGETS)}[model]
     params, lora, block = memory_estimate.counts(cls, config, max(rank, 1), targets)
     return params, lora if rank else 0, block
 
@@ -165,8 +168,8 @@ def test_the_command_trains_an_iteration_on_a_tiny_pipeline(words, assets, tmp_p
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
     loads = []
     for name in ("pickscore", "clip"):
-        monkeypatch.setitem(common.LEARNED_REWARDS, name, lambda root, device="cpu", _name=name, _load=common.
-                            LEARNED_REWARDS[name]: loads.append((_name, root)) or _load(root, device))
+        monkeypatch.setitem(rewards.LEARNED_REWARDS, name, lambda root, device="cpu", _name=name,
+                            _load=rewards.LEARNED_REWARDS[name]: loads.append((_name, root)) or _load(root, device))
     module, args, argv = parsed(words)
     paths = {"--pretrained": assets[args.model], **{k: v for k, v in assets.items() if k.startswith("--")}}
     argv = [paths.get(flag, word) for flag, word in zip([None] + argv, argv)]  # the value after each path flag
@@ -189,9 +192,9 @@ def test_the_python_commands_parse_and_those_on_the_tiny_flux_run(words, tmp_pat
     module = importlib.import_module(words[1].removesuffix(".py"))
     if len(words) == 3 and words[2].endswith((".yaml", ".json")):  # a config file of the user's
         return
-    args = common.parse_args(module.Args, module.PRESETS, words[2:])
+    args = parse_args(module.Args, module.PRESETS, words[2:])
     if args.model not in ("flux", "sd3"):  # the built-in models must run with no weights on disk
-        assert args.reward is None or all(p.split(":")[0] in common.REWARDS for p in args.reward.split(",")), words
+        assert args.reward is None or all(p.split(":")[0] in {*common.REWARDS, *rewards.IMAGE_REWARDS} for p in args.reward.split(",")), words
     if args.model == "tiny-flux":
         monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
         summary = module.main(words[2:] + ["--output-dir", str(tmp_path / "run")])

@@ -6,40 +6,41 @@ import pytest
 import torch
 
 import common
+from infra import rewards
 from tiny_pipelines import tiny_clip
 
 
 def test_clip_preprocess_identities():
-    mean, std = torch.tensor(common.OPENAI_CLIP_MEAN), torch.tensor(common.OPENAI_CLIP_STD)
+    mean, std = torch.tensor(rewards.OPENAI_CLIP_MEAN), torch.tensor(rewards.OPENAI_CLIP_STD)
     flat = torch.full((2, 3, 64, 96), 0.5)  # a constant image stays constant through resize and crop
-    out = common.clip_preprocess(flat)
+    out = rewards.clip_preprocess(flat)
     assert out.shape == (2, 3, 224, 224)
     torch.testing.assert_close(out, ((torch.tensor(128 / 255) - mean) / std).view(1, 3, 1, 1).expand_as(out))
     x = torch.rand(2, 3, 224, 224)  # already 224: only quantisation and normalisation
     q = (x * 255).round() / 255
-    torch.testing.assert_close(common.clip_preprocess(x), (q - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
-    torch.testing.assert_close(common.clip_preprocess((x * 255).round().to(torch.uint8)), common.clip_preprocess(x))
+    torch.testing.assert_close(rewards.clip_preprocess(x), (q - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    torch.testing.assert_close(rewards.clip_preprocess((x * 255).round().to(torch.uint8)), rewards.clip_preprocess(x))
     # out-of-range decoder output scores as the clamped image would
     wild = x * 1.6 - 0.3
-    torch.testing.assert_close(common.clip_preprocess(wild), common.clip_preprocess(wild.clamp(0, 1)))
+    torch.testing.assert_close(rewards.clip_preprocess(wild), rewards.clip_preprocess(wild.clamp(0, 1)))
 
 
 def test_pickscore_mode_equals_transformers_logits_and_is_batch_independent(tmp_path):
     model, tokenizer = tiny_clip(tmp_path)
-    scorer = common.CLIPScorer(model, tokenizer, logit_scaled=True, divide=26.0)
+    scorer = rewards.CLIPScorer(model, tokenizer, logit_scaled=True, divide=26.0)
     images, prompts = torch.rand(3, 3, 64, 64), ["a red cat", "hi", "a very long prompt about dogs"]
     scores = scorer(images, prompts)
     assert scores.shape == (3,) and scores.dtype == torch.float32
     # independent: the CLIP forward's logits_per_image diagonal is logit_scale.exp() * cos(image_i, text_i)
     tokens = tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        logits = model(pixel_values=common.clip_preprocess(images), **tokens).logits_per_image
+        logits = model(pixel_values=rewards.clip_preprocess(images), **tokens).logits_per_image
     torch.testing.assert_close(scores, logits.diagonal() / 26.0)
     torch.testing.assert_close(scorer(images, prompts), scores)  # deterministic
     # padding must not leak between prompts: each sample scored alone gives the same number
     alone = torch.cat([scorer(images[i:i + 1], prompts[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(alone, scores, rtol=1e-4, atol=1e-5)
-    cos = common.CLIPScorer(model, tokenizer)(images, prompts)  # CLIP score: the plain cosine
+    cos = rewards.CLIPScorer(model, tokenizer)(images, prompts)  # CLIP score: the plain cosine
     torch.testing.assert_close(cos * model.logit_scale.exp() / 26.0, scores)
     assert cos.abs().max() <= 1
 
@@ -52,7 +53,7 @@ def test_clip_score_loads_offline_from_the_reward_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = common.get_reward("clip", root=str(tmp_path / "rewards"))
     images, prompts = torch.rand(2, 3, 32, 32), ["a red cat", "a dog"]
-    torch.testing.assert_close(loaded(images, prompts), common.CLIPScorer(model, tokenizer)(images, prompts))
+    torch.testing.assert_close(loaded(images, prompts), rewards.CLIPScorer(model, tokenizer)(images, prompts))
 
 
 def test_weighted_reward_sums_and_bad_specs_fail_clearly():
@@ -86,7 +87,7 @@ def test_hps_score_equals_open_clips_own_preprocessing_and_features():
     model = open_clip.CLIP(embed_dim=16, text_cfg=text_cfg,
                            vision_cfg=dict(layers=1, width=32, patch_size=32, image_size=224, head_width=16)).eval()
     tokenizer = open_clip.get_tokenizer("ViT-H-14")
-    scorer = common.HPSScorer(model, tokenizer)
+    scorer = rewards.HPSScorer(model, tokenizer)
     images = torch.rand(3, 3, 48, 80)  # not square: the short side is resized, then centre-cropped
     prompts = ["a cat", "a dog on a red sofa", "a city at night"]
     ours = scorer(images, prompts)

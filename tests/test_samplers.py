@@ -101,7 +101,7 @@ def test_sde_std_formula_and_first_step_convention():
 
 
 def test_sde_drift_formula():
-    """mean = x + [v + std^2/(2s) (x + (1-s) v)] dt (ALGORITHMS.md section 0), per-sample sigmas."""
+    """mean = x + [v + std^2/(2s) (x + (1-s) v)] dt (the Flow-GRPO SDE of common.sde_step_with_logprob), per-sample sigmas."""
     x, v = torch.randn(3, 2), torch.randn(3, 2)
     s, s_next = torch.tensor([0.8, 0.5, 0.3]), torch.tensor([0.7, 0.3, 0.0])
     _, _, mean, std = common.sde_step_with_logprob(x, v, s, s_next, noise_level=0.7)

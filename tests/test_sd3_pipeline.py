@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+from infra.args import parse_args
 import dgpo
 import flow_grpo
 import g2rpo
@@ -39,7 +40,7 @@ def _flags(pipeline_dir, prompt_file, out, *extra):
 
 
 def _policy(pipeline_dir, prompt_file, tmp_path, *extra):
-    args = common.parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_file, tmp_path, *extra))
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_file, tmp_path, *extra))
     return common.load_task(args, keep_reference=False, log=lambda *_: None).policy
 
 

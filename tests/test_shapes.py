@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import common
-import shapes
+from infra import diffusers_models
+from infra import tasks
+from infra import shapes
 
 # A base model pretrained for 2 steps: the code path of the real one, in a second of CPU.
 TINY_BASE = dict(shapes.SHAPES_BASE_CONFIG, steps=2, batch=4)
@@ -155,8 +157,8 @@ def test_pixel_codec_and_packing_are_lossless_and_match_flux_policy(tiny_base):
     latents = codec.encode(images)
     assert latents.shape == (3, 12, 16, 16)
     assert torch.allclose(codec.decode(latents)[0] / 2 + 0.5, images, atol=1e-6)
-    policy = common.build_shapes_flux(lora_rank=4)
-    packed = common.flux_pack(latents)
+    policy = tasks.build_shapes_flux(lora_rank=4)
+    packed = diffusers_models.flux_pack(latents)
     assert packed.shape == (3, 64, 48) and policy.sample_shape() == (64, 48)
     assert torch.equal(policy.unpack(packed), latents)
     assert torch.allclose(policy.decode(packed), images, atol=1e-6)

@@ -10,16 +10,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import timing  # noqa: E402
 
 import common  # noqa: E402
+from infra import diffusers_models  # noqa: E402
 
 
 def test_full_fine_tune_backward_costs_two_forwards_and_lora_far_less():
-    full = common.build_tiny_flux(lora_rank=0)
+    full = diffusers_models.build_tiny_flux(lora_rank=0)
     fwd, grad = timing.count_flops(full)
     assert fwd > 0
     # every matmul's backward computes the input and the weight gradient: 2x its forward. (The first layer's input
     # gradient is not needed, so slightly under 3x in total.)
     assert 2.6 < grad / fwd <= 3.0
-    lora = common.build_tiny_flux(lora_rank=4)
+    lora = diffusers_models.build_tiny_flux(lora_rank=4)
     fwd_l, grad_l = timing.count_flops(lora)
     assert fwd_l > fwd  # the adapters' own matmuls
     assert grad_l / fwd_l < grad / fwd  # no weight gradients for the frozen base

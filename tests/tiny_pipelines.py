@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 import common
+from infra import diffusers_models
+from infra import rewards
 
 T5_WORDS = "a photo of red green blue yellow cat dog".split()
 
@@ -55,7 +57,7 @@ def save_tiny_flux_pipeline(directory: Path, seed: int = 0) -> Path:
     t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    transformer, vae = common.tiny_flux_modules()
+    transformer, vae = diffusers_models.tiny_flux_modules()
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip,
                         tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
@@ -79,7 +81,7 @@ def save_tiny_sd3_pipeline(directory: Path, seed: int = 0) -> Path:
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
-    vae = AutoencoderKL(**{**common.TINY_VAE_CONFIG, "latent_channels": 4})  # SD3 latents: 4 channels here
+    vae = AutoencoderKL(**{**diffusers_models.TINY_VAE_CONFIG, "latent_channels": 4})  # SD3 latents: 4 channels here
     pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=CLIPTextModelWithProjection(clip_config), tokenizer=clip_tok,
                                     text_encoder_2=CLIPTextModelWithProjection(clip_config), tokenizer_2=clip_tok,
@@ -103,7 +105,7 @@ def tiny_clip(directory: Path):
 
 
 def save_tiny_clip_rewards(reward_dir: Path) -> Path:
-    """A `--reward-dir` laid out as `common.load_pickscore` and `common.load_clip_score` read it: PickScore's model
+    """A `--reward-dir` laid out as `rewards.load_pickscore` and `rewards.load_clip_score` read it: PickScore's model
     in PickScore_v1/ with its tokenizer in CLIP-ViT-H-14-laion2B-s32B-b79K/, CLIP score's in clip-vit-large-patch14/."""
     model, tokenizer = tiny_clip(reward_dir / "_vocab")
     model.save_pretrained(reward_dir / "PickScore_v1")

@@ -7,7 +7,7 @@ RoPE ids and schedule of FLUX.1-dev) that the project pretrains itself by flow m
 2 CPU cores, cached), rewarded by a programmatic checker, with a separate quality metric that exposes
 reward hacking.
 
-    python shapes.py                  # pretrain the base model (or load it from the cache) and write
+    python -m infra.shapes                  # pretrain the base model (or load it from the cache) and write
                                       # runs/shapes-base/samples.png with its held-out scores
 
 Pieces (each usable on its own):
@@ -334,7 +334,7 @@ def pretrain_shapes_base(config: dict = SHAPES_BASE_CONFIG, log: Callable[[str],
     """
     from diffusers import FluxTransformer2DModel
 
-    from common import atomic_save, cached_model_path
+    from infra.pretrained import atomic_save, cached_model_path
 
     path = cached_model_path("shapes-base", config)
     torch.manual_seed(config["seed"])
@@ -356,7 +356,7 @@ def pretrain_shapes_base(config: dict = SHAPES_BASE_CONFIG, log: Callable[[str],
 
 
 def _pretrain(transformer, text_encoder, config, log):
-    from common import flux_image_ids, flux_pack
+    from infra.diffusers_models import flux_image_ids, flux_pack
 
     train, _ = split_prompts(config["eval_fraction"], config["split_seed"])
     # balanced over the four categories (position prompts would otherwise be 80% of the data)
@@ -406,14 +406,15 @@ def grid_prompts() -> list[str]:
 
 
 # ======================================================================================================
-# python shapes.py: pretrain (or load) the base model, score it, draw its samples
+# python -m infra.shapes: pretrain (or load) the base model, score it, draw its samples
 # ======================================================================================================
 
 
 def main():
     import argparse
 
-    from common import evaluate, load_task, sample_grid
+    from common import evaluate, load_task
+    from infra.tasks import sample_grid
 
     parser = argparse.ArgumentParser(description="Pretrain (once; cached) and evaluate the shapes base model.")
     parser.add_argument("--output-dir", default="runs/shapes-base")
@@ -423,7 +424,8 @@ def main():
     cli = parser.parse_args()
     args = SimpleNamespace(model="shapes", lora_rank=0, lora_alpha=None, reward=None, seed=0, shift=None,
                            eval_steps=cli.eval_steps, eval_solver="euler", eval_batch_size=256,
-                           eval_samples_per_prompt=cli.eval_samples_per_prompt, eval_seed=cli.eval_seed)
+                           eval_samples_per_prompt=cli.eval_samples_per_prompt, eval_seed=cli.eval_seed,
+                           reward_dir=None, train_prompts=None, eval_prompts=None, gradient_checkpointing=False)
     task = load_task(args, keep_reference=False)
     out = Path(cli.output_dir)
     sample_grid(task, args, out / "samples.png")

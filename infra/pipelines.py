@@ -1,0 +1,194 @@
+"""FLUX.1-dev (`--model flux`) and SD3.5 (`--model sd3`) from a diffusers directory on disk (`--pretrained`), offline.
+
+The pipeline's own text encoders embed every train and eval prompt once into a memory-mapped disk cache
+(`CachedTextEncoder`) and are released (T5-XXL alone is 9.5 GB in bf16); once the cache exists they are not even
+loaded. The transformer is held in the mixed-precision dtype (bf16) with fp32 LoRA adapters, or in fp32 for full
+fine-tuning (AdamW needs fp32 master weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from common import Task, get_reward
+from infra.pretrained import cached_model_path
+from infra.diffusers_models import FluxPolicy, SD3Policy
+from infra.tasks import read_prompts
+
+class CachedTextEncoder:
+    """Prompt embeddings computed once by a pipeline's own text encoders, which are then released (T5-XXL alone
+    is 9.5 GB in bf16). Same interface as HashTextEncoder: `(prompts) -> (prompt_embeds, pooled_prompt_embeds)`.
+
+    They live on disk as raw arrays (`embeds.bin` (N, T, D), `pooled.bin` (N, D_pooled), `meta.json` with the
+    prompts), memory-mapped: a batch reads only its own prompts' rows, so a prompt set costs disk, not RAM (4 MB
+    per prompt at FLUX's 512 T5 tokens: 100 GB for 25k prompts), and the processes of a node share the OS page
+    cache. Only the prompts embedded at start-up exist: all of --train-prompts and --eval-prompts (and "", the
+    unconditional branch of classifier-free guidance)."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        dtype = getattr(torch, meta["dtype"])
+        self.prompts = meta["prompts"]
+        self.index = {p: i for i, p in enumerate(self.prompts)}
+        self.embeds = self._mapped(directory / "embeds.bin", meta["embeds_shape"], dtype)
+        self.pooled = self._mapped(directory / "pooled.bin", meta["pooled_shape"], dtype)
+        self.seq_len, self.dim, self.pooled_dim = self.embeds.shape[1], self.embeds.shape[2], self.pooled.shape[1]
+
+    @staticmethod
+    def _mapped(path: Path, shape: list[int], dtype) -> torch.Tensor:
+        # shared=False: a private, copy-on-write mapping; pages are read from disk when indexed
+        return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=dtype).view(shape)
+
+    @staticmethod
+    def write(directory: Path, prompts: list[str], encode: Callable[[list[str]], tuple], batch: int = 32):
+        """Embed `prompts` in batches with `encode(prompts) -> (embeds (B, T, D), pooled (B, D_pooled))`, each batch
+        written straight into the files (never the whole set in memory), into a temporary directory renamed into
+        place at the end: a crashed or concurrent writer never leaves a half cache behind."""
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files = None
+        for i in range(0, len(prompts), batch):
+            embeds, pooled = (t.detach().cpu().contiguous() for t in encode(prompts[i:i + batch]))
+            if files is None:  # the shapes are known after the first batch
+                meta = {"prompts": prompts, "dtype": str(embeds.dtype).removeprefix("torch."),
+                        "embeds_shape": [len(prompts), *embeds.shape[1:]],
+                        "pooled_shape": [len(prompts), *pooled.shape[1:]]}
+                files = [torch.from_file(str(tmp / name), shared=True, size=math.prod(meta[key]),
+                                         dtype=embeds.dtype).view(meta[key])
+                         for name, key in (("embeds.bin", "embeds_shape"), ("pooled.bin", "pooled_shape"))]
+            files[0][i:i + len(embeds)] = embeds
+            files[1][i:i + len(pooled)] = pooled
+        del files  # unmapped: the data is in the files
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def __call__(self, prompts: list[str]):
+        try:
+            rows = [self.index[p] for p in prompts]
+        except KeyError as e:
+            raise KeyError(f"prompt {e.args[0]!r} was not embedded at start-up: only --train-prompts and "
+                           f"--eval-prompts are") from None
+        return self.embeds[rows], self.pooled[rows]  # copies of just these rows
+
+    def uncond(self):
+        """The empty prompt's embeddings (1, T, D) and (1, D_pooled): CFG's unconditional branch."""
+        return self([""])
+
+
+PIPELINES = {  # --model -> (diffusers pipeline, policy, the command that fetches the weights)
+    "flux": ("FluxPipeline", FluxPolicy, "hf download black-forest-labs/FLUX.1-dev --local-dir <dir>"),
+    "sd3": ("StableDiffusion3Pipeline", SD3Policy,
+            "hf download stabilityai/stable-diffusion-3.5-medium --local-dir <dir>"),
+}
+TEXT_ENCODERS = {"flux": ("text_encoder", "text_encoder_2"),  # CLIP-L, T5-XXL
+                 "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}  # CLIP-L, CLIP-G, T5-XXL
+
+
+def local_main_process_first():
+    """In a multi-process run the node's main process runs the block first and the others after it (to find what
+    it wrote); in a single process, nothing."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+        return PartialState().local_main_process_first()
+    return contextlib.nullcontext()
+
+
+def prompt_cache_dir(model: str, prompts: list[str], max_sequence_length: int, source: str) -> Path:
+    """$FLOWRL_CACHE/<model>-prompt-embeds-<hash>/, keyed by the weights' source, the sequence length and the
+    prompt set."""
+    key = {"model": model, "source": source, "max_sequence_length": max_sequence_length,
+           "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    return cached_model_path(f"{model}-prompt-embeds", key).with_suffix("")
+
+
+def pipeline_encoder(pipe, model: str, max_sequence_length: int, device):
+    """`prompts -> (embeds, pooled)` with the pipeline's own `encode_prompt`. FLUX: T5 sequence (T, 4096) +
+    CLIP-L pooled (768); SD3: [CLIP-L, CLIP-G | T5] sequence (77 + T, 4096) + both CLIPs' pooled (2048)."""
+    @torch.no_grad()
+    def encode(prompts):
+        if model == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device,
+                                                   max_sequence_length=max_sequence_length)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=max_sequence_length)
+        return embeds, pooled
+    return encode
+
+
+def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
+    """FLUX.1-dev (`--model flux`) or SD3.5 (`--model sd3`) from `--pretrained` (a diffusers directory, or a hub
+    id already in the local cache). The text encoders embed the prompt set once into a memory-mapped disk cache
+    (`CachedTextEncoder`) and are released; once the cache exists they are not even loaded. The transformer is held
+    in the mixed-precision dtype (bf16) with fp32 LoRA adapters, or in fp32 for full fine-tuning (AdamW needs fp32
+    master weights)."""
+    import diffusers
+    pipeline_name, policy_class, fetch = PIPELINES[args.model]
+    fetch = f"{fetch}, then --pretrained <dir>"
+    if not args.pretrained:
+        raise SystemExit(f"--model {args.model} needs --pretrained: weights are never downloaded at run time "
+                         f"({fetch})")
+    if not args.train_prompts:
+        raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
+                         f"--eval-prompts)")
+    source = Path(args.pretrained)
+    if source.exists() and not (source / "model_index.json").is_file():
+        raise SystemExit(f"{source} is not a diffusers pipeline directory (no model_index.json); {fetch}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    offline = source.exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    train = read_prompts(args.train_prompts)
+    evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
+    prompts = list(dict.fromkeys(train + evals + ([""] if args.model == "sd3" else [])))
+    cache = prompt_cache_dir(args.model, prompts, args.max_sequence_length,
+                             str(source.resolve()) if source.exists() else args.pretrained)
+    encoders = TEXT_ENCODERS[args.model]
+
+    def load(with_text_encoders: bool):
+        try:
+            return getattr(diffusers, pipeline_name).from_pretrained(
+                args.pretrained, dtype=dtype, local_files_only=offline,
+                **({} if with_text_encoders else {name: None for name in encoders}))
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise SystemExit(f"could not load {pipeline_name} from {args.pretrained!r} ({type(e).__name__}: {e}); "
+                             f"{fetch}") from None
+
+    # Without a cache, the node's main process loads the whole pipeline and embeds while the others wait; they
+    # then find the cache. With one, every process loads the pipeline at once, without its text encoders.
+    pipe = None
+    with local_main_process_first():
+        if not (cache / "meta.json").is_file():
+            pipe = load(with_text_encoders=True)
+            for name in encoders:
+                getattr(pipe, name).to(device)
+            CachedTextEncoder.write(cache, prompts, pipeline_encoder(pipe, args.model, args.max_sequence_length,
+                                                                     device))
+            log(f"prompt embeddings: {len(prompts)} prompts embedded, cached in {cache}")
+            for name in encoders:  # released
+                setattr(pipe, name, None)
+    if pipe is None:
+        pipe = load(with_text_encoders=False)
+        log(f"prompt embeddings: {len(prompts)} prompts from {cache}")
+    text = CachedTextEncoder(cache)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    extra = {"scheduler_config": dict(pipe.scheduler.config)} if args.model == "sd3" else {}
+    policy = policy_class(pipe.transformer, pipe.vae, text, resolution=args.resolution,
+                                    guidance_scale=args.guidance_scale, lora_rank=args.lora_rank,
+                                    lora_alpha=args.lora_alpha, keep_reference=keep_reference, device=device,
+                                    **extra)
+    return Task(policy, get_reward(args.reward or "pickscore", device, args.reward_dir), train, evals)

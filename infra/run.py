@@ -1,0 +1,306 @@
+"""One training run: the Accelerator, seeding, logging, checkpoints and resume, the summary every benchmark reads.
+
+Every script drives it the same way: `run = Run(args, name)`, `run.make_optimizer(policy)`, `run.start(task, ...)`
+(the evaluation before training, or a resume), `run.begin_iteration` / `run.end_iteration` around each iteration,
+`run.evaluate(task, "after")`, `run.finish(...)`. What it writes: config.json, metrics.jsonl (one line per
+iteration), summary.json, final/ (the trained weights) and checkpoints/checkpoint-N/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from common import NonFiniteError, Policy, Task, check_finite, evaluate
+from infra.tasks import sample_grid
+
+def gathered_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
+    """The network's whole state dict, keyed as the unwrapped model's. Under FSDP the shards are gathered to
+    the main process (a collective: every process must call this; the others may get an empty dict); under
+    DeepSpeed the trainable entries are the optimizer's fp32 masters."""
+    if policy.accelerator is None:
+        return policy.net.state_dict()
+    state = policy.accelerator.get_state_dict(policy.net)
+    from accelerate.utils import DistributedType
+    if policy.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # the engine computes with a bf16 copy; the trained weights are the optimizer's fp32 masters (sharded
+        # across processes under ZeRO: gathering them is a collective too)
+        from deepspeed.utils import safe_get_full_fp32_param
+        for name, p in policy._unwrapped().named_parameters():
+            if p.requires_grad:
+                state[name] = safe_get_full_fp32_param(p).cpu()
+    return state
+
+
+def weight_fingerprint(state: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """(len(names), 2) float64: each named tensor's sum and sum of squares. Any real update changes it, and it keeps
+    no copy of the weights (12B parameters in fp32 are 48 GB)."""
+    return torch.stack([torch.stack([state[n].double().sum(), state[n].double().square().sum()]) for n in names])
+
+
+class Run:
+    """One training run: the Accelerator, per-process seeding, console + jsonl + tracker logging, summary."""
+
+    def __init__(self, args, algorithm: str):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        self.args, self.algorithm = args, algorithm
+        resume = args.resume_from_checkpoint
+        if args.output_dir is None and resume not in (None, "latest"):
+            args.output_dir = str(Path(resume).resolve().parent.parent)  # <output_dir>/checkpoints/checkpoint-N
+        if args.output_dir is None:
+            if resume == "latest":
+                raise SystemExit("--resume-from-checkpoint latest needs the --output-dir of the run to resume")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.output_dir = str(Path("runs") / f"{algorithm}_{args.model}_s{args.seed}_{stamp}")
+        self.out = Path(args.output_dir)
+        if args.report_to not in ("none", "tensorboard", "wandb"):
+            raise SystemExit(f"--report-to must be 'none', 'tensorboard' or 'wandb', got {args.report_to!r}")
+        if args.report_to != "none":  # accelerate skips a tracker whose package is missing, silently
+            from accelerate.utils import is_tensorboard_available, is_wandb_available
+            if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[args.report_to]():
+                raise SystemExit(f"--report-to {args.report_to} needs its package: pip install {args.report_to}")
+        # Each main() is a run of its own: forget the precision and accumulation state an earlier run left in this
+        # process (tests and notebooks call several; accelerate keeps it process-wide). The process group stays.
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+        # trackers write under <output_dir> (tensorboard: <output_dir>/<algorithm>/)
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                                       log_with=None if args.report_to == "none" else args.report_to,
+                                       project_dir=str(self.out), cpu=not torch.cuda.is_available(),
+                                       kwargs_handlers=[InitProcessGroupKwargs(
+                                           timeout=timedelta(minutes=args.dist_timeout_minutes))])
+        args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
+        set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            if resume is None:
+                (self.out / "metrics.jsonl").write_text("")
+        if args.report_to != "none":
+            self.accelerator.init_trackers(algorithm, config={k: v for k, v in dataclasses.asdict(args).items()
+                                                              if isinstance(v, (int, float, str, bool))})
+        self.start_time = time.time()
+        self.eval_seconds = 0.0
+        self.elapsed_before = 0.0  # wall seconds of the run before a resume
+        self.first_iteration = 0
+        self.iteration = None  # the iteration in progress (None: before training)
+        self.evaluating = None  # the label of the evaluation in progress
+        NonFiniteError.where = self._position
+
+    def _position(self) -> str:
+        """Where a stopped run stands, for its one-line message: the iteration and what is on disk."""
+        found = self._checkpoints()
+        where = (f" in the {self.evaluating} evaluation" if self.evaluating else
+                 f" at iteration {self.iteration}" if self.iteration is not None else " before training")
+        resume = (f"last checkpoint {found[-1]} (resume: --resume-from-checkpoint latest --output-dir {self.out})"
+                  if found else "no checkpoint")
+        return f"{where}; {resume}; no final weights were written"
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def print(self, msg: str):
+        if self.is_main:
+            from tqdm.auto import tqdm
+            tqdm.write(msg)
+
+    def start(self, task: Task, **state) -> dict[str, float]:
+        """Begin training: resume from a checkpoint if asked, else evaluate the base model. Returns the
+        "before" evaluation. `state` names whatever else a checkpoint must restore for an exact resume: torch
+        Generators and objects with state_dict / load_state_dict (the model, optimizer and RNGs are handled)."""
+        self.task, self.state = task, state
+        from infra import attention
+        mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
+        dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
+        attention.configure(self.args.attention_backend, task.policy.attention_shape(), dtype, self.device,
+                            self.print)
+        if self.args.resume_from_checkpoint is None:
+            self.before = self.evaluate(task, "before")
+            return self.before
+        path = self._resolve_checkpoint(self.args.resume_from_checkpoint)
+        self.accelerator.load_state(str(path))
+        saved = torch.load(path / f"run_state_{self.accelerator.process_index}.pt", weights_only=False)
+        for name, obj in state.items():
+            if isinstance(obj, torch.Generator):
+                obj.set_state(saved["state"][name])
+            else:
+                obj.load_state_dict(saved["state"][name])
+        progress = saved["progress"]
+        task.policy.nfe = dict(progress["nfe"])
+        self.first_iteration, self.before = progress["iteration"], progress["before"]
+        self.fingerprint_before = progress["fingerprint_before"]
+        self.elapsed_before, self.eval_seconds = progress["elapsed"], progress["eval_seconds"]
+        if self.is_main:  # drop metrics logged after the checkpoint: those iterations run again
+            log = self.out / "metrics.jsonl"
+            lines = log.read_text().splitlines() if log.exists() else []
+            kept = [l for l in lines if json.loads(l)["iteration"] < self.first_iteration]
+            log.write_text("".join(l + "\n" for l in kept))
+        self.print(f"resumed from {path} at iteration {self.first_iteration}")
+        return self.before
+
+    def _checkpoints(self) -> list[Path]:
+        """This run's checkpoint directories, oldest first."""
+        return sorted((self.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+    def _resolve_checkpoint(self, resume: str) -> Path:
+        if resume == "latest":
+            found = self._checkpoints()
+            if not found:
+                raise SystemExit(f"no checkpoint to resume in {self.out / 'checkpoints'}")
+            return found[-1]
+        path = Path(resume)
+        if not (path / f"run_state_{self.accelerator.process_index}.pt").exists():
+            raise SystemExit(f"{path} is not a checkpoint of this script (no run_state_*.pt); "
+                             f"checkpoints live in <output_dir>/checkpoints/checkpoint-N")
+        return path
+
+    def save_checkpoint(self, iterations_done: int):
+        """<output_dir>/checkpoints/checkpoint-N: accelerate's state (model, optimizer, every process's RNGs), each
+        process's run state (generators, EMA, counters, the before-evaluation), and the weights in the format
+        the policy's `save` writes (for FLUX LoRA: what `FluxPipeline.load_lora_weights` reads)."""
+        path = self.out / "checkpoints" / f"checkpoint-{iterations_done}"
+        self.accelerator.save_state(str(path))
+        state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                 for name, obj in self.state.items()}
+        progress = {"iteration": iterations_done, "nfe": dict(self.task.policy.nfe), "before": self.before,
+                    "fingerprint_before": self.fingerprint_before,
+                    "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
+        torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
+        state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
+        if self.is_main:
+            self.task.policy.save(path / "weights", state)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            limit = self.args.checkpoints_total_limit
+            for p in self._checkpoints()[:-limit] if limit > 0 else []:
+                shutil.rmtree(p)
+
+    def progress(self, iterations: int):
+        from tqdm.auto import tqdm
+        # disable=None: a bar on a terminal only; logs get the console lines instead
+        return tqdm(range(self.first_iteration, iterations), initial=self.first_iteration, total=iterations,
+                    desc=self.algorithm, disable=None if self.is_main else True, dynamic_ncols=True)
+
+    def evaluate(self, task: Task, label: str) -> dict[str, float]:
+        t0 = time.time()
+        self.evaluating = label
+        result = evaluate(task, self.args)
+        self.evaluating = None
+        if task.grid_prompts and label in ("before", "after") and self.is_main:
+            sample_grid(task, self.args, self.out / f"samples_{label}.png")
+        self.eval_seconds += time.time() - t0
+        self.print(f"[eval {label}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    def make_optimizer(self, policy: Policy):
+        """AdamW over the trainable parameters, handed with the model to accelerate (DDP/FSDP/DeepSpeed, autocast)."""
+        a = self.args
+        from accelerate.utils import DistributedType
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self._configure_deepspeed()
+        if self.accelerator.num_processes > 1:
+            # Every process starts from rank 0's trainable weights. They can differ: LoRA adapters are initialised
+            # from each process's own seed. DDP and DeepSpeed broadcast on wrapping; FSDP shards what each holds.
+            with torch.no_grad():
+                for p in policy.trainable_parameters():
+                    torch.distributed.broadcast(p.data, src=0)
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=a.learning_rate, weight_decay=a.weight_decay,
+                                      betas=(0.9, a.adam_beta2))
+        self.trainable_names = [n for n, p in policy.net.named_parameters() if p.requires_grad]
+        self.fingerprint_before = weight_fingerprint(policy.net.state_dict(), self.trainable_names)
+        return policy.prepare(self.accelerator, optimizer)
+
+    def _configure_deepspeed(self):
+        """The DeepSpeed engine clips and steps by itself, at the accumulation boundary each script marks (see
+        `accumulating`). So: its clipping is --max-grad-norm; its own accumulation count stays 1 (a count would also
+        divide every loss by it); and it gets the micro-batch sizes it insists on (no dataloader passes through
+        accelerate here: each script builds its batches from rollouts)."""
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+            raise SystemExit(f"DeepSpeed config: set gradient_accumulation_steps to 1 (got "
+                             f"{config['gradient_accumulation_steps']}); the scripts accumulate over their own "
+                             f"backward passes and mark the optimizer step themselves")
+        config.update(gradient_accumulation_steps=1, gradient_clipping=self.args.max_grad_norm,
+                      train_micro_batch_size_per_gpu=1, train_batch_size=self.accelerator.num_processes)
+
+    def begin_iteration(self, policy: Policy):
+        self._t0, self._nfe0 = time.time(), dict(policy.nfe)
+        self.iteration = getattr(self, "_next_iteration", self.first_iteration)
+        self._next_iteration = self.iteration + 1
+
+    def end_iteration(self, iteration: int, task: Task, rewards: torch.Tensor, losses: dict, **extra):
+        """Log one iteration: reward statistics of the (gathered) rewards (groups, G), this iteration's NFE
+        without and with gradient, its time, the loss statistics, any extra metric, and an evaluation every
+        `--eval-every` iterations."""
+        nfe = task.policy.nfe
+        metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
+                   "reward/group_std": rewards.std(dim=-1).mean(),
+                   "nfe/rollout": nfe["no_grad"] - self._nfe0["no_grad"], "nfe/train": nfe["grad"] - self._nfe0["grad"],
+                   "time/iteration_seconds": time.time() - self._t0,
+                   **{f"loss/{k}": v for k, v in losses.items()}, **extra}
+        every = self.args.eval_every
+        if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
+            metrics.update({f"eval/{k}": v for k, v in self.evaluate(task, f"it {iteration + 1}").items()})
+        self.log(iteration, metrics)
+        for k, v in metrics.items():  # before any checkpoint is written from this state
+            if isinstance(v, (float, int, torch.Tensor)):
+                check_finite(k, v)
+        every = self.args.checkpoint_every
+        if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
+            self.save_checkpoint(iteration + 1)
+
+    def log(self, iteration: int, metrics: dict):
+        """One line of metrics.jsonl per iteration, a console line every `log_every`, and the trackers."""
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+            if self.args.log_every and (iteration % self.args.log_every == 0 or iteration == self.args.iterations - 1):
+                self.print(f"it {iteration:4d}  " + "  ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
+        if self.args.report_to != "none":
+            self.accelerator.log(metrics, step=iteration)
+
+    def finish(self, task: Task, before: dict, after: dict, **extra) -> dict:
+        """Write summary.json (keys every benchmark reads) and the trained weights."""
+        wall = self.elapsed_before + time.time() - self.start_time
+        # NFE totals of the whole run: every process's model calls
+        nfe = self.accelerator.reduce(torch.tensor([task.policy.nfe["no_grad"], task.policy.nfe["grad"]],
+                                                   device=self.device), reduction="sum").tolist()
+        summary = {"algorithm": self.algorithm, "model": self.args.model, "preset": self.args.preset,
+                   "iterations": self.args.iterations, "seed": self.args.seed,
+                   "eval_reward_before": before["reward"], "eval_reward_after": after["reward"],
+                   "nfe_rollout": nfe[0], "nfe_train": nfe[1],
+                   "wall_seconds": wall, "train_seconds": wall - self.eval_seconds,
+                   "num_processes": self.accelerator.num_processes}
+        for k in before:
+            if k != "reward":
+                summary[f"{k}_before"], summary[f"{k}_after"] = before[k], after[k]
+        summary.update(extra)
+        self.accelerator.wait_for_everyone()
+        state = gathered_state_dict(task.policy)  # every process: FSDP gathers the weights collectively
+        if self.is_main:  # did training move the weights? (a smoke run must fail when it did not)
+            changed = weight_fingerprint(state, self.trainable_names) != self.fingerprint_before
+            summary["trainable_tensors_changed"] = int(changed.any(-1).sum())
+            summary["trainable_tensors"] = len(self.trainable_names)
+        if self.args.save_weights and self.is_main:
+            task.policy.save(self.out / "final", state)
+            summary["weights"] = str(self.out / "final")
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.print(f"summary: {self.out / 'summary.json'}\n" + json.dumps(summary, indent=2))
+        if self.args.report_to != "none":
+            self.accelerator.end_training()
+        return summary
