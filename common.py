@@ -3,8 +3,8 @@
 A reader opens one algorithm script (`flow_grpo.py`, `dgpo.py`, ...) and this file, and follows a whole iteration:
 the schedules, samplers and advantages are here, each method's own sampling variant, loss and update are in its
 script. What a reader need not open to follow a method (diffusers pipelines and LoRA formats, prompt caches, learned
-reward networks, distributed and checkpoint plumbing, the shapes task) lives in the package `infra/`, imported only
-when a real model, image reward or run needs it; the toy path does not import diffusers.
+reward networks, distributed and checkpoint plumbing, the shapes task) lives in the package `infra/`, which builds
+on this file (never the other way round); the toy path imports no diffusers.
 
 Notation (rectified flow, the convention of SD3 / FLUX and diffusers):
 
@@ -457,14 +457,33 @@ def toy_modes() -> torch.Tensor:
     return TOY_RING_RADIUS * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
 
 
+class ToyVelocityNet(nn.Module):
+    """MLP v(x, s, c): x (B, 2), s (B,), prompt id c (B,) -> (B, 2). Sinusoidal features of s."""
+
+    def __init__(self, hidden: int = 256, depth: int = 3, num_prompts: int = TOY_NUM_MODES, emb_dim: int = 32):
+        super().__init__()
+        self.prompt_emb = nn.Embedding(num_prompts, emb_dim)
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(6), persistent=False)
+        layers, width = [], 2 + 1 + 2 * len(self.freqs) + emb_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 2))
+
+    def forward(self, x, sigma, prompt_id):
+        ts = sigma[:, None] * self.freqs
+        h = torch.cat([x, sigma[:, None], ts.sin(), ts.cos(), self.prompt_emb(prompt_id)], dim=-1)
+        return self.mlp(h)
+
+
 class Toy2DPolicy(Policy):
-    """toy2d: prompts are "mode 0" ... "mode 7"; the sample is a point in the plane. Full fine-tuning."""
+    """toy2d: prompts are "mode 0" ... "mode 7"; the sample is a point in the plane. Full fine-tuning of `net`, the
+    base model pretrained by flow matching on the ring (infra/pretrained.py; `infra.tasks.toy2d_policy` builds it);
+    the reference is a frozen copy of it."""
 
     default_shift = None
 
-    def __init__(self, device="cpu", keep_reference: bool = True, log=print):
-        from infra.pretrained import TOY_BASE_CONFIG, pretrain_toy_base
-        net = pretrain_toy_base(TOY_BASE_CONFIG, log).to(device)  # flow matching on the ring, cached on disk
+    def __init__(self, net: ToyVelocityNet, keep_reference: bool = True):
         reference = copy.deepcopy(net).requires_grad_(False).eval() if keep_reference else None
         super().__init__(net, reference)
 
@@ -516,32 +535,11 @@ def toy_on_manifold(points: torch.Tensor, prompts: list[str] = None) -> torch.Te
 
 
 # ======================================================================================================
-# Rewards, tasks and the evaluation protocol
+# Tasks and the evaluation protocol
 # ======================================================================================================
-# A reward is a callable `(decoded_samples, prompts) -> (B,) float tensor`. The toy's is here; the image rewards
-# (mean_color, geneval, pickscore, hpsv2, clip, imagereward) are in infra/rewards.py.
-
-REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward}
-
-
-def get_reward(spec: str, device="cpu", root: Optional[str] = None) -> Callable:
-    """A reward by name ("toy_mode", "pickscore"), or a weighted sum of several ("hpsv2:1,clip:0.5"): the rewards are
-    summed before the advantages, as Flow-GRPO does. `root`: where learned rewards' weights live (--reward-dir)."""
-    parts = []
-    for item in spec.split(","):
-        name, _, weight = item.strip().partition(":")
-        try:  # before loading a model: a typo must not cost a model load first
-            weight = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"reward weight must be a number: {item!r} (use name:weight)") from None
-        if name in REWARDS:
-            parts.append((weight, REWARDS[name]))
-        else:
-            from infra.rewards import image_reward
-            parts.append((weight, image_reward(name, device, root)))
-    if len(parts) == 1 and parts[0][0] == 1.0:
-        return parts[0][1]
-    return lambda samples, prompts: sum(w * fn(samples, prompts).float().to(samples.device) for w, fn in parts)
+# A reward is a callable `(decoded_samples, prompts) -> (B,) float tensor`; the toy's is above, the image rewards and
+# `get_reward` (by name, or a weighted sum) are in infra/rewards.py, `load_task` (a model with its prompts and reward
+# for --model) in infra/tasks.py.
 
 
 @dataclass
@@ -553,32 +551,6 @@ class Task:
     eval_prompts: list[str]
     metrics: dict[str, Callable] = field(default_factory=dict)  # name -> (samples, prompts) -> (B,) per-sample
     grid_prompts: list[str] = field(default_factory=list)  # image tasks: rows of samples_{before,after}.png
-
-
-MODELS = ("toy2d", "tiny-flux", "shapes", "flux", "sd3")  # flux / sd3: FLUX.1-dev / SD3.5 from --pretrained
-
-
-def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
-    """The model named by `--model` with its prompts, training reward and metrics. toy2d is built here; the image
-    models (tiny-flux, shapes, FLUX.1-dev, SD3.5, and models registered with infra.tasks.register_model) in
-    infra/tasks.py. `--train-prompts` / `--eval-prompts` files replace the default prompt sets."""
-    if args.model == "toy2d":
-        prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
-        if args.gradient_checkpointing:
-            raise SystemExit("--gradient-checkpointing needs a diffusers transformer; toy2d's MLP has none")
-        task = Task(Toy2DPolicy(device=device, keep_reference=keep_reference, log=log),
-                    get_reward(args.reward or "toy_mode", device, args.reward_dir), prompts, prompts,
-                    {"on_manifold": toy_on_manifold})
-    else:
-        from infra.tasks import build_image_task
-        task = build_image_task(args, keep_reference, device, log)
-    from infra.tasks import read_prompts
-    if args.train_prompts:
-        task.train_prompts = read_prompts(args.train_prompts)
-    if args.eval_prompts:
-        task.eval_prompts = read_prompts(args.eval_prompts)
-    log(f"prompts: {len(task.train_prompts)} train, {len(task.eval_prompts)} eval")
-    return task
 
 
 @torch.no_grad()
@@ -627,7 +599,7 @@ class CommonArgs:
     """Flags shared by every script. Each script subclasses this with its method's hyperparameters."""
 
     # run
-    model: str = arg("toy2d", f"which model: {', '.join(MODELS)}")
+    model: str = arg("toy2d", "which model: toy2d, tiny-flux, shapes, flux (FLUX.1-dev), sd3 (SD3.5)")
     preset: Optional[str] = arg(None, "named setting (see the script's PRESETS); default: the one named after --model")
     iterations: int = arg(100, "RL iterations (rollout + update)")
     seed: int = arg(0, "seed; each process adds its rank for rollout noise")

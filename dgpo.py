@@ -32,10 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, accumulating, arg, gathered_group_advantages, load_task, optimizer_step, sample_ode,
+from common import (CommonArgs, accumulating, arg, gathered_group_advantages, optimizer_step, sample_ode,
                     select)
 from infra.args import parse_args
 from infra.run import Run
+from infra.tasks import load_task
 
 
 @dataclass

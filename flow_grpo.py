@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, load_task, mean_stats,
+from common import (CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, mean_stats,
                     optimizer_step, sde_step_with_logprob, select)
 from infra.args import parse_args
 from infra.run import Run
+from infra.tasks import load_task
 
 
 @dataclass

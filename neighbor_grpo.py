@@ -35,10 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, accumulating, arg, check_finite, euler_step, group_advantages, load_task, mean_stats,
+from common import (CommonArgs, accumulating, arg, check_finite, euler_step, group_advantages, mean_stats,
                     optimizer_step, sample_ode, select)
 from infra.args import parse_args
 from infra.run import Run
+from infra.tasks import load_task
 
 
 @dataclass

@@ -6,7 +6,8 @@ import dataclasses
 import sys
 from typing import Optional
 
-from common import MODELS
+from infra.tasks import CUSTOM_MODELS, MODELS
+
 
 def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = None):
     """Parse flags into `args_cls`: dataclass defaults < preset < command line (or a .json/.yaml file).
@@ -25,8 +26,8 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
     known, _ = pre.parse_known_args(argv)
     name = known.preset
     if name is None:  # the preset named after the model, else the (paper) preset made for that model
-        if known.model not in MODELS + tuple(custom_models()):
-            raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS + tuple(custom_models()))}")
+        if known.model not in MODELS + tuple(CUSTOM_MODELS):
+            raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
         matching = [n for n, p in presets.items() if p.get("model") == known.model]
         name = known.model if known.model in presets else (matching[0] if matching else None)
         if name is None:
@@ -43,13 +44,8 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
 
 
 def _check_args(args, presets):
-    if args.model not in MODELS + tuple(custom_models()):
-        raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(custom_models()))}")
+    if args.model not in MODELS + tuple(CUSTOM_MODELS):
+        raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
     if args.eval_solver not in ("euler", "dpm2m"):
         raise SystemExit(f"unknown eval solver {args.eval_solver!r}: use 'euler' or 'dpm2m'")
     return args
-
-
-def custom_models():
-    from infra.tasks import CUSTOM_MODELS
-    return CUSTOM_MODELS

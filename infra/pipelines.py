@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from common import Task, get_reward
+from common import Task
 from infra.pretrained import cached_model_path
+from infra.rewards import get_reward
 from infra.diffusers_models import FluxPolicy, SD3Policy
-from infra.tasks import read_prompts
 
 class CachedTextEncoder:
     """Prompt embeddings computed once by a pipeline's own text encoders, which are then released (T5-XXL alone
@@ -131,7 +131,8 @@ def pipeline_encoder(pipe, model: str, max_sequence_length: int, device):
     return encode
 
 
-def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
+def build_pipeline_task(args, train: list[str], evals: list[str], keep_reference: bool, device="cpu",
+                        log=print) -> Task:
     """FLUX.1-dev (`--model flux`) or SD3.5 (`--model sd3`) from `--pretrained` (a diffusers directory, or a hub
     id already in the local cache). The text encoders embed the prompt set once into a memory-mapped disk cache
     (`CachedTextEncoder`) and are released; once the cache exists they are not even loaded. The transformer is held
@@ -143,16 +144,11 @@ def build_pipeline_task(args, keep_reference: bool, device="cpu", log=print) -> 
     if not args.pretrained:
         raise SystemExit(f"--model {args.model} needs --pretrained: weights are never downloaded at run time "
                          f"({fetch})")
-    if not args.train_prompts:
-        raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
-                         f"--eval-prompts)")
     source = Path(args.pretrained)
     if source.exists() and not (source / "model_index.json").is_file():
         raise SystemExit(f"{source} is not a diffusers pipeline directory (no model_index.json); {fetch}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     offline = source.exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    train = read_prompts(args.train_prompts)
-    evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
     prompts = list(dict.fromkeys(train + evals + ([""] if args.model == "sd3" else [])))
     cache = prompt_cache_dir(args.model, prompts, args.max_sequence_length,
                              str(source.resolve()) if source.exists() else args.pretrained)

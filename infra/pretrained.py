@@ -5,35 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from common import TOY_MODE_STD, TOY_NUM_MODES, TOY_RING_RADIUS, toy_modes
-
-
-class ToyVelocityNet(nn.Module):
-    """MLP v(x, s, c): x (B, 2), s (B,), prompt id c (B,) -> (B, 2). Sinusoidal features of s."""
-
-    def __init__(self, hidden: int = 256, depth: int = 3, num_prompts: int = TOY_NUM_MODES, emb_dim: int = 32):
-        super().__init__()
-        self.prompt_emb = nn.Embedding(num_prompts, emb_dim)
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(6), persistent=False)
-        layers, width = [], 2 + 1 + 2 * len(self.freqs) + emb_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        self.mlp = nn.Sequential(*layers, nn.Linear(width, 2))
-
-    def forward(self, x, sigma, prompt_id):
-        ts = sigma[:, None] * self.freqs
-        h = torch.cat([x, sigma[:, None], ts.sin(), ts.cos(), self.prompt_emb(prompt_id)], dim=-1)
-        return self.mlp(h)
+from common import TOY_MODE_STD, TOY_NUM_MODES, TOY_RING_RADIUS, ToyVelocityNet, toy_modes
 
 
 def cached_model_path(name: str, config: dict) -> Path:

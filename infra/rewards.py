@@ -1,7 +1,7 @@
 """The image rewards: programmatic ones for the built-in image tasks, and learned human-preference models.
 
-A reward is a callable `(images in [0, 1] (B, 3, H, W), prompts) -> (B,) float tensor`; `common.get_reward` builds one
-by name (or a weighted sum) through `image_reward` here.
+A reward is a callable `(samples, prompts) -> (B,) float tensor`; `get_reward` builds one by name, or a weighted sum.
+- `toy_mode` (toy2d, common.py): closeness to the ring mode the prompt asks for.
 - `mean_color` (tiny-flux): closeness of the image's mean colour to the colour the prompt names.
 - `geneval` (shapes): the fraction of the prompt's GenEval-style checks that pass (infra/shapes.py).
 - `pickscore`, `hpsv2`, `clip`, `imagereward`: learned models whose weights are never downloaded at run time: each
@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import toy_mode_reward
 
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
           "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0),
@@ -176,14 +178,27 @@ LEARNED_REWARDS: dict[str, Callable] = {"hpsv2": load_hpsv21, "pickscore": load_
                                         "imagereward": load_image_reward}
 
 
-IMAGE_REWARDS: dict[str, Callable] = {"mean_color": mean_color_reward, "geneval": geneval_reward}
-REWARD_NAMES = ("toy_mode", *IMAGE_REWARDS, *LEARNED_REWARDS)  # every name `--reward` takes
+REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward,
+                                "geneval": geneval_reward}  # the programmatic rewards: no weights to load
+REWARD_NAMES = (*REWARDS, *LEARNED_REWARDS)  # every name `--reward` takes
 
 
-def image_reward(name: str, device="cpu", root: Optional[str] = None) -> Callable:
-    """The image reward `name`; a learned one is loaded from `root` (--reward-dir)."""
-    if name in IMAGE_REWARDS:
-        return IMAGE_REWARDS[name]
-    if name in LEARNED_REWARDS:
-        return LEARNED_REWARDS[name](reward_dir(root), device)
-    raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARD_NAMES)}")
+def get_reward(spec: str, device="cpu", root: Optional[str] = None) -> Callable:
+    """A reward by name ("toy_mode", "pickscore"), or a weighted sum of several ("hpsv2:1,clip:0.5"): the rewards are
+    summed before the advantages, as Flow-GRPO does. Learned rewards load from `root` (--reward-dir)."""
+    parts = []
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition(":")
+        try:  # before loading a model: a typo must not cost a model load first
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"reward weight must be a number: {item!r} (use name:weight)") from None
+        if name in REWARDS:
+            parts.append((weight, REWARDS[name]))
+        elif name in LEARNED_REWARDS:
+            parts.append((weight, LEARNED_REWARDS[name](reward_dir(root), device)))
+        else:
+            raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARD_NAMES)}")
+    if len(parts) == 1 and parts[0][0] == 1.0:
+        return parts[0][1]
+    return lambda samples, prompts: sum(w * fn(samples, prompts).float().to(samples.device) for w, fn in parts)

@@ -7,8 +7,8 @@ RoPE ids and schedule of FLUX.1-dev) that the project pretrains itself by flow m
 2 CPU cores, cached), rewarded by a programmatic checker, with a separate quality metric that exposes
 reward hacking.
 
-    python -m infra.shapes                  # pretrain the base model (or load it from the cache) and write
-                                      # runs/shapes-base/samples.png with its held-out scores
+    python benchmarks/shapes_base.py      # pretrain the base model (or load it from the cache) and write
+                                          # runs/shapes-base/samples.png with its per-category scores
 
 Pieces (each usable on its own):
 - the prompt grammar and a train / held-out split of the compositions: `all_prompts`, `split_prompts`;
@@ -22,11 +22,9 @@ Pieces (each usable on its own):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -405,43 +403,12 @@ def grid_prompts() -> list[str]:
     return out
 
 
-# ======================================================================================================
-# python -m infra.shapes: pretrain (or load) the base model, score it, draw its samples
-# ======================================================================================================
-
-
-def main():
-    import argparse
-
-    from common import evaluate, load_task
-    from infra.tasks import sample_grid
-
-    parser = argparse.ArgumentParser(description="Pretrain (once; cached) and evaluate the shapes base model.")
-    parser.add_argument("--output-dir", default="runs/shapes-base")
-    parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--eval-samples-per-prompt", type=int, default=4)
-    parser.add_argument("--eval-seed", type=int, default=12345)
-    cli = parser.parse_args()
-    args = SimpleNamespace(model="shapes", lora_rank=0, lora_alpha=None, reward=None, seed=0, shift=None,
-                           eval_steps=cli.eval_steps, eval_solver="euler", eval_batch_size=256,
-                           eval_samples_per_prompt=cli.eval_samples_per_prompt, eval_seed=cli.eval_seed,
-                           reward_dir=None, train_prompts=None, eval_prompts=None, gradient_checkpointing=False)
-    task = load_task(args, keep_reference=False)
-    out = Path(cli.output_dir)
-    sample_grid(task, args, out / "samples.png")
-    results, held_out = {}, set(task.eval_prompts)
-    for category, prompts in all_prompts().items():
-        held = [p for p in prompts if p in held_out]
-        for split, subset in (("train", [p for p in prompts if p not in held]), ("held-out", held)):
-            if subset:
-                task.eval_prompts = subset
-                results[f"{category}/{split}"] = evaluate(task, args)
-                print(f"{category:12s} {split:9s} ({len(subset):3d} prompts) " +
-                      "  ".join(f"{k} {v:.3f}" for k, v in results[f"{category}/{split}"].items()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scores.json").write_text(json.dumps(results, indent=2))
-    print(f"samples: {out / 'samples.png'}; scores: {out / 'scores.json'}")
-
-
-if __name__ == "__main__":
-    main()
+def build_shapes_flux(lora_rank=16, lora_alpha=None, keep_reference=False, device="cpu", log=print):
+    """The shapes task's policy: a small FLUX transformer pretrained by the project on
+    rendered coloured shapes (cached; the first call pretrains it, about 15 min on 2 CPU cores), its learned
+    word-embedding text encoder and the lossless pixel "VAE". 32x32 images, 64 image tokens."""
+    from infra.diffusers_models import FluxPolicy
+    transformer, text_encoder = pretrain_shapes_base(SHAPES_BASE_CONFIG, log)
+    codec = PixelCodec(SHAPES_BASE_CONFIG["pixel_unshuffle"])
+    return FluxPolicy(transformer, codec, text_encoder.to(device), resolution=IMAGE_SIZE,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha, keep_reference=keep_reference, device=device)

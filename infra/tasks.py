@@ -1,7 +1,7 @@
-"""The image tasks behind `--model`: tiny-flux, shapes, FLUX.1-dev, SD3.5, and models you register.
+"""The tasks behind `--model`: toy2d, tiny-flux, shapes, FLUX.1-dev, SD3.5, and models you register.
 
-`common.load_task` builds toy2d itself and everything else through `build_image_task`. Also here: prompt files
-(`read_prompts`) and the sample grids image runs write before and after training.
+`load_task(args)` is what every script calls. Also here: prompt files (`read_prompts`) and the sample grids image
+runs write before and after training.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Callable
 
 import torch
 
-from common import Task, get_reward, sample_ode
-from infra.diffusers_models import FluxPolicy, build_tiny_flux
-from infra.rewards import COLORS
+from common import TOY_NUM_MODES, Task, Toy2DPolicy, sample_ode, toy_on_manifold
+from infra.diffusers_models import build_tiny_flux
+from infra.rewards import COLORS, get_reward
+
+MODELS = ("toy2d", "tiny-flux", "shapes", "flux", "sd3")  # flux / sd3: FLUX.1-dev / SD3.5 from --pretrained
 
 CUSTOM_MODELS: dict[str, Callable] = {}
 
@@ -53,17 +55,35 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def build_image_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
-    """Every `--model` but toy2d (which common.load_task builds)."""
+def toy2d_policy(keep_reference: bool = True, device="cpu", log=print) -> Toy2DPolicy:
+    """toy2d's policy around its base model (pretrained on first use, then loaded from the cache)."""
+    from infra.pretrained import TOY_BASE_CONFIG, pretrain_toy_base
+    return Toy2DPolicy(pretrain_toy_base(TOY_BASE_CONFIG, log).to(device), keep_reference)
+
+
+def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
+    """The model named by `--model` with its default prompts, training reward and quality metrics.
+    `--train-prompts` / `--eval-prompts` files replace the default prompt sets."""
     task = _build(args, keep_reference, device, log)
     if args.gradient_checkpointing:
+        if not hasattr(task.policy, "enable_gradient_checkpointing"):
+            raise SystemExit(f"--gradient-checkpointing needs a diffusers transformer; --model {args.model} has none")
         task.policy.enable_gradient_checkpointing()
+    if args.train_prompts:
+        task.train_prompts = read_prompts(args.train_prompts)
+    if args.eval_prompts:
+        task.eval_prompts = read_prompts(args.eval_prompts)
+    log(f"prompts: {len(task.train_prompts)} train, {len(task.eval_prompts)} eval")
     return task
 
 
 def _build(args, keep_reference: bool, device="cpu", log=print) -> Task:
     if args.model in CUSTOM_MODELS:
         return CUSTOM_MODELS[args.model](args, keep_reference, device, log)
+    if args.model == "toy2d":
+        prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
+        return Task(toy2d_policy(keep_reference, device, log), get_reward(args.reward or "toy_mode", device,
+                    args.reward_dir), prompts, prompts, {"on_manifold": toy_on_manifold})
     if args.model == "tiny-flux":
         policy = build_tiny_flux(resolution=args.resolution, guidance_scale=args.guidance_scale,
                                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
@@ -74,7 +94,7 @@ def _build(args, keep_reference: bool, device="cpu", log=print) -> Task:
                     [f"a photo of {c}" for c in colors[8:]])
     if args.model == "shapes":
         from infra import shapes
-        policy = build_shapes_flux(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        policy = shapes.build_shapes_flux(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                    keep_reference=keep_reference, device=device, log=log)
         train, held_out = shapes.split_prompts(shapes.SHAPES_BASE_CONFIG["eval_fraction"],
                                                shapes.SHAPES_BASE_CONFIG["split_seed"])
@@ -83,20 +103,13 @@ def _build(args, keep_reference: bool, device="cpu", log=print) -> Task:
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
     if args.model in ("flux", "sd3"):
         from infra.pipelines import build_pipeline_task
-        return build_pipeline_task(args, keep_reference, device, log)
-    from common import MODELS
+        if not args.train_prompts:
+            raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
+                             f"--eval-prompts)")
+        train = read_prompts(args.train_prompts)
+        evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
+        return build_pipeline_task(args, train, evals, keep_reference, device, log)
     raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
-
-
-def build_shapes_flux(lora_rank=16, lora_alpha=None, keep_reference=False, device="cpu", log=print) -> FluxPolicy:
-    """The shapes task's base model (see infra/shapes.py): a small FLUX transformer pretrained by the project on
-    rendered coloured shapes (cached; the first call pretrains it, about 15 min on 2 CPU cores), its learned
-    word-embedding text encoder and the lossless pixel "VAE". 32x32 images, 64 image tokens."""
-    from infra import shapes
-    transformer, text_encoder = shapes.pretrain_shapes_base(shapes.SHAPES_BASE_CONFIG, log)
-    codec = shapes.PixelCodec(shapes.SHAPES_BASE_CONFIG["pixel_unshuffle"])
-    return FluxPolicy(transformer, codec, text_encoder.to(device), resolution=shapes.IMAGE_SIZE,
-                      lora_rank=lora_rank, lora_alpha=lora_alpha, keep_reference=keep_reference, device=device)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+from infra import tasks
 from infra import diffusers_models
 from infra import attention
 
@@ -96,7 +96,7 @@ def test_auto_on_the_cpu_changes_nothing_and_bad_names_are_refused():
 def test_flux_and_sd3_report_their_attention_shape():
     flux = diffusers_models.build_tiny_flux(resolution=32, lora_rank=4)
     assert flux.attention_shape() == attention.AttentionShape(heads=2, head_dim=16, seq_len=256 + 8)
-    assert common.Toy2DPolicy(keep_reference=False).attention_shape() is None
+    assert tasks.toy2d_policy(keep_reference=False).attention_shape() is None
 
 
 def test_a_run_with_a_named_kernel_checks_it_before_training(tmp_path, broken_flash):

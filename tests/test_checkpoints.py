@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import common
+from infra import tasks
 from infra import run
 import dgpo
 import flow_grpo
@@ -58,9 +58,9 @@ def test_checkpoints_are_pruned_and_hold_loadable_weights(tmp_path):
                     "0", "--output-dir", str(tmp_path)])
     found = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert found == ["checkpoint-4", "checkpoint-6"]
-    policy = common.Toy2DPolicy(keep_reference=False)
+    policy = tasks.toy2d_policy(keep_reference=False)
     policy.load(tmp_path / "checkpoints" / "checkpoint-6" / "weights")
-    assert any(not torch.equal(v, common.Toy2DPolicy(keep_reference=False).net.state_dict()[k])
+    assert any(not torch.equal(v, tasks.toy2d_policy(keep_reference=False).net.state_dict()[k])
                for k, v in policy.net.state_dict().items())
 
 

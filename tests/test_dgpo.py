@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from infra import tasks
 import dgpo
 
 
@@ -141,7 +142,7 @@ def test_training_uses_group_shared_noise_and_clipped_timesteps(tmp_path, monkey
         assert not torch.allclose(eps[0, 0], eps[1, 0])
     # the frozen reference is the pretrained base, untouched by training
     policy = capture_policy["policy"]
-    base = common.Toy2DPolicy(keep_reference=False).net.state_dict()
+    base = tasks.toy2d_policy(keep_reference=False).net.state_dict()
     for k, v in policy.reference_net.state_dict().items():
         assert torch.equal(v, base[k]), k
     assert any(not torch.equal(v, base[k]) for k, v in policy.net.state_dict().items())

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import common
+from infra import tasks
 from infra.args import parse_args
 from infra import diffusers_models
 import flow_grpo
@@ -48,7 +48,7 @@ def test_trained_steps_orders():
 def test_rollout_log_probs_are_recomputed_exactly_before_the_update():
     """The ratio is 1 at the first update: training recomputes the same log-probs the rollout stored."""
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--num-steps", "5"])
-    policy = common.Toy2DPolicy(keep_reference=False)
+    policy = tasks.toy2d_policy(keep_reference=False)
     cond = policy.encode_prompts(["mode 2"] * 6)
     sigmas = policy.sigmas(5)
     states, old = flow_grpo.sde_rollout(policy, policy.initial_noise(6), sigmas, cond, args.noise_level,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import common
+from infra import tasks
 from infra.args import parse_args
 from infra import pipelines
 import dgpo
@@ -61,7 +61,7 @@ def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, pr
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path))
     logs = []
-    task = common.load_task(args, keep_reference=False, log=logs.append)
+    task = tasks.load_task(args, keep_reference=False, log=logs.append)
     assert isinstance(task.policy.text_encoder, pipelines.CachedTextEncoder)
     assert task.train_prompts == ["a photo of red", "a photo of green", "a photo of cyan"]
     assert task.eval_prompts == ["a photo of blue"]
@@ -79,7 +79,7 @@ def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, pr
     original = FluxPipeline.from_pretrained.__func__
     monkeypatch.setattr(FluxPipeline, "from_pretrained",
                         classmethod(lambda cls, *a, **k: loads.append(k) or original(cls, *a, **k)))
-    second = common.load_task(args, keep_reference=False, log=logs.append)  # second time: from the cache
+    second = tasks.load_task(args, keep_reference=False, log=logs.append)  # second time: from the cache
     assert any("prompts from" in line for line in logs)
     assert loads[0]["text_encoder"] is None and loads[0]["text_encoder_2"] is None  # T5 and CLIP not even loaded
     torch.testing.assert_close(second.policy.encode_prompts(prompts)["prompt_embeds"], embeds)
@@ -94,7 +94,7 @@ def test_ode_sampling_and_decoding_equal_the_flux_pipelines_own(pipeline_dir, pr
     from diffusers import FluxPipeline
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS,
                              _flags(pipeline_dir, prompt_files, tmp_path, "--lora-rank", "0"))
-    policy = common.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    policy = tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
     pipe = FluxPipeline.from_pretrained(pipeline_dir, local_files_only=True)
     assert_pipeline_samples_the_same_images(policy, pipe, num_steps, guidance_scale=3.5)
 
@@ -109,7 +109,7 @@ def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prom
     for message, argv in cases.items():
         args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
         with pytest.raises(SystemExit, match=message) as e:
-            common.load_task(args, keep_reference=False, log=lambda *_: None)
+            tasks.load_task(args, keep_reference=False, log=lambda *_: None)
         assert "hf download" in str(e.value) or message == "needs --pretrained" and "hf download" in str(e.value)
 
 
@@ -120,5 +120,5 @@ def test_saved_lora_loaded_by_the_pipelines_load_lora_weights_is_the_trained_mod
     from diffusers import FluxPipeline
     extra = ["--lora-alpha", alpha] if alpha else []
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, *extra))
-    policy = common.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    policy = tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
     assert_pipeline_loads_the_trained_lora(policy, FluxPipeline, pipeline_dir, tmp_path / "final")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common
+from infra import tasks
 from infra.args import parse_args
 import g2rpo
 
@@ -37,7 +38,7 @@ def test_mixed_advantages_are_the_sum_of_per_granularity_z_scores():
 
 
 def test_singular_rollout_branches_share_x_k_and_completion_is_deterministic(monkeypatch):
-    policy = common.Toy2DPolicy(keep_reference=False)
+    policy = tasks.toy2d_policy(keep_reference=False)
     sigmas = policy.sigmas(10)
     seen = []
     original = g2rpo.sde_step_with_logprob

@@ -54,8 +54,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
 
 
 def test_gradient_checkpointing_on_the_toy_fails_clearly():
-    import common
+    from infra import tasks
     from infra.args import parse_args
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--gradient-checkpointing"])
     with pytest.raises(SystemExit, match="needs a diffusers transformer"):
-        common.load_task(args, keep_reference=False, log=lambda *_: None)
+        tasks.load_task(args, keep_reference=False, log=lambda *_: None)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from infra import tasks
 import neighbor_grpo as ng
 
 
@@ -66,7 +67,7 @@ def test_pull_and_push_on_the_anchor(sign):
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_one_sgd_step_of_the_model_moves_the_recomputed_anchor(sign):
     """Through the network: the anchor recomputed by one Euler step moves toward (A > 0) or away (A < 0)."""
-    policy = common.Toy2DPolicy(keep_reference=False)
+    policy = tasks.toy2d_policy(keep_reference=False)
     sigmas = policy.sigmas(10)
     G, j = 6, 5
     cond = policy.encode_prompts(["mode 2"] * G)

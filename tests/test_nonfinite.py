@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import common
+from infra import rewards
+from infra import tasks
 import dgpo
 import flow_grpo
 
@@ -21,14 +23,14 @@ FLAGS = ["--log-every", "0", "--eval-samples-per-prompt", "8"]
 def nan_reward_from_call(monkeypatch, n):
     """The toy reward, NaN for every sample from its n-th call on (call 1 is the evaluation before training)."""
     calls = []
-    original = common.REWARDS["toy_mode"]
+    original = rewards.REWARDS["toy_mode"]
 
     def reward(points, prompts):
         calls.append(1)
         r = original(points, prompts)
         return r * float("nan") if len(calls) >= n else r
 
-    monkeypatch.setitem(common.REWARDS, "toy_mode", reward)
+    monkeypatch.setitem(rewards.REWARDS, "toy_mode", reward)
 
 
 def test_a_learning_rate_that_blows_up_the_weights_stops_the_run_at_once(tmp_path):
@@ -55,7 +57,7 @@ def test_a_nan_reward_stops_the_run_and_leaves_the_last_checkpoint_intact(tmp_pa
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
     # the checkpoint holds finite weights, and the run resumes from it
-    weights = common.Toy2DPolicy(keep_reference=False)
+    weights = tasks.toy2d_policy(keep_reference=False)
     weights.load(tmp_path / "checkpoints" / "checkpoint-2" / "weights")
     assert all(torch.isfinite(p).all() for p in weights.net.parameters())
     monkeypatch.undo()

@@ -5,13 +5,14 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import common
+from infra import tasks
 from infra import diffusers_models, pretrained
 from infra import rewards
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return common.Toy2DPolicy(keep_reference=True)
+    return tasks.toy2d_policy(keep_reference=True)
 
 
 def test_toy_base_model_is_cached_and_reproduces_the_ring(toy):
@@ -174,7 +175,7 @@ def test_unknown_model_and_real_models_give_clear_errors():
     class A:
         model, reward = "sdxl", None
     with pytest.raises(ValueError, match="available: toy2d, tiny-flux"):
-        common.load_task(A, keep_reference=False)
+        tasks.load_task(A, keep_reference=False)
 
 
 def test_training_dtypes_of_a_bf16_loaded_transformer():

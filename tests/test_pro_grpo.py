@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from infra import tasks
 from infra.args import parse_args
 import flow_grpo
 import pro_grpo
@@ -37,7 +38,7 @@ def test_funnel_nfe_arithmetic():
 
 
 def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
-    policy = common.Toy2DPolicy(keep_reference=False)
+    policy = tasks.toy2d_policy(keep_reference=False)
     sigmas = policy.sigmas(10)
     calls = []
 

@@ -5,7 +5,6 @@ import psutil
 import pytest
 import torch
 
-import common
 from infra import diffusers_models
 from infra import pipelines
 

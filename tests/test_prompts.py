@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import common
 from infra.args import parse_args
 from infra import tasks
 import flow_grpo
@@ -45,7 +44,7 @@ def test_a_run_trains_and_evaluates_on_the_files_prompts(tmp_path):
     evals.write_text(json.dumps({"prompt": "mode 3"}) + "\n")
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS,
                              ["--train-prompts", str(train), "--eval-prompts", str(evals)])
-    task = common.load_task(args, keep_reference=False, log=lambda *_: None)
+    task = tasks.load_task(args, keep_reference=False, log=lambda *_: None)
     assert (task.train_prompts, task.eval_prompts) == (["mode 3"], ["mode 3"])
     summary = flow_grpo.main(["--train-prompts", str(train), "--eval-prompts", str(evals), "--iterations", "30",
                               "--output-dir", str(tmp_path / "run"), "--log-every", "0", "--no-save-weights",

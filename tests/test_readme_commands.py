@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-import common
 from infra.args import parse_args
 from infra import diffusers_models
 from infra import rewards
@@ -194,7 +193,7 @@ def test_the_python_commands_parse_and_those_on_the_tiny_flux_run(words, tmp_pat
         return
     args = parse_args(module.Args, module.PRESETS, words[2:])
     if args.model not in ("flux", "sd3"):  # the built-in models must run with no weights on disk
-        assert args.reward is None or all(p.split(":")[0] in {*common.REWARDS, *rewards.IMAGE_REWARDS} for p in args.reward.split(",")), words
+        assert args.reward is None or all(p.split(":")[0] in rewards.REWARDS for p in args.reward.split(",")), words
     if args.model == "tiny-flux":
         monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
         summary = module.main(words[2:] + ["--output-dir", str(tmp_path / "run")])

@@ -6,7 +6,6 @@ from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from peft import LoraConfig
 
-import common
 from infra import diffusers_models
 
 

@@ -5,7 +5,6 @@ weighted sums, loading from a local directory offline, and the errors for missin
 import pytest
 import torch
 
-import common
 from infra import rewards
 from tiny_pipelines import tiny_clip
 
@@ -51,20 +50,20 @@ def test_clip_score_loads_offline_from_the_reward_dir(tmp_path, monkeypatch):
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    loaded = common.get_reward("clip", root=str(tmp_path / "rewards"))
+    loaded = rewards.get_reward("clip", root=str(tmp_path / "rewards"))
     images, prompts = torch.rand(2, 3, 32, 32), ["a red cat", "a dog"]
     torch.testing.assert_close(loaded(images, prompts), rewards.CLIPScorer(model, tokenizer)(images, prompts))
 
 
 def test_weighted_reward_sums_and_bad_specs_fail_clearly():
     images, prompts = torch.rand(4, 3, 8, 8), ["a photo of red", "a photo of blue"] * 2
-    one = common.get_reward("mean_color")
-    both = common.get_reward("mean_color:2, mean_color:0.5")
+    one = rewards.get_reward("mean_color")
+    both = rewards.get_reward("mean_color:2, mean_color:0.5")
     torch.testing.assert_close(both(images, prompts), 2.5 * one(images, prompts))
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
-        common.get_reward("nope")
+        rewards.get_reward("nope")
     with pytest.raises(ValueError, match="weight must be a number"):
-        common.get_reward("mean_color:x")
+        rewards.get_reward("mean_color:x")
 
 
 @pytest.mark.parametrize("name, names_missing", [
@@ -72,7 +71,7 @@ def test_weighted_reward_sums_and_bad_specs_fail_clearly():
     ("hpsv2", "HPS_v2.1_compressed.pt|open-clip-torch"), ("imagereward", "image-reward|ImageReward.pt")])
 def test_missing_weights_or_packages_say_what_to_fetch(tmp_path, name, names_missing):
     with pytest.raises(SystemExit, match=names_missing) as e:
-        common.get_reward(name, root=str(tmp_path))
+        rewards.get_reward(name, root=str(tmp_path))
     assert "pip install" in str(e.value) or "hf download" in str(e.value) or "environment" in str(e.value)
 
 

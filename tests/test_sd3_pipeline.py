@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import common
+from infra import tasks
 from infra.args import parse_args
 import dgpo
 import flow_grpo
@@ -41,7 +41,7 @@ def _flags(pipeline_dir, prompt_file, out, *extra):
 
 def _policy(pipeline_dir, prompt_file, tmp_path, *extra):
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_file, tmp_path, *extra))
-    return common.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    return tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
 
 
 def test_cfg_velocity_matches_the_pipelines_denoising_step(pipeline_dir, prompt_file, tmp_path):

@@ -10,9 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 from infra import diffusers_models
-from infra import tasks
 from infra import shapes
 
 # A base model pretrained for 2 steps: the code path of the real one, in a second of CPU.
@@ -157,7 +155,7 @@ def test_pixel_codec_and_packing_are_lossless_and_match_flux_policy(tiny_base):
     latents = codec.encode(images)
     assert latents.shape == (3, 12, 16, 16)
     assert torch.allclose(codec.decode(latents)[0] / 2 + 0.5, images, atol=1e-6)
-    policy = tasks.build_shapes_flux(lora_rank=4)
+    policy = shapes.build_shapes_flux(lora_rank=4)
     packed = diffusers_models.flux_pack(latents)
     assert packed.shape == (3, 64, 48) and policy.sample_shape() == (64, 48)
     assert torch.equal(policy.unpack(packed), latents)

@@ -9,7 +9,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import timing  # noqa: E402
 
-import common  # noqa: E402
 from infra import diffusers_models  # noqa: E402
 
 

@@ -10,7 +10,6 @@ import torch
 
 import common
 from infra import diffusers_models
-from infra import rewards
 
 T5_WORDS = "a photo of red green blue yellow cat dog".split()
 

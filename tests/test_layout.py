@@ -1,8 +1,12 @@
-"""Functions copied between scripts, marked `# Copied from <module>.<function>` (diffusers' convention), must stay
-equal to their original: each script holds its whole method for a reader who copies it out, and a fix to the original
-must reach every copy."""
+"""The layout a reader relies on. Each script holds its whole method: functions copied between scripts, marked
+`# Copied from <module>.<function>` (diffusers' convention), stay equal to their original, so a fix to the original
+reaches every copy. The imports go one way (common <- infra <- scripts, no cycle), and the toy runs without
+diffusers."""
 
+import ast
 import importlib
+import subprocess
+import sys
 import inspect
 import re
 from pathlib import Path
@@ -48,3 +52,40 @@ def test_the_check_sees_a_one_character_drift():
     source = inspect.getsource(flow_grpo.ppo_clip_loss)
     assert not drift(source, source, "ppo_clip_loss", "ppo_clip_loss")
     assert drift(source.replace("1.0 - clip_range", "1.0 + clip_range"), source, "ppo_clip_loss", "ppo_clip_loss")
+
+
+def local_imports(path: Path) -> set[str]:
+    """The project modules a file imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {f"infra.{a.name}" for a in node.names} if node.module == "infra" else {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] in ("common", "infra", *SCRIPTS)}
+
+
+def test_the_imports_form_no_cycle_and_common_imports_nothing_of_the_project():
+    files = [ROOT / "common.py", *sorted((ROOT / "infra").glob("*.py"))]
+    graph = {str(f.relative_to(ROOT)).removesuffix(".py").replace("/", "."): local_imports(f) for f in files}
+    assert graph["common"] == set()
+    assert not any(graph[m] & set(SCRIPTS) for m in graph)  # the library never imports a script
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+    assert [m for m in graph if m in reachable(m)] == []
+
+
+def test_a_toy_run_imports_no_diffusers(tmp_path):
+    code = ("import sys, flow_grpo; flow_grpo.main(['--iterations', '1', '--log-every', '0', "
+            f"'--eval-samples-per-prompt', '2', '--output-dir', {str(tmp_path)!r}]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'peft')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
