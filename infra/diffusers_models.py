@@ -227,7 +227,8 @@ class SD3Policy(DiffusersPolicy):
     Classifier-free guidance (SD3.5-M: 4.5), as the pipeline does it: one call on [uncond; cond] with the empty
     prompt's embeddings as the unconditional branch, v = v_u + w (v_c - v_u). That is 2 NFE per sample.
     Inside `without_cfg()` the conditional velocity alone is returned (1 NFE): DGPO rolls out with CFG and trains
-    CFG-free. Flow-GRPO keeps CFG in its training log-probs (official code, `train.cfg`).
+    CFG-free. Flow-GRPO keeps CFG in its training log-probs (official code, `train.cfg`), with the unconditional branch
+    detached: gradient flows through the conditional branch only.
     """
 
     pipeline_class = "StableDiffusion3Pipeline"
@@ -256,7 +257,9 @@ class SD3Policy(DiffusersPolicy):
                 pooled_projections=pooled.to(dtype), return_dict=False)[0]
         if guided:
             v_uncond, v_cond = v.float().chunk(2)
-            v = v_uncond + self.cfg_scale * (v_cond - v_uncond)
+            # Flow-GRPO's compute_log_prob detaches the unconditional prediction: the training gradient of the
+            # guided velocity is w dv_c (not w dv_c - (w - 1) dv_u). Rollouts run without gradient: no change there.
+            v = v_uncond.detach() + self.cfg_scale * (v_cond - v_uncond.detach())
         return v
 
     def sample_shape(self):

@@ -90,6 +90,40 @@ def test_cfg_counts_two_nfe_and_without_cfg_is_the_conditional_velocity(pipeline
     assert not torch.allclose(guided, conditional)
 
 
+def test_cfg_training_gradient_flows_through_the_conditional_branch_only(pipeline_dir, prompt_file, tmp_path):
+    """Flow-GRPO's compute_log_prob (train_sd3.py), transcribed: one transformer call on [x; x] with [uncond; cond]
+    embeddings, `noise_pred_uncond.detach()`, then u + w (c - u). Our guided velocity's LoRA gradient equals it
+    (w dv_c), and differs from the gradient without the detach (w dv_c - (w - 1) dv_u)."""
+    policy = _policy(pipeline_dir, prompt_file, tmp_path, "--lora-rank", "8")
+    with torch.no_grad():  # move the adapters off their zero init, so both branches carry LoRA gradient
+        for name, p in policy.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    x, cond = policy.initial_noise(2, torch.Generator().manual_seed(0)), policy.encode_prompts(["a photo of red"] * 2)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    lora = [p for p in policy.net.parameters() if p.requires_grad]
+
+    def grads(velocity):
+        for p in lora:
+            p.grad = None
+        (velocity() * weights).sum().backward()
+        return torch.cat([p.grad.flatten() for p in lora])
+
+    def official(detach: bool):
+        w, net = 4.5, policy.net
+        embeds = torch.cat([policy.uncond["prompt_embeds"].expand(2, -1, -1), cond["prompt_embeds"]])
+        pooled = torch.cat([policy.uncond["pooled_prompt_embeds"].expand(2, -1), cond["pooled_prompt_embeds"]])
+        noise_pred = net(hidden_states=torch.cat([x, x]), timestep=torch.full((4,), 0.6 * 1000),
+                         encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        uncond, text = noise_pred.chunk(2)
+        uncond = uncond.detach() if detach else uncond
+        return uncond + w * (text - uncond)
+
+    ours = grads(lambda: policy.velocity(x, 0.6, cond))
+    torch.testing.assert_close(ours, grads(lambda: official(detach=True)), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(ours, grads(lambda: official(detach=False)), rtol=1e-2, atol=1e-6)
+
+
 def test_dgpo_trains_cfg_free_and_rolls_out_with_cfg(pipeline_dir, prompt_file, tmp_path):
     """DGPO: P x G rollout samples x num_steps with CFG (2 NFE each); the trained forwards are CFG-free (1 NFE)."""
     summary = dgpo.main(_flags(pipeline_dir, prompt_file, tmp_path / "run", "--save-weights", "false"))
