@@ -26,8 +26,44 @@ def test_granular_sigmas(num_steps, shift, ks, lams):
 
 def test_granular_sigmas_example():
     s = common.make_sigmas(10)  # 1.0, 0.9, ..., 0.0
-    grid = g2rpo.granular_sigmas(s, 1, 3)  # [s0 s1 s2] + s[3::3] = s3 s6 s9, then 0
-    torch.testing.assert_close(grid, torch.tensor([1.0, 0.9, 0.8, 0.7, 0.4, 0.1, 0.0], dtype=s.dtype))
+    grid = g2rpo.granular_sigmas(s, 1, 3)  # [s0 s1 s2] + s[3::3] = s3 s6 s9; s9 is never evaluated: it becomes 0
+    torch.testing.assert_close(grid, torch.tensor([1.0, 0.9, 0.8, 0.7, 0.4, 0.0], dtype=s.dtype))
+    assert g2rpo.completion_nfe(s, 1, 3) == 3  # from x_2: at s2, s3 and s6 (then the jump to x0_hat)
+
+
+def official_completion(policy, x, sigmas, k, lam, cond):
+    """bcmi/Granular-GRPO's train_g2rpo_hps.py, transcribed: the grid `sigmas[:k+2] + sigmas[k+2::lam]`, then
+    `run_ode_sample_step` over i in range(k + 1, len(grid) - 1): v at node i, an eta = 0 step to node i + 1, and
+    `pred_original = x_i - s_i v` returned from the last i."""
+    grid = torch.cat([sigmas[:k + 2], sigmas[k + 2::lam]])
+    calls = 0
+    for i in range(k + 1, len(grid) - 1):
+        v = policy.velocity(x, grid[i], cond)
+        calls += 1
+        pred_original = x - grid[i].float() * v
+        x = x + (grid[i + 1] - grid[i]).float() * v
+    return pred_original, calls
+
+
+@pytest.mark.parametrize("num_steps,shift", [(16, 3.0), (10, None)])
+def test_completion_equals_the_official_loop_at_every_granularity(num_steps, shift):
+    """Our completion (an Euler ODE on granular_sigmas from x_{k+1}) gives the official loop's sample with the same
+    number of model calls, for every branch step and stride, including the grids that do not end at 0."""
+    policy = tasks.toy2d_policy(keep_reference=False)
+    sigmas = common.make_sigmas(num_steps, shift=shift)
+    cond = policy.encode_prompts(["mode 3"] * 5)
+    x_next = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    coarse_grids = 0
+    for k in range(num_steps // 2):
+        for lam in (1, 2, 3):
+            coarse_grids += torch.cat([sigmas[:k + 2], sigmas[k + 2::lam]])[-1].item() != 0
+            with torch.no_grad():
+                want, calls = official_completion(policy, x_next, sigmas, k, lam, cond)
+                got = common.sample_ode(policy, x_next, g2rpo.granular_sigmas(sigmas, k, lam)[k + 1:], cond,
+                                        solver="euler")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert g2rpo.completion_nfe(sigmas, k, lam) == calls
+    assert coarse_grids >= 4  # the case that differed: grids whose last node is not 0
 
 
 def test_mixed_advantages_are_the_sum_of_per_granularity_z_scores():
@@ -69,8 +105,8 @@ def test_singular_rollout_branches_share_x_k_and_completion_is_deterministic(mon
 
 
 def test_nfe_accounting_matches_the_schedule(tmp_path):
-    s = g2rpo.main(["--iterations", "2", "--prompts-per-iteration", "3", "--group-size", "4", "--output-dir",
-                    str(tmp_path), "--log-every", "0", "--save-weights", "false"])
+    s = g2rpo.main(["--iterations", "2", "--prompts-per-iteration", "3", "--group-size", "4", "--granularities",
+                    "1,2,3", "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"])
     sigmas = common.make_sigmas(10)
     completion = sum(g2rpo.completion_nfe(sigmas, k, lam) for k in range(5) for lam in (1, 2, 3))
     assert s["nfe_rollout"] == 2 * 3 * (10 + 4 * completion)  # anchor + G branches x every grid
