@@ -13,7 +13,8 @@ of denoising losses at ONE timestep (no trajectory, no log-probabilities, no SDE
                  l_i     = || v_theta(x_t,i, t, c) - (eps - x0_i) ||^2        (denoising loss, Eq. 17's L_dsm)
                  l_ref,i = the same for the frozen reference
                  L = -log sigmoid(-beta * sum_i A_i (l_i - l_ref,i))          (paper Eq. 17)
-    4. evaluate  with the plain ODE
+                 summed over the M timesteps into ONE optimizer step, then theta_minus <- EMA (official code)
+    4. evaluate  with the plain ODE (the official configs evaluate an EMA of the weights: `--eval-ema`)
 
 Cost per sample and iteration: `num_steps` rollout NFE (no grad) and M training NFE (with grad) plus M
 reference NFE (no grad), versus Flow-GRPO's N-1 gradient NFE on an SDE trajectory.
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, accumulating, arg, gathered_group_advantages, optimizer_step, sample_ode,
-                    select)
+from common import (EMA, CommonArgs, accumulating, arg, gathered_group_advantages, mean_stats, optimizer_step,
+                    sample_ode, select, static_shift)
 from infra.args import parse_args
 from infra.run import Run
 from infra.tasks import load_task
@@ -42,7 +43,12 @@ from infra.tasks import load_task
 @dataclass
 class Args(CommonArgs):
     # rollout
-    rollout_solver: str = arg("dpm2m", "rollout ODE solver: 'dpm2m' (paper: Flow-DPM-Solver) or 'euler'")
+    rollout_solver: str = arg("dpm2m", "rollout ODE solver: 'dpm2m' (paper: Flow-DPM-Solver) or 'euler'",
+                              choices=("dpm2m", "euler"))
+    rollout_schedule: str = arg("model", "rollout sigmas: 'model' (the model's own schedule, as evaluation) or "
+                                         "'dpm-flow' (the official code's DPMSolverMultistepScheduler flow schedule: "
+                                         "last nonzero sigma 0.25 at 10 steps, against SD3's 0.009)",
+                                choices=("model", "dpm-flow"))
     ema_start: int = arg(0, "iterations during which theta_minus = theta; after them rollouts use the EMA "
                             "(paper/code: 200 for OCR/PickScore, 500 for GenEval)")
     ema_decay: float = arg(0.3, "EMA decay mu of theta_minus: mu * ema + (1 - mu) * theta after every "
@@ -52,7 +58,8 @@ class Args(CommonArgs):
     adv_std: str = arg("group", "advantage std: 'group' (paper: intra-group normalisation) or 'global'")
     adv_clip: float = arg(5.0, "advantage clip (clipping slightly breaks sum A = 0; rare in practice)")
     # timesteps
-    num_train_timesteps: int = arg(4, "M: timesteps trained per iteration, one optimizer step each")
+    num_train_timesteps: int = arg(4, "M: timesteps trained per iteration; their gradients add up to ONE optimizer "
+                                      "step (official config: 'update once per epoch')")
     t_min: float = arg(0.6, "timestep clip: train only at t >= t_min (the low-noise end carries the "
                             "few-step rollouts' artifacts). Nodes of the rollout schedule in [t_min, 1] are drawn")
     # optional terms of the official code
@@ -61,6 +68,8 @@ class Args(CommonArgs):
     clip_range: float = arg(1e-4, "ratio clip range for --clip-dsm")
     train_micro_batch_groups: int = arg(0, "whole groups per forward/backward (0: all); memory only. Whole groups, "
                                            "because S_g needs every sample of its group")
+    eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (the official config's "
+                               "train.ema: Flow-GRPO's EMAModuleWrapper, decay 0.9, every 8 optimizer steps)")
 
 
 PRESETS = {
@@ -76,14 +85,17 @@ PRESETS = {
     "shapes": dict(model="shapes", iterations=40, num_steps=10, group_size=8, prompts_per_iteration=8,
                    lora_rank=16, learning_rate=3e-4, beta=100.0, num_train_timesteps=4, t_min=0.6, ema_start=20,
                    eval_steps=20, eval_samples_per_prompt=2, log_every=5),
-    # Paper, SD3.5-M 512 px: G 24, beta 100, LoRA r32, lr 3e-4, 10-step ODE rollouts, shift 3, EMA rollouts after
-    # 200 steps, M = 4 timesteps from the first 7 nodes (t >= shift(0.4) = 0.667). CFG 4.5 in rollouts,
-    # CFG-free training (--model sd3).
-    "dgpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0, group_size=24,
-                     beta=100.0, lora_rank=32, lora_alpha=64, learning_rate=3e-4, num_train_timesteps=4, t_min=0.66,
-                     ema_start=200, ema_decay=0.3, eval_steps=40, eval_samples_per_prompt=1, iterations=1000,
-                     rollout_batch_size=8, train_micro_batch_groups=1, eval_batch_size=8, mixed_precision="bf16",
-                     guidance_scale=4.5),
+    # The official pickscore_sd3_4gpu config (config/dgpo.py): SD3.5-M 512 px, 10-step DPM-Solver++ ODE rollouts on
+    # the DPM flow schedule (flow_shift 3), CFG 4.5 in rollouts and CFG-free training, G 24, 24 groups per iteration
+    # (the config ships 8, "set to be 24 for better performance"), beta 10, the denoising-loss clip 5e-2 against
+    # theta_minus, KL 0.001, M = 4 of the first 7 nodes (trunc_steps 6: t >= 0.666), LoRA r32 (the paper's; the code
+    # uses r64), lr 3e-4, wd 1e-4, theta_minus = EMA after 200 steps, evaluation EMA, one optimizer step per iteration.
+    "dgpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0, guidance_scale=4.5,
+                     rollout_schedule="dpm-flow", prompts_per_iteration=24, group_size=24, beta=10.0, clip_dsm=True,
+                     clip_range=5e-2, kl_beta=0.001, num_train_timesteps=4, t_min=0.66, lora_rank=32, lora_alpha=64,
+                     learning_rate=3e-4, ema_start=200, ema_decay=0.3, eval_steps=40, eval_samples_per_prompt=1,
+                     iterations=1000, rollout_batch_size=8, train_micro_batch_groups=1, eval_batch_size=8,
+                     mixed_precision="bf16"),
 }
 
 
@@ -123,6 +135,46 @@ def dsm_loss(v, target):
     return (v.float() - target).pow(2).flatten(1).mean(1)
 
 
+def dpm_flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """DGPO's rollout schedule: diffusers' DPMSolverMultistepScheduler with `use_flow_sigmas` and `flow_shift` 3
+    (the Sana scheduler config the official code loads): shift(1 - alpha) for alpha = linspace(1, 1/1000, N + 1),
+    largest first, the last of them dropped, then 0. At N = 10 the last nonzero sigma is shift(0.0999) = 0.25."""
+    s = (1 - torch.linspace(1.0, 1 / 1000, num_steps + 1, dtype=torch.float64)).flip(0)[:-1]
+    return torch.cat([static_shift(s, shift), s.new_zeros(1)])
+
+
+def dgpo_pass(policy, x0, eps, t, cond, advantages, group_index, num_groups, beta, all_reduce, kl_beta: float,
+              clip_dsm: bool, clip_range: float, theta_minus):
+    """DGPO at one timestep t for a batch of whole groups (the official train_sd3_dgpo.py inner loop): the noised
+    x_t = (1 - t) x0 + t eps and target eps - x0, the denoising losses of the policy and of the frozen reference,
+    the group preference loss (`dgpo_loss`), and the official options: the PPO-style clip of the denoising-loss
+    ratio against theta_minus, and the KL `kl_beta * mean((v - v_ref)^2)`. Training is CFG-free (SD3: the
+    conditional velocity alone). Returns (loss, stats)."""
+    x_t = (1 - t) * x0 + t * eps
+    target = eps - x0
+    with torch.no_grad(), policy.reference(), policy.without_cfg():
+        v_ref = policy.velocity(x_t, t, cond)
+    if clip_dsm:  # theta_minus's loss BEFORE the gradient forward: swapping weights in between breaks autograd
+        with torch.no_grad(), theta_minus.swapped_in(), policy.without_cfg():
+            dsm_old = dsm_loss(policy.velocity(x_t, t, cond), target)
+    with policy.without_cfg():
+        v = policy.velocity(x_t, t, cond)
+    dsm, dsm_ref = dsm_loss(v, target), dsm_loss(v_ref, target)
+    stats = {"dsm": dsm.mean().item(), "dsm_minus_ref": (dsm - dsm_ref).mean().item()}
+    if clip_dsm:  # freeze the samples whose loss ratio against theta_minus left the range in A's favoured direction
+        ratio = torch.exp(dsm_old - dsm.detach())
+        frozen = torch.where(advantages > 0, ratio > 1 + clip_range, ratio < 1 - clip_range)
+        dsm = torch.where(frozen, dsm.detach(), dsm)
+        stats["clipfrac"] = frozen.float().mean().item()
+    loss = dgpo_loss(dsm, dsm_ref, advantages, group_index, beta, num_groups=num_groups, all_reduce=all_reduce)
+    stats["dgpo_loss"] = loss.item()
+    if kl_beta > 0:
+        kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()
+        loss = loss + kl_beta * kl
+        stats["kl"] = kl.item()
+    return loss, stats
+
+
 def train_timesteps(sigmas, t_min, m, generator=None):
     """The timestep clip: M distinct nodes of the rollout schedule with t >= t_min (official code draws M of
     the first 5 or 7 nodes of its 10-step schedule; the paper writes t ~ U[t_min, T])."""
@@ -131,45 +183,6 @@ def train_timesteps(sigmas, t_min, m, generator=None):
         raise ValueError(f"only {len(nodes)} schedule nodes have t >= t_min={t_min}; lower --t-min or "
                          f"--num-train-timesteps ({m})")
     return sigmas[nodes[torch.randperm(len(nodes), generator=generator)[:m]]]
-
-
-# ======================================================================================================
-# ALGO LOGIC: theta_minus, the EMA sampling model
-# ======================================================================================================
-
-
-class EMA:
-    """theta_minus: an exponential moving average of the trainable parameters, swapped in for rollouts."""
-
-    def __init__(self, params, decay):
-        self.params, self.decay = list(params), decay
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self):
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-
-    def state_dict(self):
-        return {"shadow": self.shadow}
-
-    def load_state_dict(self, state):
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Inside, the model's trainable parameters hold the EMA values; the live ones are restored after."""
-        live = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for v, p in zip(live, self.params):
-                    p.copy_(v)
 
 
 # ======================================================================================================
@@ -186,31 +199,32 @@ def main(argv=None):
     task = load_task(args, keep_reference=True, device=run.device, log=run.print)
     policy = task.policy
     optimizer = run.make_optimizer(policy)
-    ema = EMA(policy.trainable_parameters(), args.ema_decay)
-    sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
+    theta_minus = EMA(policy.trainable_parameters(), args.ema_decay)  # the sampling model
+    eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
+    sigmas = (dpm_flow_sigmas(args.num_steps, args.shift or 3.0) if args.rollout_schedule == "dpm-flow" else
+              policy.sigmas(args.num_steps, args.shift)).to(run.device)
     # prompts and timesteps: per-process prompt streams; timesteps and group noise come from shared seeds
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
     shared_gen = torch.Generator().manual_seed(args.seed)
-    P, G = args.prompts_per_iteration, args.group_size
+    P, G = run.prompts_per_process, args.group_size  # this process's groups; the iteration's are P x processes
     world, rank = acc.num_processes, acc.process_index
     all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if world > 1 else None
-    run.print(f"dgpo | model {args.model} | preset {args.preset} | {P} prompts x G={G} per process | "
-              f"{args.num_steps}-step {args.rollout_solver} ODE rollouts | M={args.num_train_timesteps} "
-              f"timesteps from t >= {args.t_min} | beta {args.beta}")
+    run.print(f"dgpo | G={G} | {args.num_steps}-step {args.rollout_solver} ODE rollouts on sigmas "
+              f"{[round(s, 3) for s in sigmas.tolist()]} | M={args.num_train_timesteps} timesteps from "
+              f"t >= {args.t_min} | beta {args.beta}")
 
-    # evaluate the base model, or resume (the generators and the EMA are part of the checkpoint)
-    before = run.start(task, prompt_gen=prompt_gen, shared_gen=shared_gen, ema=ema)
+    # evaluate the base model, or resume (the generators and both EMAs are part of the checkpoint)
+    before = run.start(task, eval_ema=eval_ema, prompt_gen=prompt_gen, shared_gen=shared_gen, ema=theta_minus)
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 
-        # ALGO LOGIC 1: deterministic ODE rollout from theta_minus (theta until ema_start, then the EMA)
+        # ALGO LOGIC 1: deterministic ODE rollout from theta_minus (theta until ema_start, then its EMA)
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
         prompts = [task.train_prompts[i] for i in pick for _ in range(G)]
         cond = policy.encode_prompts(prompts)
         noise = policy.initial_noise(P * G)
-        rollout_model = ema.swapped_in() if it >= args.ema_start else contextlib.nullcontext()
         chunk = args.rollout_batch_size or P * G
-        with rollout_model:
+        with theta_minus.swapped_in() if it >= args.ema_start else contextlib.nullcontext():
             x0 = torch.cat([sample_ode(policy, noise[i:i + chunk], sigmas, select(cond, slice(i, i + chunk)),
                                        solver=args.rollout_solver) for i in range(0, P * G, chunk)])
 
@@ -219,51 +233,31 @@ def main(argv=None):
         all_rewards, advantages = gathered_group_advantages(acc, rewards.view(P, G), args.adv_std, args.adv_clip)
         group_index = torch.arange(P, device=run.device).repeat_interleave(G) + rank * P
 
-        # ALGO LOGIC 3: M timesteps from [t_min, 1]; at each, one noise per group, policy and reference
-        # denoising losses, the group preference loss, one optimizer step, and the EMA update.
-        # Training is CFG-free (SD3: the conditional velocity alone; the rollouts above used CFG 4.5).
-        stats = {"dgpo_loss": 0.0, "dsm": 0.0, "dsm_minus_ref": 0.0, "kl": 0.0, "clipfrac": 0.0}
-        for t in train_timesteps(sigmas, args.t_min, args.num_train_timesteps, shared_gen):
-            group_noise = policy.initial_noise(world * P, shared_gen)[rank * P:(rank + 1) * P]
-            eps = group_noise.repeat_interleave(G, dim=0)  # the same eps for every sample of a group
-            x_t = (1 - t) * x0 + t * eps
-            target = eps - x0
-            micro = torch.arange(P * G, device=run.device).split(G * (args.train_micro_batch_groups or P))
-            for n, mb in enumerate(micro):
-                with accumulating(acc, policy, last=n == len(micro) - 1):  # one DDP all-reduce per step
-                    c = select(cond, mb)
-                    with torch.no_grad(), policy.reference(), policy.without_cfg():
-                        v_ref = policy.velocity(x_t[mb], t, c)
-                    if args.clip_dsm:  # the EMA model's loss, BEFORE the gradient forward: swapping weights in place
-                        with torch.no_grad(), ema.swapped_in(), policy.without_cfg():  # between a forward and its
-                            dsm_old = dsm_loss(policy.velocity(x_t[mb], t, c), target[mb])  # backward breaks autograd
-                    with policy.without_cfg():
-                        v = policy.velocity(x_t[mb], t, c)
-                    dsm, dsm_ref = dsm_loss(v, target[mb]), dsm_loss(v_ref, target[mb])
-                    if args.clip_dsm:  # official option: freeze samples whose loss ratio vs the EMA left the range
-                        ratio = torch.exp(dsm_old - dsm.detach())
-                        a = advantages[mb]
-                        frozen = torch.where(a > 0, ratio > 1 + args.clip_range, ratio < 1 - args.clip_range)
-                        dsm = torch.where(frozen, dsm.detach(), dsm)
-                        stats["clipfrac"] += frozen.float().mean().item() * len(mb) / (P * G) / args.num_train_timesteps
-                    loss = dgpo_loss(dsm, dsm_ref, advantages[mb], group_index[mb], args.beta, num_groups=world * P,
-                                     all_reduce=all_reduce)
-                    if args.kl_beta > 0:
-                        kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()
-                        loss = loss + args.kl_beta * kl
-                        stats["kl"] += kl.item() * len(mb) / (P * G) / args.num_train_timesteps
-                    share = len(mb) / (P * G)
-                    acc.backward(loss * share)
-                    stats["dgpo_loss"] += loss.item() * share / args.num_train_timesteps
-                    stats["dsm"] += dsm.mean().item() * share / args.num_train_timesteps
-                    stats["dsm_minus_ref"] += (dsm - dsm_ref).mean().item() * share / args.num_train_timesteps
-            grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)
-            ema.update()
+        # ALGO LOGIC 3: M timesteps from [t_min, 1]; at each, one noise eps per group and the group preference loss
+        # (dgpo_pass) over micro-batches of whole groups. All M timesteps' gradients add up to ONE optimizer step,
+        # then theta_minus's EMA update.
+        timesteps = train_timesteps(sigmas, args.t_min, args.num_train_timesteps, shared_gen)
+        micro = torch.arange(P * G, device=run.device).split(G * (args.train_micro_batch_groups or P))
+        passes = [(t, mb) for t in timesteps for mb in micro]
+        stats = []
+        for n, (t, mb) in enumerate(passes):
+            if mb[0] == 0:  # a new timestep: one noise per group, the same for all its samples
+                eps = policy.initial_noise(world * P, shared_gen)[rank * P:(rank + 1) * P].repeat_interleave(G, dim=0)
+            with accumulating(acc, policy, last=n == len(passes) - 1):  # one all-reduce per optimizer step
+                loss, st = dgpo_pass(policy, x0[mb], eps[mb], t, select(cond, mb), advantages[mb], group_index[mb],
+                                     world * P, args.beta, all_reduce, args.kl_beta, args.clip_dsm, args.clip_range,
+                                     theta_minus)
+                acc.backward(loss * len(mb) / (P * G) / len(timesteps))
+            stats.append(st)
+        grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)
+        theta_minus.update()
+        if eval_ema is not None:
+            eval_ema.step()
 
         # TRY NOT TO MODIFY: logging
-        run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm)
+        run.end_iteration(it, task, all_rewards, mean_stats(stats), grad_norm=grad_norm)
 
-    after = run.evaluate(task, "after")
+    after = run.evaluate(task, "after")  # the evaluation EMA's weights, when it is on
     return run.finish(task, before, after)
 
 

@@ -178,5 +178,55 @@ def test_official_options_kl_and_dsm_ratio_clip_run_and_count_their_calls(tmp_pa
     assert s["nfe_rollout"] == 2 * (B * 10 + B * 4 + B * 4)  # rollout + reference + EMA model at M = 4
     assert s["nfe_train"] == 2 * B * 4
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(0.0 <= r["loss/clipfrac"] <= 1.0 and r["loss/kl"] > 0 for r in rows)
-    assert rows[1]["loss/clipfrac"] > 0  # after the first updates theta has left the EMA: the clip acts
+    assert all(0.0 <= r["loss/clipfrac"] <= 1.0 for r in rows)
+    # one optimizer step per iteration: during the first, theta is still the reference and theta_minus
+    assert rows[0]["loss/kl"] == 0 and rows[0]["loss/clipfrac"] == 0
+    assert rows[1]["loss/kl"] > 0 and rows[1]["loss/clipfrac"] > 0  # after it, theta has left both
+
+
+def test_the_dpm_flow_schedule_is_the_official_schedulers_and_the_preset_trains_on_its_first_7_nodes():
+    """The official code rolls out with DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift 3) (Sana's config):
+    at 10 steps its last nonzero sigma is 0.25 (SD3's pipeline schedule: 0.009). trunc_steps 6 = its first 7 nodes."""
+    from diffusers import DPMSolverMultistepScheduler
+    sched = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero")
+    for n in (6, 10, 20):
+        sched.set_timesteps(n)
+        torch.testing.assert_close(dgpo.dpm_flow_sigmas(n, 3.0), sched.sigmas.double(), rtol=0, atol=1e-6)
+    sigmas = dgpo.dpm_flow_sigmas(10, 3.0)
+    assert abs(sigmas[-2].item() - 0.25) < 1e-3
+    preset = dgpo.PRESETS["dgpo-sd3"]
+    assert preset["rollout_schedule"] == "dpm-flow"
+    assert int(((sigmas >= preset["t_min"]) & (sigmas > 0)).sum()) == 7
+
+
+def test_one_optimizer_step_and_one_theta_minus_update_per_iteration(tmp_path, monkeypatch):
+    """The official config steps once per epoch: gradients of all M timesteps (and micro-batches) add up first."""
+    steps, updates = [], []
+    original_step, original_update = dgpo.optimizer_step, common.EMA.update
+    monkeypatch.setattr(dgpo, "optimizer_step", lambda *a, **k: steps.append(1) or original_step(*a, **k))
+    monkeypatch.setattr(common.EMA, "update", lambda self, *a: updates.append(self.decay) or
+                        original_update(self, *a))
+    dgpo.main(["--iterations", "3", "--num-train-timesteps", "4", "--train-micro-batch-groups", "2", "--eval-ema",
+               "false", "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"])
+    assert len(steps) == 3 and updates == [0.3] * 3
+
+
+def test_the_evaluation_ema_is_flow_grpos_ema_module_wrapper():
+    """flow_grpo/ema.py's EMAModuleWrapper(decay 0.9, update_step_interval 8), transcribed: after optimizer step n,
+    if (n + 1) % 8 == 0, ema += (1 - min((1 + n) / (10 + n), 0.9)) (theta - ema)."""
+    net = torch.nn.Linear(3, 2)
+    ema = common.EMA(net.parameters(), decay=0.9, every=8)
+    reference = [p.detach().clone() for p in net.parameters()]
+    g = torch.Generator().manual_seed(0)
+    for n in range(40):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        ema.step()
+        if (n + 1) % 8 == 0:
+            decay = min((1 + n) / (10 + n), 0.9)
+            reference = [r + (1 - decay) * (p.detach() - r) for r, p in zip(reference, net.parameters())]
+    for r, s in zip(reference, ema.shadow):
+        torch.testing.assert_close(s, r)
+    assert not torch.allclose(ema.shadow[0], net.weight)
