@@ -14,8 +14,8 @@ Notation (rectified flow, the convention of SD3 / FLUX and diffusers):
     eps_hat = x_s + (1 - s) * v         predicted noise
     sigmas  = [1 = s_0 > s_1 > ... > s_N = 0]   an N-step sampling schedule
 
-Sections: schedules; ODE solvers; the SDE step with log-probability; group advantages; non-finite numbers;
-the optimizer step; the policy interface; toy2d; rewards, tasks and evaluation; arguments.
+Sections: schedules; ODE solvers; the SDE step with log-probability; non-finite numbers; group advantages; the
+optimizer step; moving averages of the weights; the policy interface; toy2d; tasks and evaluation; arguments.
 """
 
 from __future__ import annotations
@@ -294,6 +294,60 @@ def optimizer_step(accelerator, policy: "Policy", optimizer, max_grad_norm: floa
     optimizer.step()
     optimizer.zero_grad()
     return grad_norm
+
+
+# ======================================================================================================
+# Moving averages of the weights: DGPO's sampling model theta_minus, and the weights Flow-GRPO and DGPO evaluate
+# ======================================================================================================
+
+
+class EMA:
+    """An exponential moving average of the trainable parameters, `ema <- mu ema + (1 - mu) theta`, kept beside the
+    model and swapped into it on request (`swapped_in`).
+
+    - `update()`: one update with the constant decay `mu` (DGPO's theta_minus, after every optimizer step).
+    - `step()`: Flow-GRPO's evaluation EMA (`flow_grpo.ema.EMAModuleWrapper(decay=0.9, update_step_interval=8)`, which
+      DGPO's code uses too): call it after every optimizer step n = 0, 1, ...; every `every`-th step updates with
+      decay min(mu, (1 + n) / (10 + n)), so early updates follow the weights closely.
+    """
+
+    def __init__(self, params, decay: float, every: int = 1):
+        self.params, self.decay, self.every = list(params), decay, every
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, decay: Optional[float] = None):
+        decay = self.decay if decay is None else decay
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    def step(self):
+        n, self.steps = self.steps, self.steps + 1
+        if (n + 1) % self.every == 0:
+            self.update(min(self.decay, (1 + n) / (10 + n)))
+
+    def state_dict(self):
+        return {"shadow": self.shadow, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+        self.steps = state.get("steps", 0)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside, the model's trainable parameters hold the EMA values; the live ones are restored after."""
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(live, self.params):
+                    p.copy_(v)
 
 
 # ======================================================================================================
@@ -637,12 +691,14 @@ class CommonArgs:
     # sampling
     num_steps: int = arg(10, "sampling steps N of a training rollout")
     shift: Optional[float] = arg(None, "static timestep shift; default: the model's (FLUX: dynamic shift, toy: none)")
-    prompts_per_iteration: int = arg(8, "prompts (groups) per iteration per process")
+    prompts_per_iteration: int = arg(8, "prompts (groups) per iteration, over all processes together: each process "
+                                        "takes an equal share, so a preset's batch does not change with the launch")
     group_size: int = arg(16, "samples per prompt, G")
     rollout_batch_size: int = arg(0, "model-call batch during rollouts (0: all samples at once)")
     # optimisation
     learning_rate: float = arg(1e-3, "AdamW learning rate")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
+    weight_decay: float = arg(1e-4, "AdamW weight decay (1e-4 in every official code here: Flow-GRPO, DanceGRPO, "
+                                    "DGPO, G2RPO)")
     adam_beta2: float = arg(0.999, "AdamW beta2")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     # evaluation

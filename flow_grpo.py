@@ -1,18 +1,28 @@
 """Flow-GRPO / DanceGRPO: GRPO on an SDE version of the flow sampler. The baseline all four papers compare to.
 
-Flow-GRPO (Liu et al. 2025, official code yifan123/flow_grpo) and DanceGRPO (Xue et al. 2025, official code
-XueZeyue/DanceGRPO) turn the deterministic flow ODE into an SDE with the same marginals, so that every
-sampling step is a Gaussian policy pi_theta(x_{j+1} | x_j, c) with a log-probability. Then:
+Flow-GRPO (Liu et al. 2025, official code yifan123/flow_grpo, scripts/train_sd3.py) and DanceGRPO (Xue et al. 2025,
+official code XueZeyue/DanceGRPO, fastvideo/train_grpo_flux.py) turn the deterministic flow ODE into an SDE with the
+same marginals, so that every sampling step is a Gaussian policy pi_theta(x_{j+1} | x_j, c) with a log-probability:
 
-    1. rollout   G samples per prompt with the SDE, storing every state x_j and log pi_old(x_{j+1} | x_j)
-    2. reward    score the final samples; GRPO advantages A_i = (r_i - mean_group) / std
-    3. update    for the trained steps j: recompute log pi_theta(x_{j+1} | x_j) and minimise PPO's clipped
+    1. rollout   G samples per prompt with the SDE (common.sde_step_with_logprob), storing every state x_j and
+                 log pi_old(x_{j+1} | x_j)
+    2. reward    score each sample: Flow-GRPO the final SDE state x_N, DanceGRPO the clean prediction
+                 x0_hat = x_{N-1} - s_{N-1} v at the last step; GRPO advantages A_i = (r_i - mean_group) / std
+    3. update    for the trained transitions j: recompute log pi_theta(x_{j+1} | x_j) and minimise PPO's clipped
                  surrogate  max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),  rho = pi_theta / pi_old
-                 (+ optional KL to the frozen reference, Flow-GRPO)
-    4. evaluate  with the plain deterministic ODE (the SDE exists only for exploration in training)
+                 (+ Flow-GRPO's KL to the frozen reference), split over several optimizer steps
+    4. evaluate  the plain deterministic ODE (the SDE exists only for exploration in training); Flow-GRPO evaluates
+                 (and saves) an EMA of the trained weights
 
-Every step of every trajectory is a training sample: NFE_theta per sample is the number of trained steps
-(9 of 10 for Flow-GRPO SD3, 60% of 15 for DanceGRPO FLUX), which is the cost the later methods attack.
+Every step of every trajectory is a training sample: NFE_theta per sample is the number of trained transitions
+(9 of 10 for Flow-GRPO SD3, 9 of the first 15 for DanceGRPO FLUX), which is the cost the later methods attack.
+
+Where the two codes differ, the presets follow each one (docs/choices.md lists every choice):
+- Flow-GRPO: SDE noise a sqrt(s / (1 - s)), the first N - 1 transitions in order, the batch's std, KL 0.01-0.04,
+  2 optimizer steps per iteration, the EMA evaluated.
+- DanceGRPO (`--sde-variant dance_grpo`): constant eta, reward on x0_hat, each sample a random 60% of the first
+  N - 1 transitions, the group's std, one initial noise per group, 3 optimizer steps per iteration (12 samples,
+  gradient accumulation 4), no KL, no EMA.
 
 Run:
     python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~20 s
@@ -28,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, mean_stats,
+from common import (EMA, CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, mean_stats,
                     optimizer_step, sde_step_with_logprob, select)
 from infra.args import parse_args
 from infra.run import Run
@@ -38,33 +48,49 @@ from infra.tasks import load_task
 @dataclass
 class Args(CommonArgs):
     # the SDE (common.sde_step_with_logprob)
-    sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta")
+    sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta",
+                           choices=("flow_grpo", "dance_grpo"))
     noise_level: float = arg(0.7, "Flow-GRPO's a (0.7 SD3, 0.9 FLUX) or DanceGRPO's eta (0.3)")
+    same_noise_per_group: bool = arg(False, "every sample of a group starts from the same initial noise "
+                                            "(DanceGRPO's --init_same_noise; Flow-GRPO: one noise per sample)")
+    reward_sample: str = arg("final", "what the reward scores: 'final' (the last SDE state, Flow-GRPO) or 'x0_hat' "
+                                      "(x_{N-1} - s_{N-1} v, the clean prediction at the last step, DanceGRPO)",
+                             choices=("final", "x0_hat"))
     # which transitions train
-    timestep_fraction: float = arg(0.99, "train int(N * fraction) transitions per sample (0.99: all but the last)")
+    timestep_fraction: float = arg(0.99, "train int(pool * fraction) transitions per sample, pool = N (or N - 1 with "
+                                         "--ignore-last-step); 0.99 of 10: all but the last")
+    ignore_last_step: bool = arg(False, "never train the last transition: draw from the first N - 1 (DanceGRPO's "
+                                        "--ignore_last)")
     shuffle_timesteps: bool = arg(False, "each sample trains its own random transitions (DanceGRPO) "
                                          "instead of the first ones in order (Flow-GRPO)")
     # GRPO / PPO
-    adv_std: str = arg("global", "advantage std: 'global' (Flow-GRPO) or 'group' (DanceGRPO)")
+    adv_std: str = arg("global", "advantage std: 'global' (Flow-GRPO) or 'group' (DanceGRPO)",
+                       choices=("global", "group"))
     adv_clip: float = arg(5.0, "advantage clip")
     clip_range: float = arg(1e-4, "PPO ratio clip eps")
-    kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO SD3 0.01-0.04; 0 for FLUX)")
-    updates_per_iteration: int = arg(2, "optimizer steps per iteration, each on 1/this of the samples "
-                                        "(Flow-GRPO: 2, so the second one is off-policy and the clip acts)")
+    kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO SD3: 0.01 PickScore, 0.04 "
+                              "GenEval/OCR; 0 for FLUX)")
+    updates_per_iteration: int = arg(2, "optimizer steps per iteration, each on 1/this of the samples (Flow-GRPO: 2, "
+                                        "DanceGRPO: 3); from the second on the ratio is off-policy and the clip acts")
     train_micro_batch_size: int = arg(0, "samples per forward/backward (0: the whole minibatch); memory only")
+    eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (Flow-GRPO's train.ema: "
+                               "decay 0.9, updated every 8 optimizer steps)")
 
 
-# Presets are named after the setting they reproduce; command-line flags override them.
+# Presets are named after the setting they reproduce; command-line flags override them. Batches are global: the
+# prompts of an iteration are split over the processes, so a preset trains on the same batch whatever the launch.
 PRESETS = {
-    # Flow-GRPO's algorithm on the toy: SDE a = 0.7 at all 10 steps, 9 trained in order, global std.
+    # Flow-GRPO's algorithm on the toy: SDE a = 0.7 at all 10 steps, 9 trained in order, global std, eval EMA.
     # Toy-sized lr, group and clip: 2D log-probs are averaged over 2 dims, not 16k, so ratios move more.
     "toy2d": dict(model="toy2d", iterations=400, num_steps=10, noise_level=0.7, group_size=16,
                   prompts_per_iteration=8, learning_rate=1e-3, clip_range=0.2, adv_std="global", log_every=50),
-    # DanceGRPO's algorithm on the toy: constant eta 0.3, each sample trains a random 60% of its steps.
-    "toy2d-dancegrpo": dict(model="toy2d", iterations=400, num_steps=10, sde_variant="dance_grpo",
-                            noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True, adv_std="group",
-                            group_size=16, prompts_per_iteration=8, learning_rate=1e-3, clip_range=0.2,
-                            log_every=50),
+    # DanceGRPO's algorithm on the toy: constant eta 0.3, reward on x0_hat, each sample a random 60% of the first 9
+    # transitions, one noise per group, group std, 3 optimizer steps.
+    "toy2d-dancegrpo": dict(model="toy2d", iterations=400, num_steps=10, sde_variant="dance_grpo", noise_level=0.3,
+                            reward_sample="x0_hat", timestep_fraction=0.6, ignore_last_step=True,
+                            shuffle_timesteps=True, same_noise_per_group=True, adv_std="group",
+                            updates_per_iteration=3, eval_ema=False, group_size=16, prompts_per_iteration=8,
+                            learning_rate=1e-3, clip_range=0.2, log_every=50),
     # The FLUX code path with random weights: a smoke test of packing, guidance, LoRA and VAE decoding.
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
                       lora_rank=8, learning_rate=1e-3, eval_steps=6, eval_samples_per_prompt=2, log_every=1),
@@ -72,23 +98,31 @@ PRESETS = {
     "shapes": dict(model="shapes", iterations=40, num_steps=10, noise_level=0.7, group_size=8,
                    prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3,
                    adv_std="global", eval_steps=20, eval_samples_per_prompt=2, log_every=5),
-    "shapes-dancegrpo": dict(model="shapes", iterations=40, num_steps=10, sde_variant="dance_grpo",
-                             noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True, adv_std="group",
-                             group_size=8, prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4,
-                             clip_range=1e-3, eval_steps=20, eval_samples_per_prompt=2, log_every=5),
-    # Flow-GRPO, SD3.5-M, PickScore/GenEval configs (32 GPUs; its 1-GPU config uses group 8).
+    "shapes-dancegrpo": dict(model="shapes", iterations=40, num_steps=10, sde_variant="dance_grpo", noise_level=0.3,
+                             reward_sample="x0_hat", timestep_fraction=0.6, ignore_last_step=True,
+                             shuffle_timesteps=True, same_noise_per_group=True, adv_std="group",
+                             updates_per_iteration=3, eval_ema=False, group_size=8, prompts_per_iteration=8,
+                             lora_rank=16, learning_rate=3e-4, clip_range=1e-3, eval_steps=20,
+                             eval_samples_per_prompt=2, log_every=5),
+    # Flow-GRPO's pickscore_sd3 config (config/grpo.py): SD3.5-M 512 px, 10 SDE steps, a 0.7, CFG 4.5, 48 groups of
+    # 24 per iteration (32 GPUs x 9 images x 4 batches), 2 optimizer steps, LoRA r32/a64, lr 3e-4, wd 1e-4, clip 1e-4,
+    # KL 0.01, global std, EMA evaluated with a 40-step ODE.
     "flow-grpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0, noise_level=0.7,
-                          group_size=24, lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04,
+                          guidance_scale=4.5, prompts_per_iteration=48, group_size=24, updates_per_iteration=2,
+                          lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.01,
                           adv_std="global", timestep_fraction=0.99, eval_steps=40, eval_samples_per_prompt=1,
-                          updates_per_iteration=2, iterations=1000, train_micro_batch_size=8, rollout_batch_size=8,
-                          eval_batch_size=8, mixed_precision="bf16", guidance_scale=4.5),
-    # DanceGRPO, FLUX.1-dev (16 steps, shift 3, 720 px, guidance 3.5, full fine-tune, eta 0.3, 60% of steps).
-    "dancegrpo-flux": dict(model="flux", reward="hpsv2", resolution=720, num_steps=16, shift=3.0,
-                           sde_variant="dance_grpo", noise_level=0.3, timestep_fraction=0.6, shuffle_timesteps=True,
-                           group_size=12, lora_rank=0, learning_rate=1e-5, weight_decay=1e-4, clip_range=1e-4,
-                           kl_beta=0.0, adv_std="group", guidance_scale=3.5, prompts_per_iteration=1, iterations=200,
-                           train_micro_batch_size=1, rollout_batch_size=1, eval_batch_size=1, eval_samples_per_prompt=1,
-                           mixed_precision="bf16"),
+                          iterations=1000, train_micro_batch_size=8, rollout_batch_size=8, eval_batch_size=8,
+                          mixed_precision="bf16"),
+    # DanceGRPO's scripts/finetune/finetune_flux_grpo.sh: FLUX.1-dev 720 px, 16 steps, shift 3, guidance 3.5, eta
+    # 0.3, 16 prompts (2 nodes x 8 GPUs, 1 each) x 12 per iteration, init_same_noise, reward on x0_hat, a random 60%
+    # of the first 15 transitions, 3 optimizer steps, full fine-tune lr 1e-5, wd 1e-4, clip 1e-4, no KL, 300 steps.
+    "dancegrpo-flux": dict(model="flux", reward="hpsv2", resolution=720, num_steps=16, shift=3.0, guidance_scale=3.5,
+                           sde_variant="dance_grpo", noise_level=0.3, reward_sample="x0_hat", timestep_fraction=0.6,
+                           ignore_last_step=True, shuffle_timesteps=True, same_noise_per_group=True,
+                           adv_std="group", updates_per_iteration=3, eval_ema=False, prompts_per_iteration=16,
+                           group_size=12, lora_rank=0, learning_rate=1e-5, clip_range=1e-4, kl_beta=0.0,
+                           iterations=300, train_micro_batch_size=1, rollout_batch_size=1, eval_batch_size=1,
+                           eval_samples_per_prompt=1, mixed_precision="bf16"),
 }
 
 
@@ -99,36 +133,43 @@ PRESETS = {
 
 @torch.no_grad()
 def sde_rollout(policy, noise, sigmas, cond, noise_level: float, variant: str, chunk: int = 0):
-    """Sample with the SDE at every step (`common.sde_step_with_logprob`, Flow-GRPO's `sde_step_with_logprob` /
-    DanceGRPO's `flux_step`). Returns states (N+1, B, ...) and old log-probs (N, B).
+    """Sample with the SDE at every step (`common.sde_step_with_logprob`: Flow-GRPO's `sde_step_with_logprob`,
+    DanceGRPO's `flux_step`). Returns the states (N+1, B, ...), the old log-probs (N, B) and x0_hat (B, ...), the
+    clean prediction x_{N-1} - s_{N-1} v_{N-1} of the last step (what DanceGRPO's reward scores: `pred_original`).
 
     The log-probs are those of the sampling weights, i.e. log pi_old; `chunk` (--rollout-batch-size) only splits
     the model calls (memory), the result is the same.
     """
-    states, log_probs = [], []
+    states, log_probs, x0_hats = [], [], []
     chunk = chunk or noise.shape[0]
     for i in range(0, noise.shape[0], chunk):
         x, c = noise[i:i + chunk], select(cond, slice(i, i + chunk))
         xs, lps = [x], []
         for j in range(len(sigmas) - 1):
             v = policy.velocity(x, sigmas[j], c)
+            x0_hat = x - sigmas[j].float() * v
             x, lp, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], noise_level, variant=variant)
             xs.append(x)
             lps.append(lp)
         states.append(torch.stack(xs))
         log_probs.append(torch.stack(lps))
-    return torch.cat(states, dim=1), torch.cat(log_probs, dim=1)
+        x0_hats.append(x0_hat)
+    return torch.cat(states, dim=1), torch.cat(log_probs, dim=1), torch.cat(x0_hats)
 
 
-def trained_steps(batch: int, num_steps: int, fraction: float, shuffle: bool, generator=None) -> torch.Tensor:
-    """(B, n_train) indices of the transitions each sample trains on.
+def trained_steps(batch: int, num_steps: int, fraction: float, shuffle: bool, ignore_last: bool = False,
+                  generator=None) -> torch.Tensor:
+    """(B, n_train) indices of the transitions each sample trains on, from a pool of the first N (or, with
+    `ignore_last`, N - 1) transitions, n_train = int(pool * fraction).
 
-    Flow-GRPO: the first int(N * 0.99) = N - 1 steps in order, the same for every sample.
-    DanceGRPO: each sample its own random int(N * 0.6) steps (`shuffle`).
+    Flow-GRPO: the first int(N * 0.99) = N - 1 transitions in order, the same for every sample (train_sd3.py).
+    DanceGRPO: each sample its own random int((N - 1) * 0.6) of the first N - 1 (`--ignore_last`; a random
+    permutation per sample in `train_one_step`).
     """
-    n_train = max(1, int(num_steps * fraction))
+    pool = num_steps - 1 if ignore_last else num_steps
+    n_train = max(1, int(pool * fraction))
     if shuffle:
-        return torch.stack([torch.randperm(num_steps, generator=generator)[:n_train] for _ in range(batch)])
+        return torch.stack([torch.randperm(pool, generator=generator)[:n_train] for _ in range(batch)])
     return torch.arange(n_train).expand(batch, n_train)
 
 
@@ -182,14 +223,15 @@ def sde_transition_loss(policy, x, x_next, sigma, sigma_next, old_log_prob, adva
 
 def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages, sigmas, cond, steps, *,
                noise_level: float, variant: str, clip_range: float, kl_beta: float, updates: int, micro_batch: int,
-               max_grad_norm: float):
+               max_grad_norm: float, eval_ema=None):
     """PPO updates over the stored SDE transitions. states (N+1, B, ...), old_log_probs (N, B), advantages (B,),
     `steps` (B, n_train): each sample's trained transitions.
 
     Each of the `updates` optimizer steps takes a random 1/updates of the samples and accumulates gradients over
     their trained transitions (and micro-batches of `micro_batch` samples), as Flow-GRPO's config accumulates over
-    timesteps and half the batches; from the second step on the ratio is off-policy and the clip acts. Returns the
-    averaged loss statistics and the last gradient norm.
+    timesteps and half the batches; from the second step on the ratio is off-policy and the clip acts. After each
+    optimizer step the evaluation EMA (if any) takes its step. Returns the averaged loss statistics and the last
+    gradient norm.
     """
     batch_size, n_train = steps.shape
     stats = []
@@ -205,6 +247,8 @@ def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages
                 accelerator.backward(loss * len(mb) / len(batch) / n_train)
             stats.append(st)
         grad_norm = optimizer_step(accelerator, policy, optimizer, max_grad_norm)
+        if eval_ema is not None:
+            eval_ema.step()
     return mean_stats(stats), grad_norm
 
 
@@ -222,14 +266,14 @@ def main(argv=None):
     task = load_task(args, keep_reference=args.kl_beta > 0, device=run.device, log=run.print)
     policy = task.policy
     optimizer = run.make_optimizer(policy)
+    eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
-    P, G = args.prompts_per_iteration, args.group_size
-    run.print(f"flow_grpo | model {args.model} | preset {args.preset} | {P} prompts x G={G} per process | "
-              f"{args.num_steps} SDE steps ({args.sde_variant}, a={args.noise_level}) | "
-              f"sigmas {[round(s, 3) for s in sigmas.tolist()]}")
+    P, G = run.prompts_per_process, args.group_size  # this process's groups; the iteration's are P x processes
+    run.print(f"flow_grpo | {args.num_steps} SDE steps ({args.sde_variant}, a={args.noise_level}), reward on "
+              f"{args.reward_sample} | sigmas {[round(s, 3) for s in sigmas.tolist()]}")
 
-    before = run.start(task, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
+    before = run.start(task, eval_ema=eval_ema, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 
@@ -237,27 +281,31 @@ def main(argv=None):
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
         prompts = [task.train_prompts[i] for i in pick for _ in range(G)]
         cond = policy.encode_prompts(prompts)
-        states, old_log_probs = sde_rollout(policy, policy.initial_noise(P * G), sigmas, cond, args.noise_level,
-                                            args.sde_variant, args.rollout_batch_size)
+        noise = policy.initial_noise(P).repeat_interleave(G, 0) if args.same_noise_per_group else \
+            policy.initial_noise(P * G)
+        states, old_log_probs, x0_hat = sde_rollout(policy, noise, sigmas, cond, args.noise_level, args.sde_variant,
+                                                    args.rollout_batch_size)
 
         # ALGO LOGIC 2: rewards and group advantages. Rewards of all processes are gathered so the global std
         # is the whole batch's (Flow-GRPO); each process keeps the rows of its own groups.
-        rewards = task.reward_fn(policy.decode(states[-1]), prompts).to(run.device)
+        samples = x0_hat if args.reward_sample == "x0_hat" else states[-1]
+        rewards = task.reward_fn(policy.decode(samples), prompts).to(run.device)
         all_rewards, advantages = gathered_group_advantages(acc, rewards.view(P, G), args.adv_std, args.adv_clip)
 
         # ALGO LOGIC 3: PPO updates over the stored transitions. Each update takes a random 1/U of the samples,
         # accumulates gradients over their trained steps (and micro-batches), then steps the optimizer once.
-        steps = trained_steps(P * G, args.num_steps, args.timestep_fraction, args.shuffle_timesteps).to(run.device)
+        steps = trained_steps(P * G, args.num_steps, args.timestep_fraction, args.shuffle_timesteps,
+                              args.ignore_last_step).to(run.device)
         stats, grad_norm = ppo_update(policy, optimizer, acc, states, old_log_probs, advantages, sigmas, cond, steps,
                                       noise_level=args.noise_level, variant=args.sde_variant,
                                       clip_range=args.clip_range, kl_beta=args.kl_beta,
                                       updates=args.updates_per_iteration, micro_batch=args.train_micro_batch_size,
-                                      max_grad_norm=args.max_grad_norm)
+                                      max_grad_norm=args.max_grad_norm, eval_ema=eval_ema)
 
         # TRY NOT TO MODIFY: logging
         run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm)
 
-    after = run.evaluate(task, "after")
+    after = run.evaluate(task, "after")  # the EMA's weights, when it is on
     return run.finish(task, before, after)
 
 

@@ -75,12 +75,13 @@ PRESETS = {
     "shapes": dict(model="shapes", iterations=40, num_steps=10, group_size=8, prompts_per_iteration=8,
                    num_anchors=8, num_train_timesteps=4, lora_rank=16, learning_rate=3e-4, clip_range=1e-3,
                    eval_steps=20, eval_samples_per_prompt=2, log_every=5),
-    # Paper, FLUX.1-dev: 8-step DPM++, G 12, B 4, K 4, sigma 0.3, p 0.8, AdamW lr 1e-5 (full fine-tune), guidance
-    # 3.5, clip 1e-4, 2 updates, 300 iterations. Rewards HPSv2.1 + PickScore, equally weighted; the paper adds
-    # ImageReward, whose package does not import beside transformers 5 (add `imagereward:1` where it does).
+    # Paper, FLUX.1-dev (no official code): 8-step DPM++, G 12, B 4, K 4, sigma 0.3, p 0.8, AdamW lr 1e-5 (full
+    # fine-tune), guidance 3.5, clip 1e-4, 2 updates, 300 iterations, 32 prompts per iteration (32 GPUs, one each).
+    # Rewards HPSv2.1 + PickScore, equally weighted; the paper adds ImageReward, whose package does not import beside
+    # transformers 5 (add `imagereward:1` where it does).
     "neighbor-grpo-flux": dict(model="flux", reward="hpsv2:1,pickscore:1", resolution=720, num_steps=8, group_size=12,
                                num_anchors=4, num_train_timesteps=4, perturb_sigma=0.3, quasi_norm_p=0.8, lora_rank=0,
-                               learning_rate=1e-5, clip_range=1e-4, guidance_scale=3.5, prompts_per_iteration=1,
+                               learning_rate=1e-5, clip_range=1e-4, guidance_scale=3.5, prompts_per_iteration=32,
                                iterations=300, rollout_batch_size=4, train_micro_batch_size=1, eval_batch_size=4,
                                eval_samples_per_prompt=1, mixed_precision="bf16"),
 }
@@ -159,7 +160,7 @@ def recompute_anchor(policy, states, sigmas, cond, rows, j):
 
 def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
-    P, G, B, K = args.prompts_per_iteration, args.group_size, args.num_anchors, args.num_train_timesteps
+    G, B, K = args.group_size, args.num_anchors, args.num_train_timesteps
     if not 1 <= B <= G or not 1 <= K <= args.num_steps or args.updates_per_iteration > K:
         raise SystemExit(f"need 1 <= num_anchors <= group_size, 1 <= num_train_timesteps <= num_steps and "
                          f"updates_per_iteration <= num_train_timesteps (got B={B}, G={G}, K={K}, "
@@ -173,7 +174,8 @@ def main(argv=None):
     optimizer = run.make_optimizer(policy)
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
-    run.print(f"neighbor_grpo | model {args.model} | preset {args.preset} | {P} prompts x G={G} neighbours "
+    P = run.prompts_per_process  # this process's groups; the iteration's are P x processes
+    run.print(f"neighbor_grpo | G={G} neighbours "
               f"(sigma {args.perturb_sigma}) | {args.num_steps}-step {args.rollout_solver} | B={B} anchors, K={K} "
               f"timesteps: NFE_theta per sample {B * K / G:.2f}")
 

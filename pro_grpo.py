@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, mean_stats,
+from common import (EMA, CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, mean_stats,
                     optimizer_step, sde_step_with_logprob, select)
 from infra.args import parse_args
 from infra.run import Run
@@ -48,9 +48,12 @@ class Args(CommonArgs):
     adv_std: str = arg("group", "advantage std: 'group' = z-score within each group's survivors (paper), or 'global'")
     adv_clip: float = arg(5.0, "advantage clip")
     clip_range: float = arg(1e-4, "PPO ratio clip eps")
-    kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO base: 0.04 on SD3)")
+    kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO base: 0.01 PickScore, 0.04 "
+                              "GenEval/OCR on SD3)")
     updates_per_iteration: int = arg(2, "optimizer steps per iteration, each on 1/this of the survivors")
     train_micro_batch_size: int = arg(0, "samples per forward/backward (0: the whole minibatch); memory only")
+    eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (the Flow-GRPO base's "
+                               "train.ema: decay 0.9, every 8 optimizer steps)")
 
 
 PRESETS = {
@@ -66,18 +69,20 @@ PRESETS = {
     "shapes": dict(model="shapes", iterations=20, num_steps=10, group_sizes="32,16,8", prune_steps="5,7",
                    prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3, eval_steps=20,
                    eval_samples_per_prompt=2, log_every=5),
-    # Paper, SD3.5-M on the Flow-GRPO base: 10 steps, 48 -> 24 -> 12 at steps 5 and 7.
-    "pro-grpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0,
-                         group_sizes="48,24,12", prune_steps="5,7", noise_level=0.7, lora_rank=32, lora_alpha=64,
-                         learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04, eval_steps=40, eval_samples_per_prompt=1,
-                         iterations=1000, train_micro_batch_size=8, eval_batch_size=8, mixed_precision="bf16",
-                         guidance_scale=4.5),
-    # Paper's Flash funnel: 24 -> 16 -> 12.
+    # Paper, SD3.5-M on the Flow-GRPO base (no official code): 10 steps, 48 -> 24 -> 12 at steps 5 and 7; the rest is
+    # Flow-GRPO's pickscore_sd3 config (48 groups per iteration, LoRA r32, lr 3e-4, KL 0.01, the EMA evaluated).
+    "pro-grpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0, guidance_scale=4.5,
+                         group_sizes="48,24,12", prune_steps="5,7", prompts_per_iteration=48, noise_level=0.7,
+                         lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.01, eval_steps=40,
+                         eval_samples_per_prompt=1, iterations=1000, train_micro_batch_size=8, eval_batch_size=8,
+                         mixed_precision="bf16"),
+    # The paper's Flash funnel: 24 -> 16 -> 12.
     "pro-grpo-flash-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0,
-                               group_sizes="24,16,12", prune_steps="5,7", noise_level=0.7, lora_rank=32, lora_alpha=64,
-                               learning_rate=3e-4, clip_range=1e-4, kl_beta=0.04, eval_steps=40,
-                               eval_samples_per_prompt=1, iterations=1000, train_micro_batch_size=8, eval_batch_size=8,
-                               mixed_precision="bf16", guidance_scale=4.5),
+                               guidance_scale=4.5, group_sizes="24,16,12", prune_steps="5,7",
+                               prompts_per_iteration=48, noise_level=0.7, lora_rank=32, lora_alpha=64,
+                               learning_rate=3e-4, clip_range=1e-4, kl_beta=0.01, eval_steps=40,
+                               eval_samples_per_prompt=1, iterations=1000, train_micro_batch_size=8,
+                               eval_batch_size=8, mixed_precision="bf16"),
 }
 
 
@@ -225,14 +230,15 @@ def sde_transition_loss(policy, x, x_next, sigma, sigma_next, old_log_prob, adva
 # Copied from flow_grpo.ppo_update
 def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages, sigmas, cond, steps, *,
                noise_level: float, variant: str, clip_range: float, kl_beta: float, updates: int, micro_batch: int,
-               max_grad_norm: float):
+               max_grad_norm: float, eval_ema=None):
     """PPO updates over the stored SDE transitions. states (N+1, B, ...), old_log_probs (N, B), advantages (B,),
     `steps` (B, n_train): each sample's trained transitions.
 
     Each of the `updates` optimizer steps takes a random 1/updates of the samples and accumulates gradients over
     their trained transitions (and micro-batches of `micro_batch` samples), as Flow-GRPO's config accumulates over
-    timesteps and half the batches; from the second step on the ratio is off-policy and the clip acts. Returns the
-    averaged loss statistics and the last gradient norm.
+    timesteps and half the batches; from the second step on the ratio is off-policy and the clip acts. After each
+    optimizer step the evaluation EMA (if any) takes its step. Returns the averaged loss statistics and the last
+    gradient norm.
     """
     batch_size, n_train = steps.shape
     stats = []
@@ -248,6 +254,8 @@ def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages
                 accelerator.backward(loss * len(mb) / len(batch) / n_train)
             stats.append(st)
         grad_norm = optimizer_step(accelerator, policy, optimizer, max_grad_norm)
+        if eval_ema is not None:
+            eval_ema.step()
     return mean_stats(stats), grad_norm
 
 
@@ -266,16 +274,17 @@ def main(argv=None):
     task = load_task(args, keep_reference=args.kl_beta > 0, device=run.device, log=run.print)
     policy = task.policy
     optimizer = run.make_optimizer(policy)
+    eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
-    P, G = args.prompts_per_iteration, group_sizes[-1]
+    P, G = run.prompts_per_process, group_sizes[-1]  # this process's groups; the iteration's are P x processes
     n_train = max(1, int(args.num_steps * args.timestep_fraction))
-    run.print(f"pro_grpo | model {args.model} | preset {args.preset} | {P} prompts per process | funnel "
+    run.print(f"pro_grpo | funnel "
               f"{' -> '.join(map(str, group_sizes))} at steps {prune_steps} | rollout NFE per prompt "
               f"{funnel_nfe(args.num_steps, group_sizes, prune_steps)} vs {G * args.num_steps} for an unpruned "
               f"group of {G} and {group_sizes[0] * args.num_steps} for one of {group_sizes[0]}")
 
-    before = run.start(task, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
+    before = run.start(task, eval_ema=eval_ema, prompt_gen=prompt_gen)  # evaluates the base model, or resumes
     for it in run.progress(args.iterations):
         run.begin_iteration(policy)
 
@@ -296,13 +305,13 @@ def main(argv=None):
                                       noise_level=args.noise_level, variant=args.sde_variant,
                                       clip_range=args.clip_range, kl_beta=args.kl_beta,
                                       updates=args.updates_per_iteration, micro_batch=args.train_micro_batch_size,
-                                      max_grad_norm=args.max_grad_norm)
+                                      max_grad_norm=args.max_grad_norm, eval_ema=eval_ema)
 
         # TRY NOT TO MODIFY: logging
         proxy_spread = {f"prune/proxy_group_std_{c}": p.std(dim=1).mean() for c, p in enumerate(proxies)}
         run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm, **proxy_spread)
 
-    after = run.evaluate(task, "after")
+    after = run.evaluate(task, "after")  # the EMA's weights, when it is on
     per_it = P * acc.num_processes * args.iterations
     return run.finish(task, before, after,
                       nfe_rollout_unpruned_same_final_group=per_it * G * args.num_steps,

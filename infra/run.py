@@ -8,6 +8,7 @@ iteration), summary.json, final/ (the trained weights) and checkpoints/checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -19,15 +20,16 @@ import torch
 from common import NonFiniteError, Policy, Task, check_finite, evaluate
 from infra.tasks import sample_grid
 
-def gathered_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
+def gathered_state_dict(policy: Policy, masters: bool = True) -> dict[str, torch.Tensor]:
     """The network's whole state dict, keyed as the unwrapped model's. Under FSDP the shards are gathered to
     the main process (a collective: every process must call this; the others may get an empty dict); under
-    DeepSpeed the trainable entries are the optimizer's fp32 masters."""
+    DeepSpeed the trainable entries are the optimizer's fp32 masters (`masters=False`: the module's own values, e.g.
+    an EMA swapped into it)."""
     if policy.accelerator is None:
         return policy.net.state_dict()
     state = policy.accelerator.get_state_dict(policy.net)
     from accelerate.utils import DistributedType
-    if policy.accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if masters and policy.accelerator.distributed_type == DistributedType.DEEPSPEED:
         # the engine computes with a bf16 copy; the trained weights are the optimizer's fp32 masters (sharded
         # across processes under ZeRO: gathering them is a collective too)
         from deepspeed.utils import safe_get_full_fp32_param
@@ -80,6 +82,11 @@ class Run:
                                        kwargs_handlers=[InitProcessGroupKwargs(
                                            timeout=timedelta(minutes=args.dist_timeout_minutes))])
         args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
+        world = self.accelerator.num_processes
+        if args.prompts_per_iteration % world:  # before anything is written
+            raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole iteration "
+                             f"and must divide evenly among the {world} processes: use a multiple of {world}")
+        self.prompts_per_process = args.prompts_per_iteration // world
         set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -94,6 +101,10 @@ class Run:
         self.eval_seconds = 0.0
         self.elapsed_before = 0.0  # wall seconds of the run before a resume
         self.first_iteration = 0
+        share = f" ({self.prompts_per_process} per process)" if world > 1 else ""
+        self.print(f"{algorithm} | model {args.model} | preset {args.preset} | {world} process"
+                   f"{'es' if world > 1 else ''} on {self.device} | {args.prompts_per_iteration} prompts per "
+                   f"iteration{share} | {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'} | {self.out}")
         self.iteration = None  # the iteration in progress (None: before training)
         self.evaluating = None  # the label of the evaluation in progress
         NonFiniteError.where = self._position
@@ -116,11 +127,13 @@ class Run:
             from tqdm.auto import tqdm
             tqdm.write(msg)
 
-    def start(self, task: Task, **state) -> dict[str, float]:
+    def start(self, task: Task, eval_ema=None, **state) -> dict[str, float]:
         """Begin training: resume from a checkpoint if asked, else evaluate the base model. Returns the
         "before" evaluation. `state` names whatever else a checkpoint must restore for an exact resume: torch
         Generators and objects with state_dict / load_state_dict (the model, optimizer and RNGs are handled)."""
-        self.task, self.state = task, state
+        self.task, self.state, self.eval_ema = task, state, eval_ema
+        if eval_ema is not None:  # evaluation and the final weights use it (Flow-GRPO's and DGPO's configs)
+            state["eval_ema"] = eval_ema
         from infra import attention
         mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
         dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
@@ -196,7 +209,8 @@ class Run:
     def evaluate(self, task: Task, label: str) -> dict[str, float]:
         t0 = time.time()
         self.evaluating = label
-        result = evaluate(task, self.args)
+        with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
+            result = evaluate(task, self.args)
         self.evaluating = None
         if task.grid_prompts and label in ("before", "after") and self.is_main:
             sample_grid(task, self.args, self.out / f"samples_{label}.png")
@@ -295,9 +309,16 @@ class Run:
             changed = weight_fingerprint(state, self.trainable_names) != self.fingerprint_before
             summary["trainable_tensors_changed"] = int(changed.any(-1).sum())
             summary["trainable_tensors"] = len(self.trainable_names)
-        if self.args.save_weights and self.is_main:
-            task.policy.save(self.out / "final", state)
+        if self.args.save_weights:
+            # final/ holds the weights that were evaluated: with an evaluation EMA, the EMA. Written inside the swap:
+            # a state dict may hold references to the parameters themselves (DDP), which the swap's exit restores.
+            with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
+                if self.eval_ema is not None:
+                    state = gathered_state_dict(task.policy, masters=False)
+                if self.is_main:
+                    task.policy.save(self.out / "final", state)
             summary["weights"] = str(self.out / "final")
+            summary["weights_are_the_evaluation_ema"] = self.eval_ema is not None
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.print(f"summary: {self.out / 'summary.json'}\n" + json.dumps(summary, indent=2))

@@ -72,7 +72,8 @@ def main(strategy: str, out: Path, pipeline: Path):
 
     import dgpo
     import flow_grpo
-    quiet = ["--log-every", "0", "--eval-samples-per-prompt", "2"]
+    # the trained weights are compared (not an evaluation EMA, which 2-3 iterations never update)
+    quiet = ["--log-every", "0", "--eval-samples-per-prompt", "2", "--eval-ema", "false"]
     tiny = ["--model", "tiny-flux", *quiet]
     # full fine-tuning: every weight sharded; 3 iterations with a checkpoint after each
     flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "3", "--checkpoint-every", "1",

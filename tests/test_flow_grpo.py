@@ -1,14 +1,15 @@
 """flow_grpo.py end to end, and the shared argument handling."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from infra import tasks
-from infra.args import parse_args
-from infra import diffusers_models
+import common
 import flow_grpo
+from infra import diffusers_models, tasks
+from infra.args import parse_args
 
 
 def run(tmp_path, *argv):
@@ -32,9 +33,68 @@ def test_toy2d_flow_grpo_raises_eval_reward(tmp_path):
     assert len(lines) == 250 and json.loads(lines[0])["iteration"] == 0
 
 
-def test_toy2d_dancegrpo_preset_trains_random_60_percent_of_steps(tmp_path):
+def test_toy2d_dancegrpo_preset_trains_random_60_percent_of_the_first_n_minus_1_steps(tmp_path):
     s = run(tmp_path, "--preset", "toy2d-dancegrpo", "--iterations", "3")
-    assert s["nfe_train"] == 3 * 8 * 16 * 6  # int(10 * 0.6) transitions per sample
+    assert s["nfe_train"] == 3 * 8 * 16 * 5  # int((10 - 1) * 0.6) transitions per sample
+
+
+def flux_step(model_output, latents, eta, sigmas, index, prev_sample):
+    """DanceGRPO's fastvideo/train_grpo_flux.py `flux_step` (grpo=True, sde_solver=True), transcribed: the mean
+    through its score estimate, the step noise drawn with randn_like, and `pred_original_sample`."""
+    sigma, dsigma = sigmas[index], sigmas[index + 1] - sigmas[index]
+    prev_sample_mean = latents + dsigma * model_output
+    pred_original_sample = latents - sigma * model_output
+    std_dev_t = eta * math.sqrt(sigma - sigmas[index + 1])
+    score_estimate = -(latents - pred_original_sample * (1 - sigma)) / sigma ** 2
+    prev_sample_mean = prev_sample_mean + (-0.5 * eta ** 2 * score_estimate) * dsigma
+    if prev_sample is None:
+        prev_sample = prev_sample_mean + torch.randn_like(prev_sample_mean) * std_dev_t
+    log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * std_dev_t ** 2)).mean(dim=1)
+    return prev_sample, pred_original_sample, log_prob
+
+
+def test_the_dancegrpo_rollout_equals_the_official_sampler_and_its_reward_sample_is_x0_hat():
+    """Same noise (global RNG), same velocity field: our SDE states equal `run_sample_step`'s, the reward scores its
+    `latents = pred_original` of the last step (not the noisy x_N), and the log-probs agree up to the per-step
+    constant the official code drops."""
+    policy = tasks.toy2d_policy(keep_reference=False)
+    sigmas = common.make_sigmas(8, shift=3.0)
+    cond = policy.encode_prompts(["mode 1"] * 6)
+    z0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    states, log_probs, x0_hat = flow_grpo.sde_rollout(policy, z0, sigmas, cond, 0.3, "dance_grpo")
+    torch.manual_seed(7)
+    z, official_states, official_lp = z0, [z0], []
+    with torch.no_grad():
+        for i in range(8):
+            z, pred_original, lp = flux_step(policy.velocity(z, sigmas[i], cond), z, 0.3, sigmas.float(), i, None)
+            official_states.append(z)
+            official_lp.append(lp)
+    torch.testing.assert_close(states, torch.stack(official_states), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0_hat, pred_original, rtol=1e-5, atol=1e-5)
+    assert (x0_hat - states[-1]).abs().max() > 1e-3  # x_N carries the last step's noise; x0_hat does not
+    # the official log-prob drops -log(std) - log(sqrt(2 pi)) (a statement on a line of its own): per step a constant
+    # that cancels in every ratio; ours keeps it
+    for j in range(8):
+        std = 0.3 * math.sqrt(sigmas[j] - sigmas[j + 1])
+        torch.testing.assert_close(log_probs[j] - official_lp[j],
+                                   torch.full((6,), -math.log(std) - 0.5 * math.log(2 * math.pi)), rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_dancegrpo_groups_share_their_initial_noise_and_take_three_optimizer_steps(tmp_path, monkeypatch):
+    seen, steps = [], []
+    original_rollout, original_step = flow_grpo.sde_rollout, flow_grpo.optimizer_step
+    monkeypatch.setattr(flow_grpo, "sde_rollout", lambda policy, noise, *a, **k: seen.append(noise.clone()) or
+                        original_rollout(policy, noise, *a, **k))
+    monkeypatch.setattr(flow_grpo, "optimizer_step", lambda *a, **k: steps.append(1) or original_step(*a, **k))
+    run(tmp_path, "--preset", "toy2d-dancegrpo", "--iterations", "2", "--group-size", "4",
+        "--prompts-per-iteration", "3")
+    for noise in seen:
+        groups = noise.view(3, 4, 2)
+        assert torch.equal(groups, groups[:, :1].expand_as(groups))  # one noise per group (--init_same_noise)
+        assert not torch.equal(groups[0, 0], groups[1, 0])
+    assert len(steps) == 2 * 3  # 12 samples with gradient accumulation 4: 3 optimizer steps per iteration
 
 
 def test_trained_steps_orders():
@@ -43,6 +103,9 @@ def test_trained_steps_orders():
     assert steps.shape == (50, 6)
     assert all(len(set(row)) == 6 for row in steps.tolist())  # distinct steps per sample
     assert len({tuple(row) for row in steps.tolist()}) > 1  # and different between samples
+    # DanceGRPO (--ignore_last): int(15 * 0.6) = 9 of the first 15 of 16 transitions; the last is never drawn
+    steps = flow_grpo.trained_steps(200, 16, 0.6, shuffle=True, ignore_last=True)
+    assert steps.shape == (200, 9) and steps.max() == 14 and set(steps.flatten().tolist()) == set(range(15))
 
 
 def test_rollout_log_probs_are_recomputed_exactly_before_the_update():
@@ -51,8 +114,8 @@ def test_rollout_log_probs_are_recomputed_exactly_before_the_update():
     policy = tasks.toy2d_policy(keep_reference=False)
     cond = policy.encode_prompts(["mode 2"] * 6)
     sigmas = policy.sigmas(5)
-    states, old = flow_grpo.sde_rollout(policy, policy.initial_noise(6), sigmas, cond, args.noise_level,
-                                        args.sde_variant)
+    states, old, _ = flow_grpo.sde_rollout(policy, policy.initial_noise(6), sigmas, cond, args.noise_level,
+                                           args.sde_variant)
     assert states.shape == (6, 6, 2) and old.shape == (5, 6)
     for j in range(5):
         _, st = flow_grpo.sde_transition_loss(policy, states[j], states[j + 1], sigmas[j], sigmas[j + 1], old[j],
@@ -119,7 +182,7 @@ def test_bad_preset_and_model_are_clear_errors():
     assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3"]).preset == "flow-grpo-sd3"
 
 
-def test_two_process_run_sums_nfe_over_processes(tmp_path):
+def test_two_process_run_splits_the_batch_and_sums_nfe_over_processes(tmp_path):
     """A real 2-process (gloo) run, as `torchrun` starts it on CPU: each process samples its own groups."""
     import os
     import subprocess
@@ -133,7 +196,8 @@ def test_two_process_run_sums_nfe_over_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["num_processes"] == 2
-    assert s["nfe_train"] == 2 * 2 * 8 * 16 * 9 and s["nfe_rollout"] == 2 * 2 * 8 * 16 * 10
+    # the preset's 8 prompts are the iteration's over both processes (4 each): the same batch as one process trains
+    assert s["nfe_train"] == 2 * 8 * 16 * 9 and s["nfe_rollout"] == 2 * 8 * 16 * 10
 
 
 def test_a_run_that_pretrains_the_toy_equals_one_that_loads_it(tmp_path, monkeypatch):
@@ -172,3 +236,27 @@ def test_precision_comes_from_the_flag_else_the_launch_config(tmp_path, monkeypa
     flow_grpo.main(flags + ["--output-dir", str(tmp_path / "c")])
     got = [json.loads((tmp_path / d / "config.json").read_text())["mixed_precision"] for d in "abc"]
     assert got == ["bf16", "no", "bf16"]
+
+
+def test_the_final_weights_are_the_evaluated_ema_and_checkpoints_keep_the_live_ones(tmp_path, monkeypatch):
+    """Flow-GRPO's config (train.ema) evaluates and saves the EMA: 8 iterations x 2 optimizer steps = 2 EMA updates."""
+    from safetensors.torch import load_file
+
+    from infra import run as run_module
+    captured, original = {}, run_module.Run.finish
+
+    def finish(self, task, before, after, **extra):
+        names = [n for n, p in task.policy.net.named_parameters()]
+        captured["ema"] = dict(zip(names, [s.clone() for s in self.eval_ema.shadow]))
+        captured["live"] = {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}
+        return original(self, task, before, after, **extra)
+
+    monkeypatch.setattr(run_module.Run, "finish", finish)
+    s = run(tmp_path, "--iterations", "8", "--checkpoint-every", "4")
+    assert s["weights_are_the_evaluation_ema"] is True
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    for name, value in final.items():
+        torch.testing.assert_close(value, captured["ema"][name], rtol=0, atol=0)
+    assert any(not torch.equal(captured["ema"][n], captured["live"][n]) for n in final)
+    saved_live = load_file(tmp_path / "checkpoints" / "checkpoint-4" / "weights" / "model.safetensors")
+    assert any(not torch.equal(saved_live[n], final[n]) for n in final)

@@ -82,9 +82,14 @@ def test_sharded_training_equals_ddp(runs, strategy, run):
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=tol["grad"])
     wa, wb = weights(runs["ddp"] / run / "final"), weights(runs[strategy] / run / "final")
     assert wa.keys() == wb.keys() and len(wa) > 0
-    for k in wa:
-        assert wb[k].dtype == wa[k].dtype == torch.float32  # the fp32 masters, not a bf16 compute copy
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=tol["atol"])
+    assert all(wb[k].dtype == wa[k].dtype == torch.float32 for k in wa)  # the fp32 masters, not a bf16 compute copy
+    # The strategies sum the same gradients in different orders (DDP reduces the accumulated sum once, FSDP every
+    # pass). Where a weight's gradient nearly cancels, to Adam's eps (1e-8), that float noise changes its Adam step
+    # (lr g / (|g| + eps)) by a few percent: measured 4 of 10,752 DGPO LoRA weights off by 2e-5 (lr 1e-3), all the
+    # others within 1e-6. A sharding bug (a missing or doubled reduction) changes most steps by up to 2 lr.
+    diff = torch.cat([(wb[k] - wa[k]).abs().flatten() / (1e-4 * wa[k].abs().flatten() + tol["atol"]) for k in wa])
+    assert (diff > 1).float().mean() <= 1e-3, f"{int((diff > 1).sum())} of {len(diff)} weights differ"
+    assert torch.cat([(wb[k] - wa[k]).abs().flatten() for k in wa]).max() < max(1e-4, 2 * tol["atol"])
 
 
 @pytest.mark.parametrize("strategy", SHARDED)
