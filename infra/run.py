@@ -87,6 +87,8 @@ class Run:
             raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole iteration "
                              f"and must divide evenly among the {world} processes: use a multiple of {world}")
         self.prompts_per_process = args.prompts_per_iteration // world
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
         set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
