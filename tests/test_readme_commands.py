@@ -1,10 +1,10 @@
-"""The README's commands, read out of the README itself. `accelerate launch` lines are parsed the way `accelerate
-launch` parses them: every paper preset of every script is launched there; each command's config holds its training
-state on an 80 GB GPU by the real parameter counts (and the README's memory table is what
+"""The commands of the README and docs/, read out of the pages themselves. `accelerate launch` lines are parsed the way
+`accelerate launch` parses them: every paper preset of every script is launched there; each command's config holds
+its training state on an 80 GB GPU by the real parameter counts (and docs/multi-gpu.md's memory table is what
 benchmarks/memory_estimate.py prints); and each command, exactly as written except for the sizes (one prompt,
 groups of at most 4, 32 px, one iteration) and the paths, trains an iteration on a tiny random pipeline of its model
 with its rewards loaded from --reward-dir. `python <script>.py` lines parse, need no reward weights unless they
-name a real model, and those on the tiny FLUX run as written."""
+name a real model, and those on the tiny FLUX run."""
 
 import dataclasses
 import importlib
@@ -31,15 +31,18 @@ SCRIPTS = ("flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo")
 GPU_GIB = 74.5  # an 80 GB card as torch reports it
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def memory_section() -> str:
+    return (ROOT / "docs" / "multi-gpu.md").read_text().split("\n## Memory\n", 1)[1].split("\n## ", 1)[0]
 
 
 def readme_shell_lines() -> list[list[str]]:
-    """Every command line of the README's bash blocks as words: continuation lines joined, comments dropped, the
-    blocks' variables expanded except $FLUX and $SD3 (the pipeline directories, which the tests choose)."""
-    text = (ROOT / "README.md").read_text()
+    """Every command line of the bash blocks of the README and docs/ as words: continuation lines joined, comments
+    dropped, the blocks' variables expanded except $FLUX and $SD3 (the pipeline directories, which the tests
+    choose)."""
+    text = "\n".join(doc.read_text() for doc in DOCS)
     variables, lines = {}, []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -94,7 +97,7 @@ def test_every_paper_preset_is_launched_in_the_readme_with_its_own_model():
         launched.add((module.__name__, args.preset))
     paper = {(name, preset) for name in SCRIPTS
              for preset, values in importlib.import_module(name).PRESETS.items() if values["model"] in ("flux", "sd3")}
-    assert paper <= launched, f"paper presets with no README command: {sorted(paper - launched)}"
+    assert paper <= launched, f"paper presets with no command in the README or docs/: {sorted(paper - launched)}"
 
 
 @lru_cache(maxsize=None)
@@ -129,9 +132,9 @@ def test_the_fit_check_can_fail_and_the_readme_memory_table_is_the_estimates(cap
     monkeypatch.setattr(sys, "argv", ["memory_estimate.py"])
     memory_estimate.main()
     table = capsys.readouterr().out.strip().splitlines()
-    assert len(table) == 10 and table[0] in readme_section("Multi-GPU")
-    missing = [row for row in table if row not in readme_section("Multi-GPU")]
-    assert not missing, f"README's memory table differs from `python benchmarks/memory_estimate.py`: {missing}"
+    assert len(table) == 10 and table[0] in memory_section()
+    missing = [row for row in table if row not in memory_section()]
+    assert not missing, f"docs/multi-gpu.md's memory table differs from `python benchmarks/memory_estimate.py`: {missing}"
 
 
 @pytest.fixture(scope="module")
