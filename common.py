@@ -608,16 +608,17 @@ class Task:
 
 
 @torch.no_grad()
-def evaluate(task: Task, args) -> dict[str, float]:
+def evaluate(task: Task, args, keep_samples: bool = False):
     """The evaluation protocol: the plain deterministic ODE (`--eval-solver`, `--eval-steps`) on the eval prompts
     from fixed noise (`--eval-seed`: the same noise before and after training). Returns the mean reward and the mean
-    of each task metric. NFE spent here is not counted."""
+    of each task metric (and, with `keep_samples`, the decoded samples and their prompts). NFE spent here is not
+    counted."""
     policy = task.policy
     prompts = [p for p in task.eval_prompts for _ in range(args.eval_samples_per_prompt)]
     generator = torch.Generator().manual_seed(args.eval_seed)
     noise = policy.initial_noise(len(prompts), generator)
     sigmas = policy.sigmas(args.eval_steps, args.shift)
-    rewards, metrics = [], {k: [] for k in task.metrics}
+    rewards, metrics, kept = [], {k: [] for k in task.metrics}, []
     chunk = args.eval_batch_size or len(prompts)
     with policy.nfe_paused():
         for i in range(0, len(prompts), chunk):
@@ -627,10 +628,12 @@ def evaluate(task: Task, args) -> dict[str, float]:
             rewards.append(task.reward_fn(samples, p))
             for k, fn in task.metrics.items():
                 metrics[k].append(fn(samples, p))
+            if keep_samples:
+                kept.append(samples.cpu())
     check_finite("evaluation reward", torch.cat(rewards))
     out = {"reward": torch.cat(rewards).mean().item()}
     out.update({k: torch.cat(v).mean().item() for k, v in metrics.items()})
-    return out
+    return (out, torch.cat(kept), prompts) if keep_samples else out
 
 
 def mean_stats(stats: list[dict]) -> dict:
@@ -650,64 +653,75 @@ def arg(default, help: str, **kw):
 
 @dataclass
 class CommonArgs:
-    """Flags shared by every script. Each script subclasses this with its method's hyperparameters."""
+    """Flags shared by every script; each script subclasses this with its method's hyperparameters. Metadata
+    `choices` and `min` (inclusive) / `above` (exclusive) are checked when the flags are parsed."""
 
     # run
     model: str = arg("toy2d", "which model: toy2d, tiny-flux, shapes, flux (FLUX.1-dev), sd3 (SD3.5)")
-    preset: Optional[str] = arg(None, "named setting (see the script's PRESETS); default: the one named after --model")
-    iterations: int = arg(100, "RL iterations (rollout + update)")
+    preset: Optional[str] = arg(None, "named setting (listed below); default: the one named after --model")
+    iterations: int = arg(100, "RL iterations (rollout + update)", min=1)
     seed: int = arg(0, "seed; each process adds its rank for rollout noise")
-    output_dir: Optional[str] = arg(None, "where metrics.jsonl, summary.json and weights go (default under runs/)")
-    report_to: str = arg("none", "also log to 'tensorboard' or 'wandb' through accelerate's trackers")
+    output_dir: Optional[str] = arg(None, "where metrics.jsonl, summary.json and weights go (default: a new "
+                                          "runs/<script>_<model>_s<seed>_<time>/); one that holds a run is refused "
+                                          "unless resumed (--resume-from-checkpoint) or --overwrite")
+    overwrite: bool = arg(False, "start over in an --output-dir that holds a run: its outputs are deleted first")
+    resume_from_checkpoint: Optional[str] = arg(None, "continue a run: 'latest' in --output-dir, or a checkpoint "
+                                                      "directory; the run's own flags apply, and a flag that would "
+                                                      "change what it computes is refused")
+    report_to: str = arg("none", "also log to 'tensorboard' or 'wandb' through accelerate's trackers",
+                         choices=("none", "tensorboard", "wandb"))
     mixed_precision: Optional[str] = arg(None, "'no', 'bf16' or 'fp16' (accelerate autocast); default: the "
-                                               "accelerate launch config's, else 'no'")
-    log_every: int = arg(10, "print a console line every N iterations")
+                                               "accelerate launch config's, else 'no'", choices=("no", "bf16", "fp16"))
+    log_every: int = arg(10, "print a console line every N iterations (0: never)", min=0)
     save_weights: bool = arg(True, "save the trained weights to <output_dir>/final at the end")
-    checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)")
-    checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints")
-    resume_from_checkpoint: Optional[str] = arg(None, "resume from a checkpoint directory, or 'latest' in --output-dir")
+    checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)", min=0)
+    checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints", min=1)
     attention_backend: str = arg("auto", "attention kernel: 'auto' (on a GPU flash, else memory-efficient, never "
                                           "cuDNN, whose backward gives NaN on H100/H200 with torch 2.11), 'flash', "
-                                          "'efficient', 'cudnn' or 'math'; checked against math before training")
+                                          "'efficient', 'cudnn' or 'math'; checked against math before training",
+                                 choices=("auto", "flash", "efficient", "cudnn", "math"))
     num_threads: int = arg(0, "CPU threads of torch (0: PyTorch's default, one per core). On an idle 2-core machine 2 "
                               "threads trained tiny-flux 1.46x faster than 1 and the toy as fast; on a machine shared "
-                              "with another job, 1 avoids oversubscription")
+                              "with another job, 1 avoids oversubscription", min=0)
     dist_timeout_minutes: int = arg(120, "how long a process waits for the others at a collective (NCCL's default 10 "
-                                         "min is shorter than embedding a large prompt set on the main process)")
+                                         "min is shorter than embedding a large prompt set on the main process)", min=1)
     # model
     reward: Optional[str] = arg(None, "training reward (default: the model's), or a weighted sum 'hpsv2:1,clip:0.5': "
                                       "toy_mode, mean_color, geneval, pickscore, hpsv2, clip, imagereward")
-    pretrained: Optional[str] = arg(None, "--model flux: a diffusers FLUX.1-dev directory (or a hub id already in the "
-                                          "local cache); nothing is downloaded")
-    max_sequence_length: int = arg(512, "--model flux: T5 tokens per prompt (FLUX.1-dev: 512)")
+    pretrained: Optional[str] = arg(None, "--model flux / sd3: a diffusers pipeline directory (or a hub id already in "
+                                          "the local cache); nothing is downloaded")
+    max_sequence_length: int = arg(512, "--model flux / sd3: T5 tokens per prompt (FLUX.1-dev: 512)", min=1)
     reward_dir: Optional[str] = arg(None, "where learned reward weights live (default $FLOWRL_REWARDS, else "
                                           "~/.cache/flowrl/rewards); the error for a missing one says what to fetch")
     train_prompts: Optional[str] = arg(None, "training prompts from a .txt (one per line) or .jsonl ('prompt' field) "
                                              "file, instead of the model's default set")
     eval_prompts: Optional[str] = arg(None, "evaluation prompts from a .txt or .jsonl file")
-    resolution: int = arg(32, "image resolution in pixels (image models)")
-    guidance_scale: float = arg(3.5, "FLUX guidance embedding value (FLUX.1-dev is guidance-distilled: no CFG)")
-    lora_rank: int = arg(0, "LoRA rank for image models; 0 means full fine-tuning")
-    lora_alpha: Optional[float] = arg(None, "LoRA alpha (default 2 x rank, as the reference code)")
+    resolution: int = arg(32, "image resolution in pixels (image models)", min=8)
+    guidance_scale: float = arg(3.5, "FLUX's guidance embedding (FLUX.1-dev is guidance-distilled: no CFG); SD3's CFG "
+                                     "scale")
+    lora_rank: int = arg(0, "LoRA rank for image models; 0 means full fine-tuning", min=0)
+    lora_alpha: Optional[float] = arg(None, "LoRA alpha (default 2 x rank, as the reference code)", above=0)
     gradient_checkpointing: bool = arg(False, "recompute transformer activations in backward (less memory, ~1 more "
                                               "forward per gradient call)")
     # sampling
-    num_steps: int = arg(10, "sampling steps N of a training rollout")
-    shift: Optional[float] = arg(None, "static timestep shift; default: the model's (FLUX: dynamic shift, toy: none)")
+    num_steps: int = arg(10, "sampling steps N of a training rollout", min=1)
+    shift: Optional[float] = arg(None, "static timestep shift; default: the model's (FLUX: dynamic shift, toy: none)",
+                                 above=0)
     prompts_per_iteration: int = arg(8, "prompts (groups) per iteration, over all processes together: each process "
-                                        "takes an equal share, so a preset's batch does not change with the launch")
-    group_size: int = arg(16, "samples per prompt, G")
-    rollout_batch_size: int = arg(0, "model-call batch during rollouts (0: all samples at once)")
+                                        "takes an equal share, so a preset's batch does not change with the launch",
+                                     min=1)
+    group_size: int = arg(16, "samples per prompt, G (a group needs 2 to have an advantage)", min=2)
+    rollout_batch_size: int = arg(0, "model-call batch during rollouts (0: all samples at once)", min=0)
     # optimisation
-    learning_rate: float = arg(1e-3, "AdamW learning rate")
+    learning_rate: float = arg(1e-3, "AdamW learning rate", min=0)
     weight_decay: float = arg(1e-4, "AdamW weight decay (1e-4 in every official code here: Flow-GRPO, DanceGRPO, "
-                                    "DGPO, G2RPO)")
-    adam_beta2: float = arg(0.999, "AdamW beta2")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+                                    "DGPO, G2RPO)", min=0)
+    adam_beta2: float = arg(0.999, "AdamW beta2", min=0)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", above=0)
     # evaluation
-    eval_every: int = arg(0, "also evaluate every N iterations (0: only before and after training)")
-    eval_steps: int = arg(20, "ODE steps of the evaluation sampler")
-    eval_solver: str = arg("euler", "evaluation ODE solver: 'euler' or 'dpm2m'")
-    eval_samples_per_prompt: int = arg(64, "evaluation samples per eval prompt")
-    eval_batch_size: int = arg(0, "model-call batch during evaluation (0: all at once)")
+    eval_every: int = arg(0, "also evaluate every N iterations (0: only before and after training)", min=0)
+    eval_steps: int = arg(20, "ODE steps of the evaluation sampler", min=1)
+    eval_solver: str = arg("euler", "evaluation ODE solver: 'euler' or 'dpm2m'", choices=("euler", "dpm2m"))
+    eval_samples_per_prompt: int = arg(64, "evaluation samples per eval prompt", min=1)
+    eval_batch_size: int = arg(0, "model-call batch during evaluation (0: all at once)", min=0)
     eval_seed: int = arg(12345, "seed of the fixed evaluation noise (distinct from training seeds)")

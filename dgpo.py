@@ -50,24 +50,24 @@ class Args(CommonArgs):
                                          "last nonzero sigma 0.25 at 10 steps, against SD3's 0.009)",
                                 choices=("model", "dpm-flow"))
     ema_start: int = arg(0, "iterations during which theta_minus = theta; after them rollouts use the EMA "
-                            "(paper/code: 200 for OCR/PickScore, 500 for GenEval)")
+                            "(paper/code: 200 for OCR/PickScore, 500 for GenEval)", min=0)
     ema_decay: float = arg(0.3, "EMA decay mu of theta_minus: mu * ema + (1 - mu) * theta after every "
-                                "optimizer step (paper 0.3; the code ramps min(0.3, 0.001 * step))")
+                                "optimizer step (paper 0.3; the code ramps min(0.3, 0.001 * step))", min=0)
     # the group preference loss
-    beta: float = arg(100.0, "beta of Eq. 17 (100; 10 for PickScore); the sigmoid sees beta * S_g / G, as the code")
-    adv_std: str = arg("group", "advantage std: 'group' (paper: intra-group normalisation) or 'global'")
-    adv_clip: float = arg(5.0, "advantage clip (clipping slightly breaks sum A = 0; rare in practice)")
+    beta: float = arg(100.0, "beta of Eq. 17 (100; 10 for PickScore); the sigmoid sees beta * S_g / G, as the code", above=0)
+    adv_std: str = arg("group", "advantage std: 'group' (paper: intra-group normalisation) or 'global'", choices=("group", "global"))
+    adv_clip: float = arg(5.0, "advantage clip (clipping slightly breaks sum A = 0; rare in practice)", above=0)
     # timesteps
     num_train_timesteps: int = arg(4, "M: timesteps trained per iteration; their gradients add up to ONE optimizer "
-                                      "step (official config: 'update once per epoch')")
+                                      "step (official config: 'update once per epoch')", min=1)
     t_min: float = arg(0.6, "timestep clip: train only at t >= t_min (the low-noise end carries the "
-                            "few-step rollouts' artifacts). Nodes of the rollout schedule in [t_min, 1] are drawn")
+                            "few-step rollouts' artifacts). Nodes of the rollout schedule in [t_min, 1] are drawn", min=0)
     # optional terms of the official code
-    kl_beta: float = arg(0.0, "weight of the KL term beta_kl * mean((v_theta - v_ref)^2) (official code; 0 = off)")
+    kl_beta: float = arg(0.0, "weight of the KL term beta_kl * mean((v_theta - v_ref)^2) (official code; 0 = off)", min=0)
     clip_dsm: bool = arg(False, "PPO-style clip of the denoising-loss ratio exp(l_old - l) against the EMA model")
-    clip_range: float = arg(1e-4, "ratio clip range for --clip-dsm")
+    clip_range: float = arg(1e-4, "ratio clip range for --clip-dsm", above=0)
     train_micro_batch_groups: int = arg(0, "whole groups per forward/backward (0: all); memory only. Whole groups, "
-                                           "because S_g needs every sample of its group")
+                                           "because S_g needs every sample of its group", min=0)
     eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (the official config's "
                                "train.ema: Flow-GRPO's EMAModuleWrapper, decay 0.9, every 8 optimizer steps)")
 
@@ -203,6 +203,10 @@ def main(argv=None):
     eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
     sigmas = (dpm_flow_sigmas(args.num_steps, args.shift or 3.0) if args.rollout_schedule == "dpm-flow" else
               policy.sigmas(args.num_steps, args.shift)).to(run.device)
+    nodes = int(((sigmas >= args.t_min) & (sigmas > 0)).sum())
+    if nodes < args.num_train_timesteps:  # before anything is written
+        raise SystemExit(f"dgpo.py: --t-min {args.t_min} leaves {nodes} nodes of the rollout schedule for "
+                         f"--num-train-timesteps {args.num_train_timesteps}; lower one of them")
     # prompts and timesteps: per-process prompt streams; timesteps and group noise come from shared seeds
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
     shared_gen = torch.Generator().manual_seed(args.seed)

@@ -50,7 +50,7 @@ class Args(CommonArgs):
     # the SDE (common.sde_step_with_logprob)
     sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta",
                            choices=("flow_grpo", "dance_grpo"))
-    noise_level: float = arg(0.7, "Flow-GRPO's a (0.7 SD3, 0.9 FLUX) or DanceGRPO's eta (0.3)")
+    noise_level: float = arg(0.7, "Flow-GRPO's a (0.7 SD3, 0.9 FLUX) or DanceGRPO's eta (0.3)", min=0)
     same_noise_per_group: bool = arg(False, "every sample of a group starts from the same initial noise "
                                             "(DanceGRPO's --init_same_noise; Flow-GRPO: one noise per sample)")
     reward_sample: str = arg("final", "what the reward scores: 'final' (the last SDE state, Flow-GRPO) or 'x0_hat' "
@@ -58,7 +58,7 @@ class Args(CommonArgs):
                              choices=("final", "x0_hat"))
     # which transitions train
     timestep_fraction: float = arg(0.99, "train int(pool * fraction) transitions per sample, pool = N (or N - 1 with "
-                                         "--ignore-last-step); 0.99 of 10: all but the last")
+                                         "--ignore-last-step); 0.99 of 10: all but the last", above=0)
     ignore_last_step: bool = arg(False, "never train the last transition: draw from the first N - 1 (DanceGRPO's "
                                         "--ignore_last)")
     shuffle_timesteps: bool = arg(False, "each sample trains its own random transitions (DanceGRPO) "
@@ -66,13 +66,13 @@ class Args(CommonArgs):
     # GRPO / PPO
     adv_std: str = arg("global", "advantage std: 'global' (Flow-GRPO) or 'group' (DanceGRPO)",
                        choices=("global", "group"))
-    adv_clip: float = arg(5.0, "advantage clip")
-    clip_range: float = arg(1e-4, "PPO ratio clip eps")
+    adv_clip: float = arg(5.0, "advantage clip", above=0)
+    clip_range: float = arg(1e-4, "PPO ratio clip eps", above=0)
     kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO SD3: 0.01 PickScore, 0.04 "
-                              "GenEval/OCR; 0 for FLUX)")
+                              "GenEval/OCR; 0 for FLUX)", min=0)
     updates_per_iteration: int = arg(2, "optimizer steps per iteration, each on 1/this of the samples (Flow-GRPO: 2, "
-                                        "DanceGRPO: 3); from the second on the ratio is off-policy and the clip acts")
-    train_micro_batch_size: int = arg(0, "samples per forward/backward (0: the whole minibatch); memory only")
+                                        "DanceGRPO: 3); from the second on the ratio is off-policy and the clip acts", min=1)
+    train_micro_batch_size: int = arg(0, "samples per forward/backward (0: the whole minibatch); memory only", min=0)
     eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (Flow-GRPO's train.ema: "
                                "decay 0.9, updated every 8 optimizer steps)")
 

@@ -42,9 +42,9 @@ class Args(CommonArgs):
     branch_steps: str = arg("", "the set M of steps k that branch, e.g. '0,1,2,3'; empty: the first half, "
                                 "k = 0 .. N/2 - 1 (paper)")
     granularities: str = arg("1,2,3", "Lambda, the completion strides (paper {1,2,3}; official scripts {1,2})")
-    noise_level: float = arg(0.7, "a of the one SDE step (Flow-GRPO formula)")
-    adv_clip: float = arg(5.0, "clip of A_mix")
-    clip_range: float = arg(1e-4, "PPO ratio clip eps")
+    noise_level: float = arg(0.7, "a of the one SDE step (Flow-GRPO formula)", above=0)
+    adv_clip: float = arg(5.0, "clip of A_mix", above=0)
+    clip_range: float = arg(1e-4, "PPO ratio clip eps", above=0)
 
 
 PRESETS = {

@@ -1,51 +1,305 @@
-"""The command line of every script: dataclass defaults < preset < command line (or a .json / .yaml file)."""
+"""The command line every script shares: `python <script>.py [CONFIG.yaml|.json] [--flag value ...]`.
+
+Precedence: the dataclass defaults < the preset (`--preset`, else the file's `preset`, else the one named after
+`--model`) < the config file (its keys are the flag names, e.g. `learning_rate: 3e-4` or `learning-rate: 3e-4`) <
+the flags. Resuming (`--resume-from-checkpoint`) starts from the run's own config.json instead, and refuses flags
+that would change what the run computes. Every value is checked here, before anything is written: a bad one stops
+with one line naming the flag and what it takes. `--help` shows the flags with the values the chosen preset gives
+them, and every preset.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import json
+import math
 import sys
+import textwrap
+from pathlib import Path
 from typing import Optional
 
+from infra.rewards import REWARD_NAMES
 from infra.tasks import CUSTOM_MODELS, MODELS
 
-
-def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = None):
-    """Parse flags into `args_cls`: dataclass defaults < preset < command line (or a .json/.yaml file).
-
-    The preset defaults to the one named after `--model`. A single argument ending in .json/.yaml is read
-    as a config file by HfArgumentParser (its keys are the field names).
-    """
-    from transformers import HfArgumentParser
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(args_cls)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        reader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        (args,) = reader(argv[0])
-        return _check_args(args, presets)
-    pre = HfArgumentParser(args_cls)
-    known, _ = pre.parse_known_args(argv)
-    name = known.preset
-    if name is None:  # the preset named after the model, else the (paper) preset made for that model
-        if known.model not in MODELS + tuple(CUSTOM_MODELS):
-            raise SystemExit(f"unknown model {known.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
-        matching = [n for n, p in presets.items() if p.get("model") == known.model]
-        name = known.model if known.model in presets else (matching[0] if matching else None)
-        if name is None:
-            raise SystemExit(f"this script has no preset for --model {known.model}; available: {', '.join(presets)}")
-    if name not in presets:
-        raise SystemExit(f"unknown preset {name!r}; available: {', '.join(presets)}")
-    names = {f.name for f in dataclasses.fields(args_cls)}
-    bad = set(presets[name]) - names
-    if bad:
-        raise ValueError(f"preset {name!r} sets unknown fields {sorted(bad)}")
-    parser.set_defaults(**presets[name], preset=name)
-    (args,) = parser.parse_args_into_dataclasses(argv)
-    return _check_args(args, presets)
+TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+# What a resumed run may change: where things are, how often it logs and saves, memory, speed, and how long it runs.
+# Anything else would make the resumed run a different run from its checkpoint.
+RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", "log_every", "report_to",
+             "eval_every", "checkpoint_every", "checkpoints_total_limit", "dist_timeout_minutes", "num_threads",
+             "attention_backend", "save_weights", "rollout_batch_size", "eval_batch_size", "train_micro_batch_size",
+             "train_micro_batch_groups", "gradient_checkpointing", "pretrained", "reward_dir", "train_prompts",
+             "eval_prompts"}
 
 
-def _check_args(args, presets):
+class ArgumentError(SystemExit):
+    """A bad command line: the run stops with this one line on stderr (exit status 1), before anything is written."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: {message}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Types of the dataclass fields, read from their annotations ("int", "Optional[float]", "bool", ...)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _kind(field: dataclasses.Field) -> tuple[str, bool]:
+    """(base type name, whether None is allowed)."""
+    t = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    optional = t.startswith("Optional[")
+    return (t[len("Optional["):-1] if optional else t), optional
+
+
+def convert(field: dataclasses.Field, value, flag: str):
+    """A value from the command line or a config file, as the field's type; None where allowed."""
+    kind, optional = _kind(field)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{flag} needs a value")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in TRUE | FALSE:
+            return str(value).lower() in TRUE
+        raise ValueError(f"{flag} takes true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{flag} takes an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{flag} takes an integer, got {value!r}") from None
+    if kind == "float":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{flag} takes a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{flag} takes a finite number, got {value!r}")
+        return number
+    return str(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check(field: dataclasses.Field, value):
+    """The field's own rules (metadata `choices`, `min`, `above`), as a one-line ValueError."""
+    flag = _flag(field.name)
+    if value is None:
+        return
+    choices = field.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{flag} takes one of {', '.join(map(str, choices))}; got {value!r}")
+    low, above = field.metadata.get("min"), field.metadata.get("above")
+    if low is not None and value < low:
+        raise ValueError(f"{flag} must be at least {low}; got {value}")
+    if above is not None and value <= above:
+        raise ValueError(f"{flag} must be above {above}; got {value}")
+
+
+def check_together(args):
+    """The rules that involve the model, the reward, the files: before anything loads or is written."""
     if args.model not in MODELS + tuple(CUSTOM_MODELS):
-        raise SystemExit(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
-    if args.eval_solver not in ("euler", "dpm2m"):
-        raise SystemExit(f"unknown eval solver {args.eval_solver!r}: use 'euler' or 'dpm2m'")
+        raise ValueError(f"--model takes one of {', '.join(MODELS + tuple(CUSTOM_MODELS))}; got {args.model!r}")
+    if args.reward is not None:
+        for item in args.reward.split(","):
+            name, _, weight = item.strip().partition(":")
+            if name not in REWARD_NAMES:
+                close = difflib.get_close_matches(name, REWARD_NAMES, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"--reward: unknown reward {name!r}{hint}; available: {', '.join(REWARD_NAMES)}, or "
+                                 f"a weighted sum such as hpsv2:1,clip:0.5")
+            try:
+                float(weight or 1)
+            except ValueError:
+                raise ValueError(f"--reward: the weight of {name} must be a number, got {weight!r}") from None
+    fetch = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3.5-medium"}.get(args.model)
+    if fetch:
+        if not args.pretrained:
+            raise ValueError(f"--model {args.model} needs --pretrained <a diffusers pipeline directory>: weights are "
+                             f"never downloaded at run time (fetch them once: hf download {fetch} --local-dir <dir>)")
+        if not args.train_prompts:
+            raise ValueError(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl>")
+    if args.pretrained:
+        path = Path(args.pretrained).expanduser()
+        looks_like_a_path = args.pretrained.startswith(("/", ".", "~")) or path.exists()
+        if looks_like_a_path and not (path / "model_index.json").is_file():
+            what = "no such directory" if not path.exists() else "not a diffusers pipeline directory (no model_index.json)"
+            advice = f"; fetch the weights once with: hf download {fetch} --local-dir {args.pretrained}" if fetch else ""
+            raise ValueError(f"--pretrained {args.pretrained}: {what}{advice}")
+    for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{flag} {value}: no such file")
+    if args.resume_from_checkpoint == "latest" and not args.output_dir:
+        raise ValueError("--resume-from-checkpoint latest needs the --output-dir of the run to resume")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The parser
+# ------------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise ArgumentError(self.prog, f"{message} (see --help)")
+
+
+def _build_parser(args_cls, prog: str) -> _Parser:
+    """Every field as --hyphen-name (the underscore spelling is accepted too); bools also as --no-name. Only the
+    flags given end up in the result: the defaults come from the layers below."""
+    parser = _Parser(prog=prog, add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser.add_argument("-h", "--help", action="store_true")
+    for f in dataclasses.fields(args_cls):
+        spellings = dict.fromkeys([_flag(f.name), "--" + f.name])  # hyphens, then underscores (one if the same)
+        if _kind(f)[0] == "bool":
+            parser.add_argument(*spellings, dest=f.name, nargs="?", const="true")
+            parser.add_argument(*(s.replace("--", "--no-" if s == _flag(f.name) else "--no_", 1) for s in spellings),
+                                dest=f.name, action="store_const", const="false")
+        else:
+            parser.add_argument(*spellings, dest=f.name)
+    return parser
+
+
+def read_config_file(path: str, fields: dict, prog: str) -> dict:
+    """A .json / .yaml file of flag names (underscores or hyphens) and values."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArgumentError(prog, f"config file {path}: no such file (the one positional argument is a .json or "
+                                  f".yaml file of flag names and values)")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(p.read_text())
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(p.read_text())
+        else:
+            raise ArgumentError(prog, f"config file {path}: use a .json or .yaml file")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArgumentError(prog, f"config file {path}: not valid JSON ({e})") from None
+    except Exception as e:  # yaml's own errors
+        if isinstance(e, SystemExit):
+            raise
+        raise ArgumentError(prog, f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ArgumentError(prog, f"config file {path}: expected a mapping of flag names to values")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ArgumentError(prog, f"config file {path}: unknown key {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def _default_preset(model: str, presets: dict, prog: str) -> str:
+    if model in presets:
+        return model
+    matching = [n for n, p in presets.items() if p.get("model") == model]
+    if matching:
+        return matching[0]
+    if model not in MODELS + tuple(CUSTOM_MODELS):
+        raise ArgumentError(prog, f"--model takes one of {', '.join(MODELS + tuple(CUSTOM_MODELS))}; got {model!r}")
+    advice = " and give the weights with --pretrained <dir>" if model in ("flux", "sd3") else ""
+    raise ArgumentError(prog, f"{prog} has no preset for --model {model}: name one with --preset{advice} "
+                              f"(presets: {', '.join(presets)})")
+
+
+def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = None, prog: Optional[str] = None):
+    """`argv` (default sys.argv[1:]) into an `args_cls` instance: defaults < preset < config file (or, resuming,
+    the run's own config) < flags, every value checked."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or Path(getattr(sys.modules.get(args_cls.__module__), "__file__", None) or sys.argv[0]).name
+    fields = {f.name: f for f in dataclasses.fields(args_cls)}
+    config_file = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    parsed, unknown = _build_parser(args_cls, prog).parse_known_args(argv)
+    if unknown:
+        word = next((u for u in unknown if u.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(word, [_flag(n) for n in fields], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        what = "flag" if word.startswith("-") else "argument (only one config file may come first)"
+        raise ArgumentError(prog, f"unknown {what} {word}{hint}; see --help")
+    explicit = vars(parsed)
+    show_help = explicit.pop("help", False)
+    layer = read_config_file(config_file, fields, prog) if config_file else {}
+
+    try:
+        model = convert(fields["model"], explicit.get("model", layer.get("model", fields["model"].default)), "--model")
+        preset = explicit.get("preset") or layer.get("preset") or _default_preset(model, presets, prog)
+        if preset not in presets:
+            raise ValueError(f"--preset takes one of {', '.join(presets)}; got {preset!r}")
+        unknown_fields = sorted(set(presets[preset]) - set(fields))
+        assert not unknown_fields, f"preset {preset!r} sets unknown fields {unknown_fields}"
+        if show_help:
+            print_help(args_cls, presets, preset, {**layer, **explicit}, prog)
+            raise SystemExit(0)
+        values = {name: f.default for name, f in fields.items()}
+        values.update(presets[preset], preset=preset)
+        resume = explicit.get("resume_from_checkpoint", layer.get("resume_from_checkpoint"))
+        saved = _saved_config(resume, explicit.get("output_dir", layer.get("output_dir")), prog) if resume else None
+        if saved is not None:  # the run's own config: the flags need not be repeated
+            values.update({k: v for k, v in saved.items() if k in fields})
+        for source, flagged in ((layer, False), (explicit, True)):
+            for name, raw in source.items():
+                values[name] = convert(fields[name], raw, _flag(name) if flagged else f"{config_file}: {name}")
+        for name, f in fields.items():
+            check(f, values[name])
+        args = args_cls(**values)
+        check_together(args)
+    except ValueError as e:
+        raise ArgumentError(prog, str(e)) from None
+    if saved is not None:
+        changed = [f"{_flag(k)} ({saved[k]!r} in the run, {getattr(args, k)!r} now)" for k in saved
+                   if k in fields and k not in RESUMABLE and saved[k] != getattr(args, k)]
+        if changed:
+            raise ArgumentError(prog, f"cannot resume {args.output_dir}: its run differs in {', '.join(changed)}; leave "
+                                      f"them out to resume as it ran, or start a new run in another --output-dir")
     return args
+
+
+def _saved_config(resume: str, output_dir: Optional[str], prog: str) -> Optional[dict]:
+    """The config.json of the run a `--resume-from-checkpoint` points at (None if that run has none)."""
+    run_dir = Path(output_dir) if output_dir else (Path(resume).resolve().parent.parent if resume != "latest" else None)
+    if run_dir is None or not (run_dir / "config.json").is_file():
+        return None
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved.pop("output_dir", None)
+    saved.pop("resume_from_checkpoint", None)
+    return saved
+
+
+def print_help(args_cls, presets: dict, preset: str, given: dict, prog: str):
+    """The flags with the values this preset gives them (any flag overrides), then every preset."""
+    module = sys.modules.get(args_cls.__module__)
+    doc = (module.__doc__ or "").strip().split("\n\n")[0] if module else ""
+    common = {f.name for f in dataclasses.fields(args_cls.__mro__[1])} if len(args_cls.__mro__) > 2 else set()
+    values = {f.name: f.default for f in dataclasses.fields(args_cls)} | presets[preset] | given
+    width = 100
+
+    def entries(fs):
+        out = []
+        for f in fs:
+            kind, _ = _kind(f)
+            head = f"  {_flag(f.name)}" + (f" / --no-{f.name.replace('_', '-')}" if kind == "bool" else f" {kind.upper()}")
+            text = f"{f.metadata.get('help', '')} [{values[f.name]!r}]"
+            out += [head] + textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        return out
+
+    fields = dataclasses.fields(args_cls)
+    lines = [f"usage: {prog} [CONFIG.yaml|.json] [--flag VALUE ...]", "", doc, "",
+             "Precedence: the defaults < the preset < a config file of flag names and values (e.g. `preset: toy2d`,",
+             "`learning_rate: 3e-4`) < the flags. Bool flags take --flag [true|false] or --no-flag.",
+             "", f"{prog} flags (values in [] are what preset {preset!r} runs):"]
+    lines += entries([f for f in fields if f.name not in common])
+    lines += ["", "flags every script shares:"] + entries([f for f in fields if f.name in common])
+    lines += ["", "presets (--preset NAME; default: the one named after --model, else that model's paper preset):"]
+    for name, p in presets.items():
+        settings = " ".join(f"{k}={v}" for k, v in p.items())
+        lines += textwrap.wrap(f"{name}: {settings}", width, initial_indent="  ", subsequent_indent=" " * 6)
+    print("\n".join(lines))

@@ -2,8 +2,12 @@
 
 Every script drives it the same way: `run = Run(args, name)`, `run.make_optimizer(policy)`, `run.start(task, ...)`
 (the evaluation before training, or a resume), `run.begin_iteration` / `run.end_iteration` around each iteration,
-`run.evaluate(task, "after")`, `run.finish(...)`. What it writes: config.json, metrics.jsonl (one line per
-iteration), summary.json, final/ (the trained weights) and checkpoints/checkpoint-N/.
+`run.evaluate(task, "after")`, `run.finish(...)`. What it writes, from `start` on (a run that fails before writes
+nothing): config.json, metrics.jsonl (one line per iteration), summary.json, final/ (the trained weights),
+checkpoints/checkpoint-N/, and the pictures (samples_before/after.png for image tasks, samples.png for the toy).
+
+An --output-dir that holds a run is refused unless the run is resumed or --overwrite is given. Ctrl-C stops the
+run with one line: the iteration it reached, its last checkpoint and the command that resumes from it.
 """
 
 from __future__ import annotations
@@ -11,14 +15,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from common import NonFiniteError, Policy, Task, check_finite, evaluate
+from common import NonFiniteError, Policy, Task, check_finite, evaluate, parse_toy_prompt
 from infra.tasks import sample_grid
+
+OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "checkpoints", "samples.png",
+           "samples_before.png", "samples_after.png")  # what a run writes into its --output-dir
+
 
 def gathered_state_dict(policy: Policy, masters: bool = True) -> dict[str, torch.Tensor]:
     """The network's whole state dict, keyed as the unwrapped model's. Under FSDP the shards are gathered to
@@ -45,6 +57,23 @@ def weight_fingerprint(state: dict[str, torch.Tensor], names: list[str]) -> torc
     return torch.stack([torch.stack([state[n].double().sum(), state[n].double().square().sum()]) for n in names])
 
 
+class Interrupted(SystemExit):
+    """Ctrl-C: the run stops with one line (printed by the main process) and exit status 130."""
+
+    def __init__(self, message: str):
+        super().__init__(130)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class Run:
     """One training run: the Accelerator, per-process seeding, console + jsonl + tracker logging, summary."""
 
@@ -52,17 +81,21 @@ class Run:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         self.args, self.algorithm = args, algorithm
+        handler = signal.getsignal(signal.SIGINT)  # an earlier run in this process that stopped without finishing
+        if isinstance(getattr(handler, "__self__", None), Run) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         resume = args.resume_from_checkpoint
         if args.output_dir is None and resume not in (None, "latest"):
             args.output_dir = str(Path(resume).resolve().parent.parent)  # <output_dir>/checkpoints/checkpoint-N
         if args.output_dir is None:
-            if resume == "latest":
-                raise SystemExit("--resume-from-checkpoint latest needs the --output-dir of the run to resume")
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{algorithm}_{args.model}_s{args.seed}_{stamp}")
         self.out = Path(args.output_dir)
-        if args.report_to not in ("none", "tensorboard", "wandb"):
-            raise SystemExit(f"--report-to must be 'none', 'tensorboard' or 'wandb', got {args.report_to!r}")
+        held = [name for name in OUTPUTS if (self.out / name).exists()]
+        if held and resume is None and not args.overwrite:
+            raise SystemExit(f"{self.out} holds a run ({', '.join(held)}): resume it with --resume-from-checkpoint "
+                             f"latest --output-dir {self.out}, start over with --overwrite, or choose another "
+                             f"--output-dir")
         if args.report_to != "none":  # accelerate skips a tracker whose package is missing, silently
             from accelerate.utils import is_tensorboard_available, is_wandb_available
             if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[args.report_to]():
@@ -83,7 +116,7 @@ class Run:
                                            timeout=timedelta(minutes=args.dist_timeout_minutes))])
         args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
         world = self.accelerator.num_processes
-        if args.prompts_per_iteration % world:  # before anything is written
+        if args.prompts_per_iteration % world:
             raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole iteration "
                              f"and must divide evenly among the {world} processes: use a multiple of {world}")
         self.prompts_per_process = args.prompts_per_iteration // world
@@ -91,14 +124,6 @@ class Run:
             torch.set_num_threads(args.num_threads)
         set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
         self.is_main = self.accelerator.is_main_process
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-            if resume is None:
-                (self.out / "metrics.jsonl").write_text("")
-        if args.report_to != "none":
-            self.accelerator.init_trackers(algorithm, config={k: v for k, v in dataclasses.asdict(args).items()
-                                                              if isinstance(v, (int, float, str, bool))})
         self.start_time = time.time()
         self.eval_seconds = 0.0
         self.elapsed_before = 0.0  # wall seconds of the run before a resume
@@ -107,8 +132,14 @@ class Run:
         self.print(f"{algorithm} | model {args.model} | preset {args.preset} | {world} process"
                    f"{'es' if world > 1 else ''} on {self.device} | {args.prompts_per_iteration} prompts per "
                    f"iteration{share} | {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'} | {self.out}")
+        if world == 1 and os.environ.get("MASTER_PORT") and "WORLD_SIZE" not in os.environ:
+            self.print("warning: this run has ONE process although its launcher set up a process group (accelerate "
+                       "launch --num_processes N starts one process on a CPU); on a CPU use torchrun "
+                       "--nproc_per_node N")
         self.iteration = None  # the iteration in progress (None: before training)
         self.evaluating = None  # the label of the evaluation in progress
+        self._previous_sigint = None
+        self.toy_samples = {}  # "before" / "after": the toy's evaluation samples, for samples.png
         NonFiniteError.where = self._position
 
     def _position(self) -> str:
@@ -141,6 +172,9 @@ class Run:
         dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
         attention.configure(self.args.attention_backend, task.policy.attention_shape(), dtype, self.device,
                             self.print)
+        self._write_config()
+        if threading.current_thread() is threading.main_thread():  # Ctrl-C: one line, not a traceback
+            self._previous_sigint = signal.signal(signal.SIGINT, self._interrupted)
         if self.args.resume_from_checkpoint is None:
             self.before = self.evaluate(task, "before")
             return self.before
@@ -156,6 +190,8 @@ class Run:
         task.policy.nfe = dict(progress["nfe"])
         self.first_iteration, self.before = progress["iteration"], progress["before"]
         self.fingerprint_before = progress["fingerprint_before"]
+        if progress.get("toy_samples_before") is not None:
+            self.toy_samples["before"] = progress["toy_samples_before"]
         self.elapsed_before, self.eval_seconds = progress["elapsed"], progress["eval_seconds"]
         if self.is_main:  # drop metrics logged after the checkpoint: those iterations run again
             log = self.out / "metrics.jsonl"
@@ -165,9 +201,65 @@ class Run:
         self.print(f"resumed from {path} at iteration {self.first_iteration}")
         return self.before
 
+    def _write_config(self):
+        """The run's first writes: only now that the model loaded and the kernels passed their check. --overwrite
+        deletes what an earlier run left here first."""
+        args = self.args
+        if self.is_main:
+            if args.overwrite and args.resume_from_checkpoint is None:
+                for name in OUTPUTS:
+                    path = self.out / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.exists():
+                        path.unlink()
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            if args.resume_from_checkpoint is None:
+                (self.out / "metrics.jsonl").write_text("")
+        self.accelerator.wait_for_everyone()
+        if args.report_to != "none":
+            self.accelerator.init_trackers(self.algorithm, config={k: v for k, v in dataclasses.asdict(args).items()
+                                                                   if isinstance(v, (int, float, str, bool))})
+
+    def _reading(self, before: dict, after: dict) -> str:
+        """What the numbers mean, in one or two lines."""
+        line = f"eval reward {before['reward']:.3f} -> {after['reward']:.3f}"
+        if self.args.model == "toy2d":
+            line += (" (1 = every sample on the mode its prompt asks for; the base model ignores the prompt and scores "
+                     "about 0.13: 1 sample in 8 lands on the right mode)")
+            if "on_manifold" in before:
+                line += (f"; on_manifold {before['on_manifold']:.3f} -> {after['on_manifold']:.3f} (the fraction of "
+                         f"samples still on the ring: a reward hacker loses it)")
+            line += f". Picture: {self.out / 'samples.png'}"
+        return line
+
+    def _interrupted(self, signum, frame):
+        """SIGINT: stop with one line, the iteration reached, the last checkpoint and how to resume."""
+        found = self._checkpoints()
+        where = (f"at iteration {self.iteration} of {self.args.iterations}" if self.iteration is not None else
+                 "before training")
+        if found:
+            script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else f"{self.algorithm}.py"
+            then = (f"; last checkpoint {found[-1]}; resume: python {script} --resume-from-checkpoint latest "
+                    f"--output-dir {self.out}")
+        else:
+            then = (f"; no checkpoint yet (one every --checkpoint-every {self.args.checkpoint_every} iterations), "
+                    f"nothing to resume")
+        self._restore_sigint()
+        if self.is_main:
+            print(f"interrupted {where}{then}", file=sys.stderr)
+        raise Interrupted(f"interrupted {where}{then}")
+
+    def _restore_sigint(self):
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
     def _checkpoints(self) -> list[Path]:
-        """This run's checkpoint directories, oldest first."""
-        return sorted((self.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        """This run's complete checkpoint directories, oldest first (a half-written one is still `.partial`)."""
+        found = [p for p in (self.out / "checkpoints").glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def _resolve_checkpoint(self, resume: str) -> Path:
         if resume == "latest":
@@ -185,12 +277,16 @@ class Run:
         """<output_dir>/checkpoints/checkpoint-N: accelerate's state (model, optimizer, every process's RNGs), each
         process's run state (generators, EMA, counters, the before-evaluation), and the weights in the format
         the policy's `save` writes (for FLUX LoRA: what `FluxPipeline.load_lora_weights` reads)."""
-        path = self.out / "checkpoints" / f"checkpoint-{iterations_done}"
+        final = self.out / "checkpoints" / f"checkpoint-{iterations_done}"
+        path = final.with_name(final.name + ".partial")  # renamed when complete: an interruption never leaves a
+        if self.is_main and path.exists():  # half checkpoint that `latest` would pick
+            shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(path))
         state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                  for name, obj in self.state.items()}
         progress = {"iteration": iterations_done, "nfe": dict(self.task.policy.nfe), "before": self.before,
-                    "fingerprint_before": self.fingerprint_before,
+                    "fingerprint_before": self.fingerprint_before, "toy_samples_before": self.toy_samples.get("before"),
                     "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
         torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
         state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
@@ -198,9 +294,13 @@ class Run:
             self.task.policy.save(path / "weights", state)
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(path, final)
             limit = self.args.checkpoints_total_limit
             for p in self._checkpoints()[:-limit] if limit > 0 else []:
                 shutil.rmtree(p)
+        self.accelerator.wait_for_everyone()
 
     def progress(self, iterations: int):
         from tqdm.auto import tqdm
@@ -211,8 +311,12 @@ class Run:
     def evaluate(self, task: Task, label: str) -> dict[str, float]:
         t0 = time.time()
         self.evaluating = label
+        toy_picture = self.args.model == "toy2d" and label in ("before", "after")  # samples.png at the end
         with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
-            result = evaluate(task, self.args)
+            result = evaluate(task, self.args, keep_samples=toy_picture)
+        if toy_picture:
+            result, samples, prompts = result
+            self.toy_samples[label] = (samples, torch.tensor([parse_toy_prompt(p) for p in prompts]))
         self.evaluating = None
         if task.grid_prompts and label in ("before", "after") and self.is_main:
             sample_grid(task, self.args, self.out / f"samples_{label}.png")
@@ -255,6 +359,8 @@ class Run:
         self._t0, self._nfe0 = time.time(), dict(policy.nfe)
         self.iteration = getattr(self, "_next_iteration", self.first_iteration)
         self._next_iteration = self.iteration + 1
+        if self.iteration == self.first_iteration:
+            self._loop_start = self._t0
 
     def end_iteration(self, iteration: int, task: Task, rewards: torch.Tensor, losses: dict, **extra):
         """Log one iteration: reward statistics of the (gathered) rewards (groups, G), this iteration's NFE
@@ -283,9 +389,13 @@ class Run:
         if self.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
-            if self.args.log_every and (iteration % self.args.log_every == 0 or iteration == self.args.iterations - 1):
-                self.print(f"it {iteration:4d}  " + "  ".join(
-                    f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
+            last = iteration == self.args.iterations - 1
+            if self.args.log_every and (iteration % self.args.log_every == 0 or last):
+                per_it = (time.time() - self._loop_start) / (iteration + 1 - self.first_iteration)
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and
+                                  k.startswith(("reward/mean", "loss/", "grad_norm", "eval/")))
+                self.print(f"it {iteration + 1}/{self.args.iterations}  {shown}  | {per_it:.2f} s/it, "
+                           f"{'done' if last else 'ETA ' + duration(per_it * (self.args.iterations - iteration - 1))}")
         if self.args.report_to != "none":
             self.accelerator.log(metrics, step=iteration)
 
@@ -321,9 +431,15 @@ class Run:
                     task.policy.save(self.out / "final", state)
             summary["weights"] = str(self.out / "final")
             summary["weights_are_the_evaluation_ema"] = self.eval_ema is not None
+        if self.is_main and set(self.toy_samples) == {"before", "after"}:
+            from infra.plots import toy_picture
+            toy_picture(self.out / "samples.png", self.toy_samples["before"], self.toy_samples["after"],
+                        self.out / "metrics.jsonl", before["reward"], after["reward"])
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.print(f"summary: {self.out / 'summary.json'}\n" + json.dumps(summary, indent=2))
+            self.print(self._reading(before, after))
         if self.args.report_to != "none":
             self.accelerator.end_training()
+        self._restore_sigint()
         return summary

@@ -62,3 +62,12 @@ def capture_policy(monkeypatch):
 
     monkeypatch.setattr(run.Run, "finish", finish)
     return captured
+
+
+def assert_trained(run_dir):
+    """scripts/check_run.py's verdict: the run finished, its rewards and every logged number are finite, and training
+    changed its trainable weights."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_run
+    ok, what = check_run.check(Path(run_dir))
+    assert ok, what

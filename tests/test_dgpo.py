@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import assert_trained
 from infra import tasks
 import dgpo
 
@@ -164,9 +165,12 @@ def test_toy2d_dgpo_raises_eval_reward(tmp_path):
     assert s["on_manifold_after"] > s["on_manifold_before"] - 0.15, s
 
 
-def test_tiny_flux_runs(tmp_path):
+def test_tiny_flux_trains_its_lora(tmp_path):
     s = dgpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
-    assert s["model"] == "tiny-flux" and s["nfe_train"] == 2 * 2 * 4 * 2
+    assert_trained(tmp_path)
+    assert s["trainable_tensors_changed"] == s["trainable_tensors"]  # every LoRA tensor moved
+    # 2 iterations x 8 samples: 6 rollout steps + the reference at M = 2 timesteps; 2 gradient calls each
+    assert s["nfe_rollout"] == 2 * 8 * (6 + 2) and s["nfe_train"] == 2 * 8 * 2
 
 
 def test_official_options_kl_and_dsm_ratio_clip_run_and_count_their_calls(tmp_path):
@@ -230,3 +234,38 @@ def test_the_evaluation_ema_is_flow_grpos_ema_module_wrapper():
     for r, s in zip(reference, ema.shadow):
         torch.testing.assert_close(s, r)
     assert not torch.allclose(ema.shadow[0], net.weight)
+
+
+def test_the_kl_term_pulls_the_policy_toward_the_reference():
+    """DGPO's KL beta_kl mean((v - v_ref)^2): with zero advantages the group loss has no gradient, and one SGD step on
+    the KL must bring v closer to v_ref. Flipping its sign pushes v away."""
+    policy = tasks.toy2d_policy(keep_reference=True)
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    cond = policy.encode_prompts(["mode 5"] * 16)
+    theta_minus = common.EMA(policy.trainable_parameters(), 0.3)
+
+    def loss_and_kl():
+        return dgpo.dgpo_pass(policy, x0, eps, 0.7, cond, torch.zeros(16), torch.zeros(16, dtype=torch.long), 1, 1.0,
+                              None, kl_beta=1.0, clip_dsm=False, clip_range=0.05, theta_minus=theta_minus)
+
+    loss, st = loss_and_kl()
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p -= 1e-3 * p.grad
+    assert st["kl"] > 0 and loss_and_kl()[1]["kl"] < st["kl"]
+
+
+def test_rollouts_come_from_theta_minus_only_after_ema_start(tmp_path, monkeypatch):
+    """theta_minus = theta for the first --ema-start iterations, then its EMA: the rollout swaps the EMA in from
+    iteration ema_start on (5 iterations, ema_start 2: 3 swaps)."""
+    swaps = []
+    original = common.EMA.swapped_in
+    monkeypatch.setattr(common.EMA, "swapped_in", lambda self: swaps.append(self.decay) or original(self))
+    dgpo.main(["--iterations", "5", "--ema-start", "2", "--eval-ema", "false", "--output-dir", str(tmp_path),
+               "--log-every", "0", "--save-weights", "false", "--eval-samples-per-prompt", "2"])
+    assert swaps == [0.3] * 3

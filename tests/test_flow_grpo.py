@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import assert_trained
 import flow_grpo
 from infra import diffusers_models, tasks
 from infra.args import parse_args
@@ -148,10 +149,13 @@ def test_tiny_flux_lora_iteration_changes_only_lora_and_keeps_reference(tmp_path
     assert s["nfe_train"] > 0
 
 
-def test_tiny_flux_two_iterations_write_summary(tmp_path):
-    s = run(tmp_path, "--model", "tiny-flux", "--iterations", "2")
-    assert s["model"] == "tiny-flux" and s["iterations"] == 2
-    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+def test_tiny_flux_trains_its_lora_and_saves_what_flux_pipeline_reads(tmp_path):
+    s = run(tmp_path, "--model", "tiny-flux", "--iterations", "2", "--eval-ema", "false")
+    assert_trained(tmp_path)
+    assert s["trainable_tensors_changed"] == s["trainable_tensors"]
+    from diffusers import FluxPipeline
+    saved = FluxPipeline.lora_state_dict(tmp_path / "final")
+    assert saved and any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B leaves its zero init
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -170,16 +174,19 @@ def test_config_file(tmp_path):
     assert a.iterations == 7 and a.noise_level == 0.5
 
 
-def test_bad_preset_and_model_are_clear_errors():
-    with pytest.raises(SystemExit, match="unknown preset"):
+def test_bad_preset_and_model_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--preset takes one of"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])
-    with pytest.raises(SystemExit, match="unknown model"):
+    with pytest.raises(SystemExit, match="--model takes one of .*; got 'sdxl'"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
-    with pytest.raises(SystemExit, match="unknown model 'sdxl'"):
+    with pytest.raises(SystemExit, match="--model takes one of .*; got 'sdxl'"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sdxl"])
-    # a real model picks the script's paper preset for it
-    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux"]).preset == "dancegrpo-flux"
-    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3"]).preset == "flow-grpo-sd3"
+    # a real model picks the script's paper preset for it (the weights and prompts are checked to exist)
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "train.txt").write_text("a photo\n")
+    weights = ["--pretrained", str(tmp_path), "--train-prompts", str(tmp_path / "train.txt")]
+    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux", *weights]).preset == "dancegrpo-flux"
+    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3", *weights]).preset == "flow-grpo-sd3"
 
 
 def test_two_process_run_splits_the_batch_and_sums_nfe_over_processes(tmp_path):
@@ -202,8 +209,11 @@ def test_two_process_run_splits_the_batch_and_sums_nfe_over_processes(tmp_path):
 
 def test_a_run_that_pretrains_the_toy_equals_one_that_loads_it(tmp_path, monkeypatch):
     """The first run on a machine pretrains the toy base model; it must train exactly as later runs that load
-    it from the cache (no state such as leftover gradients may leak from pretraining)."""
+    it from the cache (no state such as leftover gradients may leak from pretraining). A 100-step pretraining
+    (the real one takes 3000) exercises the same path."""
+    from infra import pretrained
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrained, "TOY_BASE_CONFIG", dict(pretrained.TOY_BASE_CONFIG, steps=100))
     flags = ["--iterations", "2", "--log-every", "0", "--save-weights", "false", "--checkpoint-every", "0"]
     flow_grpo.main(flags + ["--output-dir", str(tmp_path / "first")])
     assert list((tmp_path / "cache").glob("toy2d-base-*.pt"))
@@ -221,20 +231,23 @@ def test_a_tracker_without_its_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     with pytest.raises(SystemExit, match="pip install wandb"):
         flow_grpo.main(["--iterations", "1", "--report-to", "wandb", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--report-to must be"):
+    with pytest.raises(SystemExit, match="--report-to takes one of"):
         flow_grpo.main(["--iterations", "1", "--report-to", "mlflow", "--output-dir", str(tmp_path)])
 
 
 def test_precision_comes_from_the_flag_else_the_launch_config(tmp_path, monkeypatch):
     """--mixed-precision wins; without it the `accelerate launch` config's (its environment) applies, else 'no'.
     Runs in one process do not inherit each other's precision (accelerate keeps it process-wide)."""
-    flags = ["--model", "tiny-flux", "--iterations", "1", "--log-every", "0", "--save-weights", "false",
-             "--checkpoint-every", "0", "--eval-samples-per-prompt", "1"]
-    flow_grpo.main(flags + ["--mixed-precision", "bf16", "--output-dir", str(tmp_path / "a")])
-    flow_grpo.main(flags + ["--output-dir", str(tmp_path / "b")])
+    from infra.run import Run
+
+    def precision(*flags):
+        args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux", *flags])
+        Run(args, "flow_grpo")
+        return args.mixed_precision
+
+    got = [precision("--mixed-precision", "bf16"), precision()]
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config file
-    flow_grpo.main(flags + ["--output-dir", str(tmp_path / "c")])
-    got = [json.loads((tmp_path / d / "config.json").read_text())["mixed_precision"] for d in "abc"]
+    got.append(precision())
     assert got == ["bf16", "no", "bf16"]
 
 
@@ -260,3 +273,30 @@ def test_the_final_weights_are_the_evaluated_ema_and_checkpoints_keep_the_live_o
     assert any(not torch.equal(captured["ema"][n], captured["live"][n]) for n in final)
     saved_live = load_file(tmp_path / "checkpoints" / "checkpoint-4" / "weights" / "model.safetensors")
     assert any(not torch.equal(saved_live[n], final[n]) for n in final)
+
+
+def test_the_kl_term_pulls_the_policy_toward_the_reference():
+    """Flow-GRPO's KL: with zero advantages (no policy-gradient signal) the loss is kl_beta * KL, and one SGD step on
+    it must bring the policy's SDE mean closer to the reference's. Subtracting the term pushes it away."""
+    policy = tasks.toy2d_policy(keep_reference=True)
+    with torch.no_grad():  # move the policy off its reference, so the KL is not zero
+        for p in policy.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    sigmas = policy.sigmas(10)
+    cond = policy.encode_prompts(["mode 3"] * 16)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    x_next = x + 0.1 * torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+
+    def kl():
+        _, st = flow_grpo.sde_transition_loss(policy, x, x_next, sigmas[3], sigmas[4], torch.zeros(16), torch.zeros(16),
+                                              cond, 0.7, "flow_grpo", 0.2, kl_beta=1.0)
+        return st["kl"]
+
+    before = kl()
+    loss, _ = flow_grpo.sde_transition_loss(policy, x, x_next, sigmas[3], sigmas[4], torch.zeros(16),
+                                            torch.zeros(16), cond, 0.7, "flow_grpo", 0.2, kl_beta=1.0)
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p -= 1e-3 * p.grad
+    assert before > 0 and kl() < before

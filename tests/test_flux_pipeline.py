@@ -103,14 +103,19 @@ def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prom
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     flags = _flags(pipeline_dir, prompt_files, tmp_path)
     i = flags.index("--pretrained")
+    # checked with the arguments, before anything is written
     cases = {"needs --pretrained": flags[:i] + flags[i + 2:],
-             "not a diffusers pipeline directory": flags[:i + 1] + [str(tmp_path)] + flags[i + 2:],
-             "could not load FluxPipeline": flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:]}
+             "no such directory": flags[:i + 1] + [str(tmp_path / "nowhere")] + flags[i + 2:],
+             "not a diffusers pipeline directory": flags[:i + 1] + [str(tmp_path)] + flags[i + 2:]}
     for message, argv in cases.items():
-        args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
         with pytest.raises(SystemExit, match=message) as e:
-            tasks.load_task(args, keep_reference=False, log=lambda *_: None)
-        assert "hf download" in str(e.value) or message == "needs --pretrained" and "hf download" in str(e.value)
+            parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
+        assert "hf download black-forest-labs/FLUX.1-dev" in str(e.value)
+    # a hub id not in the local cache: found out when loading
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:])
+    with pytest.raises(SystemExit, match="could not load FluxPipeline") as e:
+        tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+    assert "hf download" in str(e.value)
 
 
 

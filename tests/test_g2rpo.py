@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common
+from conftest import assert_trained
 from infra import tasks
 from infra.args import parse_args
 import g2rpo
@@ -119,8 +120,10 @@ def test_toy2d_g2rpo_raises_eval_reward(tmp_path):
     assert s["on_manifold_after"] > s["on_manifold_before"] - 0.15, s
 
 
-def test_tiny_flux_runs(tmp_path):
+def test_tiny_flux_trains_its_lora(tmp_path):
     s = g2rpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert_trained(tmp_path)
+    assert s["trainable_tensors_changed"] == s["trainable_tensors"]
     assert s["nfe_train"] == 2 * 2 * 3  # 6 steps: branch at k = 0, 1, 2
 
 
@@ -128,3 +131,14 @@ def test_bad_schedules_are_clear_errors():
     for flags in (["--granularities", "0,1"], ["--branch-steps", "3,12"]):
         with pytest.raises(SystemExit):
             g2rpo.parse_schedule(parse_args(g2rpo.Args, g2rpo.PRESETS, flags))
+
+
+def test_the_ratio_is_exactly_one_at_the_first_update_of_an_iteration(tmp_path, monkeypatch):
+    """One branch step per iteration: its PPO loss sees the weights that sampled the branches, so the ratio is
+    exactly 1 (approx_kl 0, clipfrac 0): the velocity is recomputed at the branch's own state x_k and sigma_k."""
+    seen = []
+    original = g2rpo.ppo_clip_loss
+    monkeypatch.setattr(g2rpo, "ppo_clip_loss", lambda *a: (lambda out: seen.append(out[1]) or out)(original(*a)))
+    g2rpo.main(["--iterations", "3", "--branch-steps", "3", "--prompts-per-iteration", "4", "--output-dir",
+                str(tmp_path), "--log-every", "0", "--save-weights", "false", "--eval-samples-per-prompt", "2"])
+    assert len(seen) == 3 and all(st["approx_kl"] == 0 and st["clipfrac"] == 0 for st in seen), seen

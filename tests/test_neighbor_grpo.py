@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import assert_trained
 from infra import tasks
 import neighbor_grpo as ng
 
@@ -64,34 +65,41 @@ def test_pull_and_push_on_the_anchor(sign):
     assert (dist(moved) < dist(anchor.detach())) == (sign > 0)
 
 
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_one_sgd_step_of_the_model_moves_the_recomputed_anchor(sign):
-    """Through the network: the anchor recomputed by one Euler step moves toward (A > 0) or away (A < 0)."""
+def test_one_small_sgd_step_of_the_model_moves_the_candidates_probability_with_its_advantage(sign, seed):
+    """Through the network: one small SGD step on the loss of one candidate with advantage A raises that candidate's
+    surrogate probability pi(i | k) when A > 0 and lowers it when A < 0. (At ratio 1 the loss is -A rho_i + const,
+    so a small enough step must move rho_i, i.e. pi(i | k), with the sign of A. Where the anchor moves in space is
+    not determined: lowering pi(i | k) can also be done by moving toward the other candidates.)"""
     policy = tasks.toy2d_policy(keep_reference=False)
     sigmas = policy.sigmas(10)
     G, j = 6, 5
     cond = policy.encode_prompts(["mode 2"] * G)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        states = torch.stack(common.sample_ode(policy, ng.perturb_noise(torch.randn(1, 2), G, 0.3), sigmas, cond,
-                                               return_trajectory=True))
-    rows = torch.tensor([0])
-    target = states[j, 4]
+        states = torch.stack(common.sample_ode(policy, ng.perturb_noise(torch.randn(1, 2, generator=g), G, 0.3, g),
+                                               sigmas, cond, return_trajectory=True))
+    rows, candidates = torch.tensor([0]), states[j].view(1, G, 2)
+
+    def log_pi():
+        anchor = ng.recompute_anchor(policy, states, sigmas, cond, rows, j).view(1, 1, 2)
+        return ng.surrogate_log_policy(anchor, candidates, tau)
+
     with torch.no_grad():
         a0 = ng.recompute_anchor(policy, states, sigmas, cond, rows, j)
-        tau = 1.0 * ng.neighbor_distances(a0.view(1, 1, 2), states[j].view(1, G, 2)).mean(-1, keepdim=True)
-        old = ng.surrogate_log_policy(a0.view(1, 1, 2), states[j].view(1, G, 2), tau)
+        tau = ng.neighbor_distances(a0.view(1, 1, 2), candidates).mean(-1, keepdim=True)
+        old = log_pi()
     adv = torch.zeros(1, G)
     adv[0, 4] = sign
-    anchor = ng.recompute_anchor(policy, states, sigmas, cond, rows, j)
-    loss, stats = ng.neighbor_grpo_loss(ng.surrogate_log_policy(anchor.view(1, 1, 2), states[j].view(1, G, 2), tau),
-                                        old, adv, 0.2)
+    loss, stats = ng.neighbor_grpo_loss(log_pi(), old, adv, 0.2)
     assert stats["approx_kl"] == 0.0  # the ratio is exactly 1 before the update
     loss.backward()
     with torch.no_grad():
         for p in policy.net.parameters():
-            p -= 1e-3 * p.grad
-        a1 = ng.recompute_anchor(policy, states, sigmas, cond, rows, j)
-    assert ((a1 - target).norm() < (a0 - target).norm()) == (sign > 0)
+            p -= 1e-4 * p.grad
+        change = (log_pi() - old)[0, 0, 4].item()
+    assert change * sign > 0, change
 
 
 def test_ratio_is_one_before_the_first_update_and_nfe_theta_is_B_times_K(tmp_path):
@@ -106,12 +114,32 @@ def test_ratio_is_one_before_the_first_update_and_nfe_theta_is_B_times_K(tmp_pat
     assert s["nfe_rollout"] == 2 * P * (G * N + B * K)  # the ODE rollout + pi_old at the anchors
 
 
-def test_the_second_update_is_off_policy(tmp_path):
-    ng.main(["--iterations", "3", "--updates-per-iteration", "2", "--num-anchors", "4",
-             "--num-train-timesteps", "4", "--output-dir", str(tmp_path), "--log-every", "0",
-             "--save-weights", "false"])
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert any(l["loss/approx_kl"] > 0 for l in lines)
+def test_the_first_update_is_on_policy_and_the_second_off_policy(tmp_path, monkeypatch):
+    """2 optimizer steps per iteration over K = 4 timesteps: the first step's 2 timesteps see ratio exactly 1 (the
+    pre-update weights), the second step's see the weights the first step moved."""
+    kls = []
+    original = ng.neighbor_grpo_loss
+    monkeypatch.setattr(ng, "neighbor_grpo_loss", lambda *a, **k: (lambda out: kls.append(out[1]["approx_kl"]) or
+                                                                    out)(original(*a, **k)))
+    ng.main(["--iterations", "3", "--updates-per-iteration", "2", "--num-anchors", "4", "--num-train-timesteps", "4",
+             "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"])
+    assert len(kls) == 3 * 4
+    for it in range(3):
+        first, second = kls[4 * it:4 * it + 2], kls[4 * it + 2:4 * it + 4]
+        assert first == [0.0, 0.0] and all(kl > 0 for kl in second), kls
+
+
+def test_the_loop_reweights_with_the_quasi_norm_p_it_is_given(tmp_path, monkeypatch):
+    """The advantages the loss sees have unit Lp quasi-norm per group, p = --quasi-norm-p: sum_i |A'_i|^p = 1."""
+    seen = []
+    original = ng.neighbor_grpo_loss
+    monkeypatch.setattr(ng, "neighbor_grpo_loss", lambda log_pi, old, adv, clip: seen.append(adv.clone()) or
+                        original(log_pi, old, adv, clip))
+    ng.main(["--iterations", "1", "--quasi-norm-p", "0.5", "--num-train-timesteps", "1", "--updates-per-iteration",
+             "1", "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"])
+    groups = seen[0][seen[0].abs().sum(-1) > 0]  # every anchor row of a group carries its group's advantages
+    torch.testing.assert_close(groups.abs().pow(0.5).sum(-1), torch.ones(len(groups)), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(groups.norm(dim=-1), torch.ones(len(groups)), rtol=1e-2, atol=1e-2)  # not p = 2
 
 
 def test_toy2d_neighbor_grpo_raises_eval_reward(tmp_path):
@@ -120,8 +148,10 @@ def test_toy2d_neighbor_grpo_raises_eval_reward(tmp_path):
     assert s["on_manifold_after"] > s["on_manifold_before"] - 0.15, s
 
 
-def test_tiny_flux_runs(tmp_path):
+def test_tiny_flux_trains_its_lora(tmp_path):
     s = ng.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert_trained(tmp_path)
+    assert s["trainable_tensors_changed"] == s["trainable_tensors"]
     assert s["nfe_train"] == 2 * 2 * 2 * 2  # 2 iterations x 2 groups x B 2 x K 2
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import assert_trained
 from infra import tasks
 from infra.args import parse_args
 import flow_grpo
@@ -54,15 +55,17 @@ def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
     assert states.shape == (11, 12, 2) and log_probs.shape == (10, 12)
     assert survivors == [p for p in prompts for _ in range(4)] and len(calls) == 2
     assert [p.shape for p in proxies] == [(3, 16), (3, 8)]
-    # the proxy at step 5 is the reward of x0_hat = x_5 - s_5 v(x_5) for the trajectories alive then; the
-    # survivors' stored x_5 must be among the scored states' preimages
-    with policy.nfe_paused(), torch.no_grad():
-        x5 = states[5]
-        v5 = policy.velocity(x5, sigmas[5], policy.encode_prompts(survivors))
-    x0_hat = x5 - sigmas[5].float() * v5
-    scored = calls[0]
-    for row in x0_hat:
-        assert torch.isclose(scored, row, atol=1e-5).all(-1).any()
+    # the proxy at each checkpoint is the reward of x0_hat = x_j - s_j v(x_j) for the trajectories alive then (at
+    # step 7, s = 0.3: x - (1 - s) v would differ; at step 5, s = 0.5, the two coincide); the survivors' stored x_j
+    # must be among the scored states' preimages
+    assert abs(sigmas[7].item() - 0.5) > 0.1  # a checkpoint where the candidate formulas differ
+    for call, j in zip(calls, (5, 7)):
+        with policy.nfe_paused(), torch.no_grad():
+            x_j = states[j]
+            v_j = policy.velocity(x_j, sigmas[j], policy.encode_prompts(survivors))
+        x0_hat = x_j - sigmas[j].float() * v_j
+        for row in x0_hat:
+            assert torch.isclose(call, row, atol=1e-5).all(-1).any(), j
 
 
 def test_no_expansion_no_pruning_is_the_baseline(tmp_path):
@@ -99,6 +102,9 @@ def test_toy2d_pro_grpo_raises_eval_reward_and_reports_nfe(tmp_path):
     assert s["nfe_rollout_unpruned_same_final_group"] == 250 * 8 * 8 * 10
 
 
-def test_tiny_flux_runs(tmp_path):
-    s = pro_grpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0"])
+def test_tiny_flux_trains_its_lora(tmp_path):
+    s = pro_grpo.main(["--model", "tiny-flux", "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0",
+                       "--eval-ema", "false"])
+    assert_trained(tmp_path)
+    assert s["trainable_tensors_changed"] == s["trainable_tensors"]
     assert s["nfe_rollout"] == 2 * 2 * pro_grpo.funnel_nfe(6, [8, 4, 2], [3, 4])

@@ -21,6 +21,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from infra.args import parse_args
 from infra import diffusers_models
 from infra import rewards
+from conftest import assert_trained
 from tiny_pipelines import save_tiny_clip_rewards, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,8 +179,7 @@ def test_the_command_trains_an_iteration_on_a_tiny_pipeline(words, assets, tmp_p
     reward = args.reward.replace("hpsv2", "pickscore")
     summary = module.main(argv + _shrunk(module, args) + ["--reward", reward, "--output-dir", str(tmp_path / "run")])
     assert summary["preset"] == args.preset and summary["model"] == args.model
-    assert summary["nfe_rollout"] > 0 and summary["nfe_train"] > 0
-    assert math.isfinite(summary["eval_reward_before"]) and math.isfinite(summary["eval_reward_after"])
+    assert_trained(tmp_path / "run")  # finished, finite throughout, and the weights moved
     root = Path(assets["--reward-dir"])
     assert loads == [(part.split(":")[0], root) for part in reward.split(",")]
     final = tmp_path / "run" / "final"

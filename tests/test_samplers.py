@@ -92,10 +92,11 @@ def test_sde_log_prob_is_the_gaussian_density(variant, level, sigma, sigma_next)
 
 
 def test_sde_std_formula_and_first_step_convention():
-    """std = a sqrt(s/(1-s)); at s = 1 the denominator uses sigmas[1] (= s' there), as Flow-GRPO's code."""
+    """std = a sqrt(s/(1-s)); at s = 1 the denominator uses sigmas[1] (= s' there), as Flow-GRPO's code. (Checked at
+    s = 0.3, where s / (1 - s) = 0.43: at s = 0.5 it is 1, and sqrt((1-s)/s) or sqrt(s) * ... would pass too.)"""
     x, v = torch.zeros(1, 2), torch.zeros(1, 2)
-    _, _, _, std = common.sde_step_with_logprob(x, v, 0.5, 0.4, noise_level=0.7)
-    assert std.item() == pytest.approx(0.7)
+    _, _, _, std = common.sde_step_with_logprob(x, v, 0.3, 0.2, noise_level=0.7)
+    assert std.item() == pytest.approx(0.7 * math.sqrt(0.3 / 0.7))
     _, _, _, std = common.sde_step_with_logprob(x, v, 1.0, 0.9, noise_level=0.7)
     assert std.item() == pytest.approx(0.7 * math.sqrt(1.0 / (1 - 0.9)))
 

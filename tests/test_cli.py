@@ -1,0 +1,200 @@
+"""What a user meets on the command line: config files that apply their preset and combine with flags, output
+directories that are never silently overwritten or mixed, every bad value a single line before anything is written,
+Ctrl-C as one line with the resume command, --help that shows what the preset runs, and a toy run that draws its
+picture and says what its numbers mean."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import dgpo
+import flow_grpo
+from infra.args import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--log-every", "0", "--eval-samples-per-prompt", "4"]
+
+
+def parse(*argv, module=dgpo):
+    return parse_args(module.Args, module.PRESETS, list(argv), prog=f"{module.__name__}.py")
+
+
+# ------------------------------------------------------------------------------------------------ config files
+def test_a_config_file_applies_its_preset_exactly_as_the_command_line(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("preset: toy2d\n")
+    from_file, from_flag = parse(str(tmp_path / "cfg.yaml")), parse("--preset", "toy2d")
+    assert from_file == from_flag and from_file.beta == 1.0 and from_file.t_min == 0.4  # the preset's, not 100 / 0.6
+
+
+def test_a_config_file_combines_with_flags_which_win(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("preset: shapes\nlearning-rate: 0.002\niterations: 7\n")
+    args = parse(str(tmp_path / "cfg.yaml"), "--iterations", "3")
+    assert (args.model, args.learning_rate, args.iterations, args.beta) == ("shapes", 0.002, 3, 100.0)
+    (tmp_path / "cfg.json").write_text(json.dumps({"model": "tiny-flux", "group_size": 3}))
+    args = parse(str(tmp_path / "cfg.json"))
+    assert args.preset == "tiny-flux" and args.group_size == 3 and args.lora_rank == 8  # the model's preset applies
+
+
+@pytest.mark.parametrize("content,message", [
+    ("lerning_rate: 0.1\n", "unknown key 'lerning_rate' (did you mean learning_rate?)"),
+    ("group_size: many\n", "group_size takes an integer, got 'many'"),
+    ("[1, 2]\n", "expected a mapping"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, message):
+    (tmp_path / "cfg.yaml").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        parse(str(tmp_path / "cfg.yaml"))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ bad values
+@pytest.mark.parametrize("argv,message", [
+    (["--foo", "1"], "unknown flag --foo"),
+    (["--group-siz", "4"], "did you mean --group-size?"),
+    (["--group-size", "1"], "--group-size must be at least 2; got 1"),
+    (["--group-size", "0"], "--group-size must be at least 2; got 0"),
+    (["--iterations", "-1"], "--iterations must be at least 1; got -1"),
+    (["--learning-rate", "nan"], "--learning-rate takes a finite number, got 'nan'"),
+    (["--learning-rate", "fast"], "--learning-rate takes a number, got 'fast'"),
+    (["--reward", "nope"], "--reward: unknown reward 'nope'"),
+    (["--reward", "pickscore:x"], "the weight of pickscore must be a number"),
+    (["--eval-solver", "rk4"], "--eval-solver takes one of euler, dpm2m; got 'rk4'"),
+    (["--model", "sdxl"], "--model takes one of toy2d, tiny-flux, shapes, flux, sd3"),
+    (["--model", "flux"], "has no preset for --model flux: name one with --preset and give the weights with "
+                          "--pretrained"),
+    (["--preset", "dgpo-sd3"], "--model sd3 needs --pretrained"),
+    (["--preset", "dgpo-sd3", "--pretrained", "/nonexistent", "--train-prompts", __file__],
+     "--pretrained /nonexistent: no such directory"),
+    (["--train-prompts", "/nonexistent.txt"], "--train-prompts /nonexistent.txt: no such file"),
+    (["--resume-from-checkpoint", "latest"], "needs the --output-dir of the run to resume"),
+])
+def test_every_bad_value_is_one_line_naming_the_flag(argv, message):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    text = str(e.value)
+    assert message in text and "\n" not in text, text
+
+
+def test_a_bad_value_writes_nothing_and_as_a_command_prints_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "dgpo.py", "--group-size", "0", "--output-dir", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "group-size" in line] == \
+        ["dgpo.py: --group-size must be at least 2; got 0"]
+    assert not out.exists()
+
+
+def test_a_start_that_fails_after_parsing_leaves_no_output_folder(tmp_path, monkeypatch):
+    from infra import tasks
+    monkeypatch.setattr(dgpo, "load_task", lambda *a, **k: (_ for _ in ()).throw(SystemExit("weights missing")))
+    with pytest.raises(SystemExit, match="weights missing"):
+        dgpo.main(["--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    assert tasks  # (imported to show the task loader is what failed)
+
+
+def test_a_prompt_file_that_is_not_utf8_names_itself(tmp_path):
+    from infra.tasks import read_prompts
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes("a red circle\n".encode() + b"a blue \xff square\n")
+    with pytest.raises(SystemExit, match=r"prompt file .*prompts.txt:2: not UTF-8"):
+        read_prompts(bad)
+
+
+def test_the_timestep_clip_is_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(SystemExit, match="--t-min 0.95 leaves 1 nodes"):
+        dgpo.main(["--t-min", "0.95", "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ run directories
+def test_an_output_dir_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--iterations", "4", "--checkpoint-every", "2", "--output-dir", str(out), *QUICK]
+    flow_grpo.main(flags)
+    summary = (out / "summary.json").read_text()
+    with pytest.raises(SystemExit, match="holds a run .*--resume-from-checkpoint latest.*--overwrite"):
+        flow_grpo.main(flags)
+    assert (out / "summary.json").read_text() == summary  # untouched
+    flow_grpo.main(flags + ["--overwrite", "--iterations", "2"])
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # a fresh log, not appended to the old one
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_takes_the_runs_own_flags_and_refuses_ones_that_change_what_it_computes(tmp_path):
+    out = tmp_path / "run"
+    flow_grpo.main(["--group-size", "4", "--iterations", "4", "--checkpoint-every", "2", "--output-dir", str(out),
+                    *QUICK])
+    with pytest.raises(SystemExit) as e:
+        flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out), "--group-size", "16"])
+    assert "cannot resume" in str(e.value) and "--group-size (4 in the run, 16 now)" in str(e.value)
+    # the run's own flags apply: group 4 with no flag repeated, and it may run longer
+    s = flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out), "--iterations", "6"])
+    assert s["iterations"] == 6 and json.loads((out / "config.json").read_text())["group_size"] == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(6))
+
+
+def test_ctrl_c_stops_with_one_line_naming_the_iteration_checkpoint_and_resume_command(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "dgpo.py", "--iterations", "100000", "--checkpoint-every", "3", "--output-dir", str(out),
+           "--log-every", "0", "--eval-samples-per-prompt", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((out / "checkpoints").glob("checkpoint-[0-9]*")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted at iteration ") and " of 100000; last checkpoint " in line, err
+    assert f"resume: python dgpo.py --resume-from-checkpoint latest --output-dir {out}" in line
+    assert not (out / "final").exists()
+
+
+def test_a_launch_that_asked_for_processes_but_got_one_says_so(tmp_path, monkeypatch, capsys):
+    from infra.run import Run
+    monkeypatch.setenv("MASTER_PORT", "29500")  # what `accelerate launch --cpu --num_processes 2` sets, one process
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    Run(parse("--output-dir", str(tmp_path / "run"), module=flow_grpo), "flow_grpo")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "| 1 process on cpu |" in text and "warning: this run has ONE process" in text
+
+
+# ------------------------------------------------------------------------------------------------ help and output
+def test_help_shows_hyphen_flags_the_presets_values_and_every_preset(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--help")
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--output-dir" in text and "--output_dir" not in text
+    assert "--save-weights / --no-save-weights" in text and text.count("--no-save-weights") == 1
+    assert "--beta FLOAT" in text and "[1.0]" in text  # what the default preset (toy2d) runs, not the field's 100
+    for name in dgpo.PRESETS:
+        assert f"  {name}: " in text
+    assert "config file" in text
+    with pytest.raises(SystemExit):
+        parse("--preset", "dgpo-sd3", "--help")
+    assert "[10.0]" in capsys.readouterr().out  # the paper preset's beta
+
+
+def test_a_toy_run_draws_its_picture_and_says_what_its_numbers_mean(tmp_path, capsys):
+    from PIL import Image
+    flow_grpo.main(["--iterations", "3", "--output-dir", str(tmp_path), "--log-every", "1",
+                    "--eval-samples-per-prompt", "8"])
+    image = Image.open(tmp_path / "samples.png")
+    assert image.size == (940, 340) and len(set(image.getdata())) > 10  # three drawn panels, not a blank canvas
+    out = capsys.readouterr().out
+    assert "it 3/3" in out and "s/it" in out and "ETA" in out and "done" in out
+    assert "the base model ignores the prompt and scores about 0.13" in out and "on_manifold" in out
