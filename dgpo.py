@@ -54,16 +54,20 @@ class Args(CommonArgs):
     ema_decay: float = arg(0.3, "EMA decay mu of theta_minus: mu * ema + (1 - mu) * theta after every "
                                 "optimizer step (paper 0.3; the code ramps min(0.3, 0.001 * step))", min=0)
     # the group preference loss
-    beta: float = arg(100.0, "beta of Eq. 17 (100; 10 for PickScore); the sigmoid sees beta * S_g / G, as the code", above=0)
-    adv_std: str = arg("group", "advantage std: 'group' (paper: intra-group normalisation) or 'global'", choices=("group", "global"))
+    beta: float = arg(100.0, "beta of Eq. 17 (100; 10 for PickScore); the sigmoid sees beta * S_g / G, as the code",
+                      above=0)
+    adv_std: str = arg("group", "advantage std: 'group' (paper: intra-group normalisation) or 'global'",
+                       choices=("group", "global"))
     adv_clip: float = arg(5.0, "advantage clip (clipping slightly breaks sum A = 0; rare in practice)", above=0)
     # timesteps
     num_train_timesteps: int = arg(4, "M: timesteps trained per iteration; their gradients add up to ONE optimizer "
                                       "step (official config: 'update once per epoch')", min=1)
     t_min: float = arg(0.6, "timestep clip: train only at t >= t_min (the low-noise end carries the "
-                            "few-step rollouts' artifacts). Nodes of the rollout schedule in [t_min, 1] are drawn", min=0)
+                            "few-step rollouts' artifacts). Nodes of the rollout schedule in [t_min, 1] are drawn",
+                       min=0)
     # optional terms of the official code
-    kl_beta: float = arg(0.0, "weight of the KL term beta_kl * mean((v_theta - v_ref)^2) (official code; 0 = off)", min=0)
+    kl_beta: float = arg(0.0, "weight of the KL term beta_kl * mean((v_theta - v_ref)^2) (official code; 0 = off)",
+                         min=0)
     clip_dsm: bool = arg(False, "PPO-style clip of the denoising-loss ratio exp(l_old - l) against the EMA model")
     clip_range: float = arg(1e-4, "ratio clip range for --clip-dsm", above=0)
     train_micro_batch_groups: int = arg(0, "whole groups per forward/backward (0: all); memory only. Whole groups, "

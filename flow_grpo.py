@@ -71,7 +71,8 @@ class Args(CommonArgs):
     kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO SD3: 0.01 PickScore, 0.04 "
                               "GenEval/OCR; 0 for FLUX)", min=0)
     updates_per_iteration: int = arg(2, "optimizer steps per iteration, each on 1/this of the samples (Flow-GRPO: 2, "
-                                        "DanceGRPO: 3); from the second on the ratio is off-policy and the clip acts", min=1)
+                                        "DanceGRPO: 3); from the second on the ratio is off-policy and the clip acts",
+                                     min=1)
     train_micro_batch_size: int = arg(0, "samples per forward/backward (0: the whole minibatch); memory only", min=0)
     eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (Flow-GRPO's train.ema: "
                                "decay 0.9, updated every 8 optimizer steps)")

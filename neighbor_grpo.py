@@ -46,13 +46,15 @@ from infra.tasks import load_task
 class Args(CommonArgs):
     # neighbourhood rollout
     perturb_sigma: float = arg(0.3, "sigma of the initial-noise perturbation (paper's optimum 0.3)", min=0)
-    rollout_solver: str = arg("dpm2m", "rollout ODE solver: 'dpm2m' (paper: DPM++) or 'euler'", choices=("dpm2m", "euler"))
+    rollout_solver: str = arg("dpm2m", "rollout ODE solver: 'dpm2m' (paper: DPM++) or 'euler'", choices=("dpm2m",
+                              "euler"))
     # surrogate policy
     temperature: float = arg(1.0, "tau as a multiple of the anchor's mean distance to its candidates under "
                                    "pi_old (the paper prints no value; relative keeps the softmax informative at "
                                    "every t and for every model size)", above=0)
     num_anchors: int = arg(4, "B: anchors per group that get a forward/backward (symmetric anchor sampling)", min=1)
-    num_train_timesteps: int = arg(4, "K: stored timesteps trained per iteration (B K / G = NFE_theta per sample)", min=1)
+    num_train_timesteps: int = arg(4, "K: stored timesteps trained per iteration (B K / G = NFE_theta per sample)",
+                                   min=1)
     # objective
     quasi_norm_p: float = arg(0.8, "p of the quasi-norm advantage reweighting (2 = standard GRPO scale)", above=0)
     adv_clip: float = arg(5.0, "clip of the group z-score before the reweighting", above=0)

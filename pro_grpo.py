@@ -41,11 +41,14 @@ class Args(CommonArgs):
     group_sizes: str = arg("32,16,8", "group size before the first checkpoint and after each one: G_max,...,G_final")
     prune_steps: str = arg("5,7", "sampling steps j at which the group is pruned (one per funnel stage)")
     # the SDE (Flow-GRPO's, as the paper's base method)
-    sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta", choices=("flow_grpo", "dance_grpo"))
+    sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta",
+                           choices=("flow_grpo", "dance_grpo"))
     noise_level: float = arg(0.7, "Flow-GRPO's a (0.7 SD3)", min=0)
-    timestep_fraction: float = arg(0.99, "train the first int(N * fraction) transitions (0.99: all but the last)", above=0)
+    timestep_fraction: float = arg(0.99, "train the first int(N * fraction) transitions (0.99: all but the last)",
+                                   above=0)
     # GRPO / PPO on the survivors
-    adv_std: str = arg("group", "advantage std: 'group' = z-score within each group's survivors (paper), or 'global'", choices=("group", "global"))
+    adv_std: str = arg("group", "advantage std: 'group' = z-score within each group's survivors (paper), or 'global'",
+                       choices=("group", "global"))
     adv_clip: float = arg(5.0, "advantage clip", above=0)
     clip_range: float = arg(1e-4, "PPO ratio clip eps", above=0)
     kl_beta: float = arg(0.0, "weight of the KL to the frozen reference (Flow-GRPO base: 0.01 PickScore, 0.04 "

@@ -129,7 +129,8 @@ def check_together(args):
         path = Path(args.pretrained).expanduser()
         looks_like_a_path = args.pretrained.startswith(("/", ".", "~")) or path.exists()
         if looks_like_a_path and not (path / "model_index.json").is_file():
-            what = "no such directory" if not path.exists() else "not a diffusers pipeline directory (no model_index.json)"
+            what = ("no such directory" if not path.exists() else
+                    "not a diffusers pipeline directory (no model_index.json)")
             advice = f"; fetch the weights once with: hf download {fetch} --local-dir {args.pretrained}" if fetch else ""
             raise ValueError(f"--pretrained {args.pretrained}: {what}{advice}")
     for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
@@ -258,8 +259,8 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
         changed = [f"{_flag(k)} ({saved[k]!r} in the run, {getattr(args, k)!r} now)" for k in saved
                    if k in fields and k not in RESUMABLE and saved[k] != getattr(args, k)]
         if changed:
-            raise ArgumentError(prog, f"cannot resume {args.output_dir}: its run differs in {', '.join(changed)}; leave "
-                                      f"them out to resume as it ran, or start a new run in another --output-dir")
+            raise ArgumentError(prog, f"cannot resume {args.output_dir}: its run differs in {', '.join(changed)}; "
+                                      f"leave them out to resume as it ran, or start a new run in another --output-dir")
     return args
 
 
@@ -286,7 +287,8 @@ def print_help(args_cls, presets: dict, preset: str, given: dict, prog: str):
         out = []
         for f in fs:
             kind, _ = _kind(f)
-            head = f"  {_flag(f.name)}" + (f" / --no-{f.name.replace('_', '-')}" if kind == "bool" else f" {kind.upper()}")
+            negation = f" / --no-{f.name.replace('_', '-')}" if kind == "bool" else f" {kind.upper()}"
+            head = f"  {_flag(f.name)}{negation}"
             text = f"{f.metadata.get('help', '')} [{values[f.name]!r}]"
             out += [head] + textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
         return out

@@ -46,7 +46,8 @@ def toy_picture(path: Path, before, after, metrics_file: Path, reward_before: fl
     draw.rectangle([x0, 20, x0 + PANEL, 20 + PANEL], outline=(180, 180, 180))
     draw.text((x0 + 4, 4), "training reward per iteration (0 to 1)", fill=(0, 0, 0))
     if len(rewards) > 1:
-        pts = [(x0 + i / (len(rewards) - 1) * PANEL, 20 + (1 - min(max(r, 0), 1)) * PANEL) for i, r in enumerate(rewards)]
+        pts = [(x0 + i / (len(rewards) - 1) * PANEL, 20 + (1 - min(max(r, 0), 1)) * PANEL)
+               for i, r in enumerate(rewards)]
         draw.line(pts, fill=(0, 90, 200), width=1)
     for r, x in ((reward_before, x0), (reward_after, x0 + PANEL)):  # the evaluation rewards, before and after
         y = 20 + (1 - min(max(r, 0), 1)) * PANEL

@@ -82,7 +82,8 @@ class Run:
         from accelerate.utils import set_seed
         self.args, self.algorithm = args, algorithm
         handler = signal.getsignal(signal.SIGINT)  # an earlier run in this process that stopped without finishing
-        if isinstance(getattr(handler, "__self__", None), Run) and threading.current_thread() is threading.main_thread():
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        if isinstance(getattr(handler, "__self__", None), Run) and on_main_thread:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         resume = args.resume_from_checkpoint
         if args.output_dir is None and resume not in (None, "latest"):
@@ -117,8 +118,8 @@ class Run:
         args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
         world = self.accelerator.num_processes
         if args.prompts_per_iteration % world:
-            raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole iteration "
-                             f"and must divide evenly among the {world} processes: use a multiple of {world}")
+            raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole "
+                             f"iteration and must divide evenly among the {world} processes: use a multiple of {world}")
         self.prompts_per_process = args.prompts_per_iteration // world
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
@@ -129,9 +130,10 @@ class Run:
         self.elapsed_before = 0.0  # wall seconds of the run before a resume
         self.first_iteration = 0
         share = f" ({self.prompts_per_process} per process)" if world > 1 else ""
+        precision = args.mixed_precision if args.mixed_precision != "no" else "fp32"
         self.print(f"{algorithm} | model {args.model} | preset {args.preset} | {world} process"
                    f"{'es' if world > 1 else ''} on {self.device} | {args.prompts_per_iteration} prompts per "
-                   f"iteration{share} | {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'} | {self.out}")
+                   f"iteration{share} | {precision} | {self.out}")
         if world == 1 and os.environ.get("MASTER_PORT") and "WORLD_SIZE" not in os.environ:
             self.print("warning: this run has ONE process although its launcher set up a process group (accelerate "
                        "launch --num_processes N starts one process on a CPU); on a CPU use torchrun "

@@ -4,7 +4,6 @@ Ctrl-C as one line with the resume command, --help that shows what the preset ru
 picture and says what its numbers mean."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -112,7 +112,8 @@ def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prom
             parse_args(flow_grpo.Args, flow_grpo.PRESETS, argv)
         assert "hf download black-forest-labs/FLUX.1-dev" in str(e.value)
     # a hub id not in the local cache: found out when loading
-    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:])
+    hub_id = flags[:i + 1] + ["black-forest-labs/FLUX.1-dev"] + flags[i + 2:]
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, hub_id)
     with pytest.raises(SystemExit, match="could not load FluxPipeline") as e:
         tasks.load_task(args, keep_reference=False, log=lambda *_: None)
     assert "hf download" in str(e.value)

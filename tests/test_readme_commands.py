@@ -71,11 +71,16 @@ def launch(words: list[str]):
     return args
 
 
-def parsed(words: list[str]):
-    """(module, args, argv): the script and its flags as the script parses them."""
+def parsed(words: list[str], assets: dict):
+    """(module, args, argv): the script and its flags as the script parses them, with the command's paths (weights,
+    prompt files, reward weights: checked to exist when parsed) replaced by the tests' tiny stand-ins."""
     la = launch(words)
     module = importlib.import_module(Path(la.training_script).stem)
     argv = list(la.training_script_args)
+    preset = module.PRESETS[argv[argv.index("--preset") + 1]]
+    model = argv[argv.index("--model") + 1] if "--model" in argv else preset["model"]
+    paths = {"--pretrained": assets[model], **{k: v for k, v in assets.items() if k.startswith("--")}}
+    argv = [paths.get(flag, word) for flag, word in zip([None] + argv, argv)]  # the value after each path flag
     return module, parse_args(module.Args, module.PRESETS, argv), argv
 
 
@@ -85,13 +90,25 @@ IDS = [f"{i}-{Path(launch(c).config_file).stem}-{c[c.index('--preset') + 1]}" fo
 PYTHON = [w for w in LINES if w[0] == "python" and w[1].removesuffix(".py") in SCRIPTS]
 
 
-def test_every_paper_preset_is_launched_in_the_readme_with_its_own_model():
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readme")
+    (root / "train.txt").write_text("a photo of red\na photo of green\na photo of cyan\n")
+    (root / "eval.txt").write_text("a photo of blue\n")
+    return {"flux": str(save_tiny_flux_pipeline(root / "FLUX.1-dev")),
+            "sd3": str(save_tiny_sd3_pipeline(root / "stable-diffusion-3.5-medium")),
+            "--reward-dir": str(save_tiny_clip_rewards(root / "rewards")),
+            "--train-prompts": str(root / "train.txt"), "--eval-prompts": str(root / "eval.txt")}
+
+
+def test_every_paper_preset_is_launched_in_the_readme_with_its_own_model(assets):
     assert len(LAUNCHES) >= 9 and len(PYTHON) >= 12  # what the parametrized tests below run on
     launched = set()
     for words in LAUNCHES:
         la = launch(words)
         assert la.num_processes == 8 and la.mixed_precision == "bf16"
-        module, args, argv = parsed(words)
+        module, args, _ = parsed(words, assets)
+        argv = list(la.training_script_args)
         pretrained = argv[argv.index("--pretrained") + 1]
         assert pretrained in {"flux": ("$FLUX", "/data/FLUX.1-dev"), "sd3": ("$SD3",)}[args.model], words
         assert args.train_prompts and args.eval_prompts and args.reward_dir and args.reward, words
@@ -120,10 +137,10 @@ def _state_gib(model: str, rank: int, strategy: str, reference: bool, gpus: int 
 
 
 @pytest.mark.parametrize("words", LAUNCHES, ids=IDS)
-def test_the_commands_config_holds_the_training_state_on_an_80gb_gpu(words):
+def test_the_commands_config_holds_the_training_state_on_an_80gb_gpu(words, assets):
     la = launch(words)
     strategy = "fsdp" if la.use_fsdp else "deepspeed" if la.use_deepspeed else "ddp"
-    module, args, _ = parsed(words)
+    module, args, _ = parsed(words, assets)
     reference = module.__name__ == "dgpo" or getattr(args, "kl_beta", 0) > 0
     assert _state_gib(args.model, args.lora_rank, strategy, reference) < GPU_GIB
 
@@ -135,18 +152,7 @@ def test_the_fit_check_can_fail_and_the_readme_memory_table_is_the_estimates(cap
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 10 and table[0] in memory_section()
     missing = [row for row in table if row not in memory_section()]
-    assert not missing, f"docs/multi-gpu.md's memory table differs from `python benchmarks/memory_estimate.py`: {missing}"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("readme")
-    (root / "train.txt").write_text("a photo of red\na photo of green\na photo of cyan\n")
-    (root / "eval.txt").write_text("a photo of blue\n")
-    return {"flux": str(save_tiny_flux_pipeline(root / "FLUX.1-dev")),
-            "sd3": str(save_tiny_sd3_pipeline(root / "stable-diffusion-3.5-medium")),
-            "--reward-dir": str(save_tiny_clip_rewards(root / "rewards")),
-            "--train-prompts": str(root / "train.txt"), "--eval-prompts": str(root / "eval.txt")}
+    assert not missing, f"docs/multi-gpu.md's memory table differs from benchmarks/memory_estimate.py's: {missing}"
 
 
 def _shrunk(module, args) -> list[str]:
@@ -173,9 +179,7 @@ def test_the_command_trains_an_iteration_on_a_tiny_pipeline(words, assets, tmp_p
     for name in ("pickscore", "clip"):
         monkeypatch.setitem(rewards.LEARNED_REWARDS, name, lambda root, device="cpu", _name=name,
                             _load=rewards.LEARNED_REWARDS[name]: loads.append((_name, root)) or _load(root, device))
-    module, args, argv = parsed(words)
-    paths = {"--pretrained": assets[args.model], **{k: v for k, v in assets.items() if k.startswith("--")}}
-    argv = [paths.get(flag, word) for flag, word in zip([None] + argv, argv)]  # the value after each path flag
+    module, args, argv = parsed(words, assets)
     reward = args.reward.replace("hpsv2", "pickscore")
     summary = module.main(argv + _shrunk(module, args) + ["--reward", reward, "--output-dir", str(tmp_path / "run")])
     assert summary["preset"] == args.preset and summary["model"] == args.model
@@ -192,7 +196,12 @@ def test_the_command_trains_an_iteration_on_a_tiny_pipeline(words, assets, tmp_p
 @pytest.mark.parametrize("words", PYTHON, ids=[" ".join(w[1:]) for w in PYTHON])
 def test_the_python_commands_parse_and_those_on_the_tiny_flux_run(words, tmp_path, monkeypatch):
     module = importlib.import_module(words[1].removesuffix(".py"))
-    if len(words) == 3 and words[2].endswith((".yaml", ".json")):  # a config file of the user's
+    if len(words) > 2 and words[2].endswith((".yaml", ".json")):  # a config file of the user's
+        return
+    if "--help" in words:
+        with pytest.raises(SystemExit) as e:
+            parse_args(module.Args, module.PRESETS, words[2:])
+        assert e.value.code == 0
         return
     args = parse_args(module.Args, module.PRESETS, words[2:])
     if args.model not in ("flux", "sd3"):  # the built-in models must run with no weights on disk
