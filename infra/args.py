@@ -20,7 +20,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from infra.rewards import REWARD_NAMES
+from infra.rewards import reward_names
 from infra.tasks import CUSTOM_MODELS, MODELS
 
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
@@ -109,10 +109,10 @@ def check_together(args):
     if args.reward is not None:
         for item in args.reward.split(","):
             name, _, weight = item.strip().partition(":")
-            if name not in REWARD_NAMES:
-                close = difflib.get_close_matches(name, REWARD_NAMES, n=1)
+            if name not in reward_names():
+                close = difflib.get_close_matches(name, reward_names(), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ValueError(f"--reward: unknown reward {name!r}{hint}; available: {', '.join(REWARD_NAMES)}, or "
+                raise ValueError(f"--reward: unknown reward {name!r}{hint}; available: {', '.join(reward_names())}, or "
                                  f"a weighted sum such as hpsv2:1,clip:0.5")
             try:
                 float(weight or 1)
@@ -131,7 +131,7 @@ def check_together(args):
         if looks_like_a_path and not (path / "model_index.json").is_file():
             what = ("no such directory" if not path.exists() else
                     "not a diffusers pipeline directory (no model_index.json)")
-            advice = f"; fetch the weights once with: hf download {fetch} --local-dir {args.pretrained}" if fetch else ""
+            advice = f"; fetch them once with: hf download {fetch} --local-dir {args.pretrained}" if fetch else ""
             raise ValueError(f"--pretrained {args.pretrained}: {what}{advice}")
     for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
         if value is not None and not Path(value).is_file():

@@ -180,7 +180,16 @@ LEARNED_REWARDS: dict[str, Callable] = {"hpsv2": load_hpsv21, "pickscore": load_
 
 REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward,
                                 "geneval": geneval_reward}  # the programmatic rewards: no weights to load
-REWARD_NAMES = (*REWARDS, *LEARNED_REWARDS)  # every name `--reward` takes
+
+
+def register_reward(name: str, fn: Callable):
+    """Make `--reward name` score with `fn(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`, for every script."""
+    REWARDS[name] = fn
+
+
+def reward_names() -> tuple[str, ...]:
+    """Every name `--reward` takes."""
+    return (*REWARDS, *LEARNED_REWARDS)
 
 
 def get_reward(spec: str, device="cpu", root: Optional[str] = None) -> Callable:
@@ -198,7 +207,7 @@ def get_reward(spec: str, device="cpu", root: Optional[str] = None) -> Callable:
         elif name in LEARNED_REWARDS:
             parts.append((weight, LEARNED_REWARDS[name](reward_dir(root), device)))
         else:
-            raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARD_NAMES)}")
+            raise ValueError(f"unknown reward {name!r}; available: {', '.join(reward_names())}")
     if len(parts) == 1 and parts[0][0] == 1.0:
         return parts[0][1]
     return lambda samples, prompts: sum(w * fn(samples, prompts).float().to(samples.device) for w, fn in parts)

@@ -44,6 +44,11 @@ def switch_strategy_on_cpu(strategy: str):
     from accelerate.state import PartialState
     from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
     os.environ.update(launch_environment({"fsdp": "fsdp", "deepspeed": "deepspeed_zero2"}[strategy]))
+    if strategy == "deepspeed":
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (C++, cc1plus) when its comm
+        # backend starts. Only `inference_all_reduce` uses it; training reduces through torch.distributed (gloo).
+        import importlib
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # (deepspeed.comm.torch is torch)
     init = accelerate.Accelerator.__init__
 
     def strategy_init(self, *a, **k):
@@ -63,6 +68,11 @@ def switch_strategy_on_cpu(strategy: str):
         self.state.distributed_type = PartialState().distributed_type = kind
 
     accelerate.Accelerator.__init__ = strategy_init
+
+
+def corner_red(images, prompts):
+    """The bf16 run's reward: the red of the top-left 4 x 4 pixels."""
+    return images.float()[:, 0, :4, :4].mean(dim=(1, 2))
 
 
 def main(strategy: str, out: Path, pipeline: Path):
@@ -87,12 +97,14 @@ def main(strategy: str, out: Path, pipeline: Path):
     dgpo.main([*tiny, "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "0", "--ema-start", "1",
                "--output-dir", str(out / "dgpo_lora")])
     # --model flux from disk in bf16: a bf16 base with fp32 adapters (FSDP1 refuses to flatten the two together)
+    from infra.rewards import register_reward
+    register_reward("corner_red", corner_red)
     prompts = out / "prompts.txt"
     if int(os.environ["RANK"]) == 0:
         prompts.write_text("a photo of red\na photo of green\n")
     dist.barrier()
     flow_grpo.main(["--preset", "tiny-flux", "--model", "flux", "--pretrained", str(pipeline), "--train-prompts",
-                    str(prompts), "--reward", "mean_color", "--max-sequence-length", "16", "--mixed-precision", "bf16",
+                    str(prompts), "--reward", "corner_red", "--max-sequence-length", "16", "--mixed-precision", "bf16",
                     "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "1", *quiet,
                     "--output-dir", str(out / "flux_bf16_lora")])
     from accelerate.state import AcceleratorState

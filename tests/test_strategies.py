@@ -17,13 +17,20 @@ from safetensors.torch import load_file
 
 from tiny_pipelines import save_tiny_flux_pipeline
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs: the slow tier
+
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ["ddp", "fsdp"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
 SHARDED = [pytest.param(s, marks=pytest.mark.skipif(s not in STRATEGIES, reason="deepspeed is not installed"))
            for s in ("fsdp", "deepspeed")]
 # DeepSpeed's bf16 mode runs the whole module in bf16, gradients included; DDP and FSDP autocast and get fp32
-# gradients for the fp32 adapters. Measured: grad norms within 0.6%, saved adapters within 5e-4.
-BF16_TOLERANCE = {"fsdp": dict(grad=1e-4, atol=1e-5), "deepspeed": dict(grad=2e-2, atol=2e-3)}
+# gradients for the fp32 adapters. The bf16 run's reward (strategies_check.corner_red) varies within a group 30x more
+# than bf16 rounding: with tiny-flux's mean_color (group std 4e-4 on rewards near 0.5, the size of a bf16 rounding)
+# the advantages were rounding noise, and the gradient norm moved 8% between CPUs (AVX-512 against AVX2 kernels,
+# DDP alone) and up to 7% between DDP and DeepSpeed on some machines. Measured now, on AVX-512 and on AVX2
+# (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2): DeepSpeed's grad norms within 0.9% of DDP's, mean rewards
+# after the first update (bf16 adapters) within 6e-5.
+BF16_TOLERANCE = {"fsdp": dict(reward=1e-5, grad=1e-4, atol=1e-5), "deepspeed": dict(reward=5e-4, grad=2e-2, atol=2e-3)}
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +81,11 @@ def test_sharded_training_equals_ddp(runs, strategy, run):
     and gradient norms every iteration, and the same saved weights. FSDP reduce-scatters at every backward pass
     and clips by the global norm over shards; DeepSpeed accumulates to the boundary `common.accumulating` marks,
     then reduces, clips and steps (without the boundary it steps at every pass and these numbers differ)."""
-    tol = BF16_TOLERANCE[strategy] if run == "flux_bf16_lora" else dict(grad=1e-4, atol=1e-5)
+    tol = BF16_TOLERANCE[strategy] if run == "flux_bf16_lora" else dict(reward=1e-5, grad=1e-4, atol=1e-5)
     a, b = metrics(runs["ddp"] / run), metrics(runs[strategy] / run)
     assert len(a) == len(b) > 0
     for ra, rb in zip(a, b):
-        assert rb["reward/mean"] == pytest.approx(ra["reward/mean"], rel=1e-5)
+        assert rb["reward/mean"] == pytest.approx(ra["reward/mean"], rel=tol["reward"])
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=tol["grad"])
     wa, wb = weights(runs["ddp"] / run / "final"), weights(runs[strategy] / run / "final")
     assert wa.keys() == wb.keys() and len(wa) > 0
