@@ -157,6 +157,7 @@ def test_nfe_accounting(tmp_path):
     assert s["nfe_train"] == 2 * B * 4
 
 
+@pytest.mark.slow
 def test_toy2d_dgpo_raises_eval_reward(tmp_path):
     s = dgpo.main(["--iterations", "300", "--output-dir", str(tmp_path), "--log-every", "0"])
     assert s == json.loads((tmp_path / "summary.json").read_text())

@@ -13,6 +13,8 @@ import torch
 import common
 import dgpo
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs: the slow tier
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -19,6 +19,7 @@ def run(tmp_path, *argv):
     return summary
 
 
+@pytest.mark.slow
 def test_toy2d_flow_grpo_raises_eval_reward(tmp_path):
     s = run(tmp_path, "--iterations", "250", "--seed", "0")
     for key in ["algorithm", "model", "iterations", "eval_reward_before", "eval_reward_after", "nfe_rollout",
@@ -189,6 +190,7 @@ def test_bad_preset_and_model_are_clear_errors(tmp_path):
     assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3", *weights]).preset == "flow-grpo-sd3"
 
 
+@pytest.mark.slow
 def test_two_process_run_splits_the_batch_and_sums_nfe_over_processes(tmp_path):
     """A real 2-process (gloo) run, as `torchrun` starts it on CPU: each process samples its own groups."""
     import os

@@ -42,6 +42,7 @@ def _flags(pipeline_dir, prompt_files, out, *extra):
             "--output-dir", str(out), "--log-every", "0", "--checkpoint-every", "0", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", ["8", "0"])
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline_dir, prompt_files, tmp_path,

@@ -114,6 +114,7 @@ def test_nfe_accounting_matches_the_schedule(tmp_path):
     assert s["nfe_train"] == 2 * 3 * 5  # one gradient NFE per k per group
 
 
+@pytest.mark.slow
 def test_toy2d_g2rpo_raises_eval_reward(tmp_path):
     s = g2rpo.main(["--iterations", "150", "--output-dir", str(tmp_path), "--log-every", "0"])
     assert s["eval_reward_before"] < 0.2 and s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s

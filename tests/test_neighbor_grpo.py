@@ -142,6 +142,7 @@ def test_the_loop_reweights_with_the_quasi_norm_p_it_is_given(tmp_path, monkeypa
     assert not torch.allclose(groups.norm(dim=-1), torch.ones(len(groups)), rtol=1e-2, atol=1e-2)  # not p = 2
 
 
+@pytest.mark.slow
 def test_toy2d_neighbor_grpo_raises_eval_reward(tmp_path):
     s = ng.main(["--iterations", "200", "--output-dir", str(tmp_path), "--log-every", "0"])
     assert s["eval_reward_before"] < 0.2 and s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s

@@ -93,6 +93,7 @@ def test_bad_funnels_are_clear_errors():
             pro_grpo.parse_funnel(parse_args(pro_grpo.Args, pro_grpo.PRESETS, flags))
 
 
+@pytest.mark.slow
 def test_toy2d_pro_grpo_raises_eval_reward_and_reports_nfe(tmp_path):
     s = pro_grpo.main(["--iterations", "250", "--output-dir", str(tmp_path), "--log-every", "0"])
     assert s["eval_reward_before"] < 0.2 and s["eval_reward_after"] > s["eval_reward_before"] + 0.3, s

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_estimate  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs: the slow tier
+
 SCRIPTS = ("flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo")
 GPU_GIB = 74.5  # an 80 GB card as torch reports it
 

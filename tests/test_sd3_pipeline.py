@@ -136,6 +136,7 @@ def test_dgpo_trains_cfg_free_and_rolls_out_with_cfg(pipeline_dir, prompt_file, 
     assert summary["model"] == "sd3"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", ["8", "0"])
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline_dir, prompt_file, tmp_path,

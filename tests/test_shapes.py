@@ -188,6 +188,7 @@ def test_base_model_is_cached(tiny_base, monkeypatch, tmp_path):
 # every script runs on shapes
 # ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo"])
 def test_one_iteration_on_shapes(script, tiny_base, tmp_path, capture_policy):
     module = importlib.import_module(script)

@@ -25,6 +25,7 @@ def test_full_fine_tune_backward_costs_two_forwards_and_lora_far_less():
     assert grad_l / fwd_l < grad / fwd  # no weight gradients for the frozen base
 
 
+@pytest.mark.slow
 def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys):
     sys.argv = ["timing.py", "--config", "tiny", "--methods", "Flow-GRPO", "--out", str(tmp_path / "t.md")]
     timing.main()
