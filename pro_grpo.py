@@ -67,8 +67,8 @@ PRESETS = {
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_sizes="8,4,2", prune_steps="3,4",
                       prompts_per_iteration=2, lora_rank=8, learning_rate=1e-3, eval_steps=6,
                       eval_samples_per_prompt=2, log_every=1),
-    # Stops at 20 iterations: later its quality metric falls by more than 10% (40 iterations: reward 0.391 ->
-    # 0.467, quality 0.602 -> 0.521; README, shapes task).
+    # Stops at 20 iterations: later the reward rises slowly while the quality metric falls (seed 0, trained weights:
+    # reward 0.390 -> 0.458 at 20, 0.473 at 40; quality 0.602 -> 0.582, 0.562; docs/benchmarks.md, reward hacking).
     "shapes": dict(model="shapes", iterations=20, num_steps=10, group_sizes="32,16,8", prune_steps="5,7",
                    prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3, eval_steps=20,
                    eval_samples_per_prompt=2, log_every=5),

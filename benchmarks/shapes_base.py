@@ -3,7 +3,7 @@ train and held-out prompts, and draw its sample grid.
 
     python benchmarks/shapes_base.py        # writes runs/shapes-base/samples.png and scores.json
 
-The README's base-model table comes from this command (infra/shapes.py describes the task).
+docs/benchmarks.md's base-model table comes from this command (infra/shapes.py describes the task).
 """
 
 from __future__ import annotations
