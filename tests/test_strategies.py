@@ -2,7 +2,7 @@
 2-process runs on the CPU (gloo), against the same runs under DDP: sharded training must compute the same updates,
 save the same weights and resume exactly. tests/strategies_check.py says how accelerate's FSDP and DeepSpeed paths
 are reached without a GPU, and what that leaves uncovered. DeepSpeed's tests need `deepspeed` installed (.ci/run
-installs it; see the README)."""
+installs it; see docs/multi-gpu.md)."""
 
 import importlib.util
 import json
