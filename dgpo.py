@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EMA, CommonArgs, accumulating, arg, gathered_group_advantages, mean_stats, optimizer_step,
-                    sample_ode, select, static_shift)
+from common import EMA, CommonArgs, arg, gathered_group_advantages, mean_stats, sample_ode, select, static_shift
 from infra.args import parse_args
+from infra.distributed import accumulating, optimizer_step
 from infra.run import Run
 from infra.tasks import load_task
 

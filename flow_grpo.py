@@ -38,9 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EMA, CommonArgs, accumulating, arg, check_finite, gathered_group_advantages, mean_stats,
-                    optimizer_step, sde_step_with_logprob, select)
+from common import (EMA, CommonArgs, arg, check_finite, gathered_group_advantages, mean_stats, sde_step_with_logprob,
+                    select)
 from infra.args import parse_args
+from infra.distributed import accumulating, optimizer_step
 from infra.run import Run
 from infra.tasks import load_task
 

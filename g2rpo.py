@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, arg, check_finite, euler_step, group_advantages, optimizer_step, sample_ode,
-                    sde_step_with_logprob, select)
+from common import (CommonArgs, arg, check_finite, euler_step, group_advantages, sample_ode, sde_step_with_logprob,
+                    select)
 from infra.args import parse_args
+from infra.distributed import optimizer_step
 from infra.run import Run
 from infra.tasks import load_task
 

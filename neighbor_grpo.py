@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CommonArgs, accumulating, arg, check_finite, euler_step, group_advantages, mean_stats,
-                    optimizer_step, sample_ode, select)
+from common import CommonArgs, arg, check_finite, euler_step, group_advantages, mean_stats, sample_ode, select
 from infra.args import parse_args
+from infra.distributed import accumulating, optimizer_step
 from infra.run import Run
 from infra.tasks import load_task
 

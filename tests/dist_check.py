@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
+import infra.distributed  # noqa: E402
 import dgpo  # noqa: E402
 
 
@@ -50,9 +51,9 @@ def main(out: Path):
 
 
 def ddp_accumulation(acc):
-    """Two optimizer steps of 3 accumulated backward passes each inside common.accumulating, then common.optimizer_step,
-    on a DDP-wrapped linear model, each process holding half of every pass's rows. A comm hook counts the
-    gradient all-reduces: there must be one per optimizer step, not one per pass."""
+    """Two optimizer steps of 3 accumulated backward passes each inside infra.distributed.accumulating, then
+    infra.distributed.optimizer_step, on a DDP-wrapped linear model, each process holding half of every pass's rows.
+    A comm hook counts the gradient all-reduces: there must be one per optimizer step, not one per pass."""
     from types import SimpleNamespace
 
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -75,9 +76,9 @@ def ddp_accumulation(acc):
         before = len(reduces)
         for n in range(3):
             rows = slice(2 * rank, 2 * rank + 2)
-            with common.accumulating(acc, policy, last=n == 2):
+            with infra.distributed.accumulating(acc, policy, last=n == 2):
                 acc.backward((net(x[step, n, rows]) - y[step, n, rows]).pow(2).mean() / 3)
-        common.optimizer_step(acc, policy, opt, max_grad_norm=100.0)
+        infra.distributed.optimizer_step(acc, policy, opt, max_grad_norm=100.0)
         reduces_per_step.append(len(reduces) - before)
     unwrapped = acc.unwrap_model(net)
     return {"ddp_weight": unwrapped.weight.detach().flatten().tolist(), "ddp_bias": unwrapped.bias.item(),

@@ -56,8 +56,8 @@ def test_dgpo_groups_split_across_processes_get_the_one_process_weights(two_proc
 
 
 def test_ddp_accumulation_reduces_once_per_step_and_equals_one_process(two_process_run):
-    """common.accumulating skips DDP's all-reduce on all but the last pass of an optimizer step; the update is still
-    the one a single process computes on all rows (mean over processes of the summed pass gradients)."""
+    """infra.distributed.accumulating skips DDP's all-reduce on all but the last pass of an optimizer step; the update
+    is still the one a single process computes on all rows (mean over processes of the summed pass gradients)."""
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -79,8 +79,9 @@ def test_the_runs_really_were_sharded(runs, strategy):
 def test_sharded_training_equals_ddp(runs, strategy, run):
     """Full fine-tuning, LoRA with DGPO's reference and EMA, and a bf16 base with fp32 adapters: the same rewards
     and gradient norms every iteration, and the same saved weights. FSDP reduce-scatters at every backward pass
-    and clips by the global norm over shards; DeepSpeed accumulates to the boundary `common.accumulating` marks,
-    then reduces, clips and steps (without the boundary it steps at every pass and these numbers differ)."""
+    and clips by the global norm over shards; DeepSpeed accumulates to the boundary
+    `infra.distributed.accumulating` marks, then reduces, clips and steps (without the boundary it steps at every
+    pass and these numbers differ)."""
     tol = BF16_TOLERANCE[strategy] if run == "flux_bf16_lora" else dict(reward=1e-5, grad=1e-4, atol=1e-5)
     a, b = metrics(runs["ddp"] / run), metrics(runs[strategy] / run)
     assert len(a) == len(b) > 0
