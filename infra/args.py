@@ -208,7 +208,7 @@ def _default_preset(model: str, presets: dict, prog: str) -> str:
     if model not in MODELS + tuple(CUSTOM_MODELS):
         raise ArgumentError(prog, f"--model takes one of {', '.join(MODELS + tuple(CUSTOM_MODELS))}; got {model!r}")
     advice = " and give the weights with --pretrained <dir>" if model in ("flux", "sd3") else ""
-    raise ArgumentError(prog, f"{prog} has no preset for --model {model}: name one with --preset{advice} "
+    raise ArgumentError(prog, f"no preset for --model {model}: name one with --preset{advice} "
                               f"(presets: {', '.join(presets)})")
 
 

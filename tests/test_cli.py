@@ -65,7 +65,7 @@ def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, message
     (["--reward", "pickscore:x"], "the weight of pickscore must be a number"),
     (["--eval-solver", "rk4"], "--eval-solver takes one of euler, dpm2m; got 'rk4'"),
     (["--model", "sdxl"], "--model takes one of toy2d, tiny-flux, shapes, flux, sd3"),
-    (["--model", "flux"], "has no preset for --model flux: name one with --preset and give the weights with "
+    (["--model", "flux"], "no preset for --model flux: name one with --preset and give the weights with "
                           "--pretrained"),
     (["--preset", "dgpo-sd3"], "--model sd3 needs --pretrained"),
     (["--preset", "dgpo-sd3", "--pretrained", "/nonexistent", "--train-prompts", __file__],
