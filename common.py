@@ -14,8 +14,9 @@ Notation (rectified flow, the convention of SD3 / FLUX and diffusers):
     eps_hat = x_s + (1 - s) * v         predicted noise
     sigmas  = [1 = s_0 > s_1 > ... > s_N = 0]   an N-step sampling schedule
 
-Sections: schedules; ODE solvers; the SDE step with log-probability; non-finite numbers; group advantages; the
-optimizer step; moving averages of the weights; the policy interface; toy2d; tasks and evaluation; arguments.
+Sections: schedules; ODE solvers; the SDE step with log-probability; non-finite numbers; group advantages; moving
+averages of the weights; the policy interface; toy2d; logging; arguments. (The optimizer step under DDP / FSDP /
+DeepSpeed is infra/distributed.py; tasks and the evaluation protocol are infra/tasks.py.)
 """
 
 from __future__ import annotations
@@ -543,51 +544,8 @@ def toy_on_manifold(points: torch.Tensor, prompts: list[str] = None) -> torch.Te
 
 
 # ======================================================================================================
-# Tasks and the evaluation protocol
+# Logging
 # ======================================================================================================
-# A reward is a callable `(decoded_samples, prompts) -> (B,) float tensor`; the toy's is above, the image rewards and
-# `get_reward` (by name, or a weighted sum) are in infra/rewards.py, `load_task` (a model with its prompts and reward
-# for --model) in infra/tasks.py.
-
-
-@dataclass
-class Task:
-    """A model with its prompts, its training reward and the quality metrics evaluation reports."""
-    policy: Policy
-    reward_fn: Callable
-    train_prompts: list[str]
-    eval_prompts: list[str]
-    metrics: dict[str, Callable] = field(default_factory=dict)  # name -> (samples, prompts) -> (B,) per-sample
-    grid_prompts: list[str] = field(default_factory=list)  # image tasks: rows of samples_{before,after}.png
-
-
-@torch.no_grad()
-def evaluate(task: Task, args, keep_samples: bool = False):
-    """The evaluation protocol: the plain deterministic ODE (`--eval-solver`, `--eval-steps`) on the eval prompts
-    from fixed noise (`--eval-seed`: the same noise before and after training). Returns the mean reward and the mean
-    of each task metric (and, with `keep_samples`, the decoded samples and their prompts). NFE spent here is not
-    counted."""
-    policy = task.policy
-    prompts = [p for p in task.eval_prompts for _ in range(args.eval_samples_per_prompt)]
-    generator = torch.Generator().manual_seed(args.eval_seed)
-    noise = policy.initial_noise(len(prompts), generator)
-    sigmas = policy.sigmas(args.eval_steps, args.shift)
-    rewards, metrics, kept = [], {k: [] for k in task.metrics}, []
-    chunk = args.eval_batch_size or len(prompts)
-    with policy.nfe_paused():
-        for i in range(0, len(prompts), chunk):
-            p = prompts[i:i + chunk]
-            x0 = sample_ode(policy, noise[i:i + chunk], sigmas, policy.encode_prompts(p), solver=args.eval_solver)
-            samples = policy.decode(x0)
-            rewards.append(task.reward_fn(samples, p))
-            for k, fn in task.metrics.items():
-                metrics[k].append(fn(samples, p))
-            if keep_samples:
-                kept.append(samples.cpu())
-    check_finite("evaluation reward", torch.cat(rewards))
-    out = {"reward": torch.cat(rewards).mean().item()}
-    out.update({k: torch.cat(v).mean().item() for k, v in metrics.items()})
-    return (out, torch.cat(kept), prompts) if keep_samples else out
 
 
 def mean_stats(stats: list[dict]) -> dict:

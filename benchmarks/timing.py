@@ -140,7 +140,7 @@ def build_timing_task(spec):
         policy = diffusers_models.FluxPolicy(transformer, vae, diffusers_models.HashTextEncoder(**spec["text"]), args.resolution,
                                    args.guidance_scale, args.lora_rank, args.lora_alpha, keep_reference, device)
         colors = list(rewards.COLORS)
-        task = common.Task(policy, rewards.get_reward("mean_color"), [f"a photo of {c}" for c in colors],
+        task = tasks.Task(policy, rewards.get_reward("mean_color"), [f"a photo of {c}" for c in colors],
                            [f"a photo of {colors[0]}"])
         build.task = task
         return task

@@ -19,9 +19,7 @@ from typing import Callable
 
 import torch
 
-from common import Task
 from infra.pretrained import cached_model_path
-from infra.rewards import get_reward
 from infra.diffusers_models import FluxPolicy, SD3Policy
 
 class CachedTextEncoder:
@@ -131,8 +129,8 @@ def pipeline_encoder(pipe, model: str, max_sequence_length: int, device):
     return encode
 
 
-def build_pipeline_task(args, train: list[str], evals: list[str], keep_reference: bool, device="cpu",
-                        log=print) -> Task:
+def build_pipeline_policy(args, train: list[str], evals: list[str], keep_reference: bool, device="cpu",
+                          log=print):
     """FLUX.1-dev (`--model flux`) or SD3.5 (`--model sd3`) from `--pretrained` (a diffusers directory, or a hub
     id already in the local cache). The text encoders embed the prompt set once into a memory-mapped disk cache
     (`CachedTextEncoder`) and are released; once the cache exists they are not even loaded. The transformer is held
@@ -183,8 +181,6 @@ def build_pipeline_task(args, train: list[str], evals: list[str], keep_reference
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     extra = {"scheduler_config": dict(pipe.scheduler.config)} if args.model == "sd3" else {}
-    policy = policy_class(pipe.transformer, pipe.vae, text, resolution=args.resolution,
-                                    guidance_scale=args.guidance_scale, lora_rank=args.lora_rank,
-                                    lora_alpha=args.lora_alpha, keep_reference=keep_reference, device=device,
-                                    **extra)
-    return Task(policy, get_reward(args.reward or "pickscore", device, args.reward_dir), train, evals)
+    return policy_class(pipe.transformer, pipe.vae, text, resolution=args.resolution,
+                        guidance_scale=args.guidance_scale, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        keep_reference=keep_reference, device=device, **extra)

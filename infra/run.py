@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import NonFiniteError, Policy, Task, check_finite, evaluate, parse_toy_prompt
-from infra.tasks import sample_grid
+from common import NonFiniteError, Policy, check_finite, parse_toy_prompt
+from infra.tasks import Task, evaluate, sample_grid
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "checkpoints", "samples.png",
            "samples_before.png", "samples_after.png")  # what a run writes into its --output-dir

@@ -1,21 +1,67 @@
 """The tasks behind `--model`: toy2d, tiny-flux, shapes, FLUX.1-dev, SD3.5, and models you register.
 
-`load_task(args)` is what every script calls. Also here: prompt files (`read_prompts`) and the sample grids image
-runs write before and after training.
+`load_task(args)` is what every script calls: a `Task` (the model with its prompts, reward and quality metrics).
+Also here: the evaluation protocol every run reports (`evaluate`), prompt files (`read_prompts`) and the sample
+grids image runs write before and after training.
+
+A reward is a callable `(decoded_samples, prompts) -> (B,) float tensor`: the toy's is in common.py, the image
+rewards and `get_reward` (by name, or a weighted sum) in infra/rewards.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from common import TOY_NUM_MODES, Task, Toy2DPolicy, sample_ode, toy_on_manifold
+from common import TOY_NUM_MODES, Policy, Toy2DPolicy, check_finite, sample_ode, toy_on_manifold
 from infra.diffusers_models import build_tiny_flux
 from infra.rewards import COLORS, get_reward
+
+
+@dataclass
+class Task:
+    """A model with its prompts, its training reward and the quality metrics evaluation reports."""
+    policy: Policy
+    reward_fn: Callable
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    metrics: dict[str, Callable] = field(default_factory=dict)  # name -> (samples, prompts) -> (B,) per-sample
+    grid_prompts: list[str] = field(default_factory=list)  # image tasks: rows of samples_{before,after}.png
+
+
+@torch.no_grad()
+def evaluate(task: Task, args, keep_samples: bool = False):
+    """The evaluation protocol: the plain deterministic ODE (`--eval-solver`, `--eval-steps`) on the eval prompts
+    from fixed noise (`--eval-seed`: the same noise before and after training). Returns the mean reward and the mean
+    of each task metric (and, with `keep_samples`, the decoded samples and their prompts). NFE spent here is not
+    counted."""
+    policy = task.policy
+    prompts = [p for p in task.eval_prompts for _ in range(args.eval_samples_per_prompt)]
+    generator = torch.Generator().manual_seed(args.eval_seed)
+    noise = policy.initial_noise(len(prompts), generator)
+    sigmas = policy.sigmas(args.eval_steps, args.shift)
+    rewards, metrics, kept = [], {k: [] for k in task.metrics}, []
+    chunk = args.eval_batch_size or len(prompts)
+    with policy.nfe_paused():
+        for i in range(0, len(prompts), chunk):
+            p = prompts[i:i + chunk]
+            x0 = sample_ode(policy, noise[i:i + chunk], sigmas, policy.encode_prompts(p), solver=args.eval_solver)
+            samples = policy.decode(x0)
+            rewards.append(task.reward_fn(samples, p))
+            for k, fn in task.metrics.items():
+                metrics[k].append(fn(samples, p))
+            if keep_samples:
+                kept.append(samples.cpu())
+    check_finite("evaluation reward", torch.cat(rewards))
+    out = {"reward": torch.cat(rewards).mean().item()}
+    out.update({k: torch.cat(v).mean().item() for k, v in metrics.items()})
+    return (out, torch.cat(kept), prompts) if keep_samples else out
+
 
 MODELS = ("toy2d", "tiny-flux", "shapes", "flux", "sd3")  # flux / sd3: FLUX.1-dev / SD3.5 from --pretrained
 
@@ -107,13 +153,14 @@ def _build(args, keep_reference: bool, device="cpu", log=print) -> Task:
                     {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
     if args.model in ("flux", "sd3"):
-        from infra.pipelines import build_pipeline_task
+        from infra.pipelines import build_pipeline_policy
         if not args.train_prompts:
             raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
                              f"--eval-prompts)")
         train = read_prompts(args.train_prompts)
         evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
-        return build_pipeline_task(args, train, evals, keep_reference, device, log)
+        policy = build_pipeline_policy(args, train, evals, keep_reference, device, log)
+        return Task(policy, get_reward(args.reward or "pickscore", device, args.reward_dir), train, evals)
     raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
 
 
