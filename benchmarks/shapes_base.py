@@ -15,9 +15,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.tasks import evaluate  # noqa: E402
 from infra.shapes import all_prompts  # noqa: E402
-from infra.tasks import load_task, sample_grid  # noqa: E402
+from infra.tasks import evaluate, load_task, sample_grid  # noqa: E402
 
 
 def main():

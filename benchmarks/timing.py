@@ -141,7 +141,7 @@ def build_timing_task(spec):
                                    args.guidance_scale, args.lora_rank, args.lora_alpha, keep_reference, device)
         colors = list(rewards.COLORS)
         task = tasks.Task(policy, rewards.get_reward("mean_color"), [f"a photo of {c}" for c in colors],
-                           [f"a photo of {colors[0]}"])
+                          [f"a photo of {colors[0]}"])
         build.task = task
         return task
     return build
