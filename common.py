@@ -338,10 +338,14 @@ class Policy:
         self._count = True
         self._cfg_off = False
         self._use_reference = False
+        self._merged = False  # inside DiffusersPolicy.lora_merged: no-grad calls only
         self.accelerator = None
 
     # --- the model call ---------------------------------------------------------------------------------
     def velocity(self, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
+        if self._merged and torch.is_grad_enabled():
+            raise RuntimeError("a call with gradient inside lora_merged(): the LoRA update is merged into frozen "
+                               "weights there, so no gradient would reach it")
         if self._count:  # classifier-free guidance calls the transformer on 2 copies of each sample
             self.nfe["grad" if torch.is_grad_enabled() else "no_grad"] += x.shape[0] * (2 if self.cfg_active() else 1)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
@@ -387,6 +391,8 @@ class Policy:
     @contextlib.contextmanager
     def reference(self):
         """Inside this context `velocity` is the frozen reference (base) model."""
+        if self._merged:
+            raise RuntimeError("reference() inside lora_merged(): the base weights hold the merged LoRA update there")
         if self.reference_net is None and not self._has_adapters():
             raise RuntimeError("this policy keeps no reference model: build it with keep_reference=True "
                                "(full fine-tuning) or with LoRA (lora_rank > 0)")
@@ -615,6 +621,8 @@ class CommonArgs:
     lora_alpha: Optional[float] = arg(None, "LoRA alpha (default 2 x rank, as the reference code)", above=0)
     gradient_checkpointing: bool = arg(False, "recompute transformer activations in backward (less memory, ~1 more "
                                               "forward per gradient call)")
+    compile: bool = arg(False, "regional torch.compile of the transformer blocks (diffusers models; compiles on first "
+                               "use, ~20-30 s per variant on a CPU); unmeasured on a GPU, so off by default")
     # sampling
     num_steps: int = arg(10, "sampling steps N of a training rollout", min=1)
     shift: Optional[float] = arg(None, "static timestep shift; default: the model's (FLUX: dynamic shift, toy: none)",

@@ -72,6 +72,9 @@ class Args(CommonArgs):
     clip_range: float = arg(1e-4, "ratio clip range for --clip-dsm", above=0)
     train_micro_batch_groups: int = arg(0, "whole groups per forward/backward (0: all); memory only. Whole groups, "
                                            "because S_g needs every sample of its group", min=0)
+    merge_lora_rollouts: bool = arg(False, "roll out with the LoRA update merged into the base weights (no-grad calls: "
+                                           "one matrix product per layer instead of three; one more copy of the "
+                                           "adapted weights' memory); unmeasured on a GPU, so off by default")
     eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (the official config's "
                                "train.ema: Flow-GRPO's EMAModuleWrapper, decay 0.9, every 8 optimizer steps)")
 
@@ -232,7 +235,8 @@ def main(argv=None):
         cond = policy.encode_prompts(prompts)
         noise = policy.initial_noise(P * G)
         chunk = args.rollout_batch_size or P * G
-        with theta_minus.swapped_in() if it >= args.ema_start else contextlib.nullcontext():
+        with theta_minus.swapped_in() if it >= args.ema_start else contextlib.nullcontext(), \
+                policy.lora_merged() if args.merge_lora_rollouts else contextlib.nullcontext():
             x0 = torch.cat([sample_ode(policy, noise[i:i + chunk], sigmas, select(cond, slice(i, i + chunk)),
                                        solver=args.rollout_solver) for i in range(0, P * G, chunk)])
 

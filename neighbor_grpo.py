@@ -30,6 +30,7 @@ Run:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ class Args(CommonArgs):
     updates_per_iteration: int = arg(2, "optimizer steps per iteration; the K timesteps are split among them "
                                         "(follow-up work: 2 policy updates), so gradient NFE stays B x K", min=1)
     train_micro_batch_size: int = arg(0, "anchors per forward/backward (0: all); memory only", min=0)
+    merge_lora_rollouts: bool = arg(False, "roll out with the LoRA update merged into the base weights (no-grad calls: "
+                                           "one matrix product per layer instead of three; one more copy of the "
+                                           "adapted weights' memory); unmeasured on a GPU, so off by default")
 
 
 PRESETS = {
@@ -191,7 +195,7 @@ def main(argv=None):
         cond = policy.encode_prompts(prompts)
         noise = perturb_noise(policy.initial_noise(P), G, args.perturb_sigma)
         chunk = args.rollout_batch_size or P * G
-        with torch.no_grad():
+        with torch.no_grad(), policy.lora_merged() if args.merge_lora_rollouts else contextlib.nullcontext():
             parts = [sample_ode(policy, noise[i:i + chunk], sigmas, select(cond, slice(i, i + chunk)),
                                 solver=args.rollout_solver, return_trajectory=True) for i in range(0, P * G, chunk)]
         states = torch.stack([torch.cat([p[j] for p in parts]) for j in range(args.num_steps + 1)])

@@ -4,6 +4,8 @@ tensor shapes: seconds per iteration, peak memory and training MFU.
     python benchmarks/timing.py                            # --config mid: a mid-size FLUX on the CPU (~4 min)
     python benchmarks/timing.py --config flux-dev          # on a GPU: FLUX.1-dev widths, 2 double + 4 single blocks
     python benchmarks/timing.py --config flux-dev --depth 19 38   # the full 12B depth (needs the memory)
+    python benchmarks/timing.py --config flux-dev --methods DGPO \
+        --variants base= compile=--compile merged=--merge-lora-rollouts   # speed levers, one row each
 
 Every script runs in its own process, unchanged, on a FLUX transformer with random weights registered as
 `--model timing-flux` (tasks.register_model), a random-weight VAE, a hash text encoder and the mean-colour
@@ -16,7 +18,10 @@ reward. What is measured, per training iteration (the first is a warm-up and is 
 - FLOPs: one sample's forward, and forward + backward with the run's trainable parameters (LoRA or all), counted
   by torch.utils.flop_counter with attention on the math backend (so its matmuls are counted); an iteration's
   FLOPs = NFE_no_grad x forward + NFE_grad x (forward + backward). MFU = FLOPs / (seconds x the device's peak
-  dense bf16 FLOP/s).
+  dense bf16 FLOP/s). The FLOPs are those of the eager, unmerged model whatever the run's levers (--compile,
+  --merge-lora-rollouts): a lever that saves work shows as time saved, not as FLOPs lost.
+- warm-up: the first iteration's seconds, left out of the medians; compilation (--compile) lands there and in the
+  evaluation before training.
 
 Configs:
 - mid: hidden 256 (4 heads x 64), 2 double + 2 single blocks (6.8M parameters), 256 px through an 8x VAE = 256
@@ -214,6 +219,7 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, ext
         "iterations_measured": len(steady), "peak_gib": peak_gib,
         "flops_fwd": flops_fwd, "flops_grad": flops_grad,
         "seconds": [r["time/iteration_seconds"] for r, _ in steady],
+        "warmup_seconds": rows[0]["time/iteration_seconds"],
         "fwd_seconds": [c["fwd"] for _, c in steady], "bwd_seconds": [c["bwd"] for _, c in steady],
         "nfe_no_grad": [r["nfe/rollout"] for r, _ in steady], "nfe_grad": [r["nfe/train"] for r, _ in steady],
     }
@@ -226,7 +232,8 @@ def count_flops(policy) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
     x = policy.initial_noise(1)
     cond = policy.encode_prompts(["a photo of red"])
-    with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused():
+    # force_eager: compiled blocks (--compile) would run generated kernels the counter cannot see
+    with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused(), torch.compiler.set_stance("force_eager"):
         with torch.no_grad(), FlopCounterMode(display=False) as fwd:
             policy.velocity(x, 0.5, cond)
         with FlopCounterMode(display=False) as grad:
@@ -246,7 +253,7 @@ def median(xs):
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
-def table(results: list[dict], config: str, depth, extra_flags: str = "") -> list[str]:
+def table(results: list[dict], config: str, depth, extra_flags: str = "", variants=None) -> list[str]:
     """The markdown table; a method whose run failed gets a row saying how."""
     r0 = next((r for r in results if "error" not in r), None)
     if r0 is None:
@@ -258,17 +265,19 @@ def table(results: list[dict], config: str, depth, extra_flags: str = "") -> lis
     lines = [f"## Time per iteration: {config} ({r0['device']})", "",
              f"`python benchmarks/timing.py --config {config}"
              + (f" --depth {depth[0]} {depth[1]}" if depth else "")
-             + (f" --extra-flags '{extra_flags}'" if extra_flags else "") + "`: FLUX transformer with hidden "
+             + (f" --extra-flags '{extra_flags}'" if extra_flags else "")
+             + (" --variants " + " ".join(shlex.quote(v) for v in variants) if variants else "")
+             + "`: FLUX transformer with hidden "
              f"{tf['num_attention_heads'] * tf['attention_head_dim']}, {layers} blocks "
              f"({r0['params'] / 1e6:,.1f}M parameters), random weights. Medians over the iterations after the first. "
              "Model share = (transformer forwards + backward passes) / iteration time; the rest is overhead "
              "(sampler arithmetic, VAE decode, reward, optimizer, logging).", "",
              "| method | resolution (tokens) | trainable | NFE no-grad / grad per it | s / it | forward s | backward s "
-             "| model share | overhead | TFLOP / it | MFU | peak memory |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model share | overhead | TFLOP / it | MFU | peak memory | warm-up s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 11)
             continue
         s, f, b = median(r["seconds"]), median(r["fwd_seconds"]), median(r["bwd_seconds"])
         ng, g = median(r["nfe_no_grad"]), median(r["nfe_grad"])
@@ -279,7 +288,7 @@ def table(results: list[dict], config: str, depth, extra_flags: str = "") -> lis
             f"all ({r['trainable'] / 1e6:,.0f}M)"
         lines.append(f"| {r['method']} | {r['resolution']} ({r['tokens']}) | {trainable} | {ng:,.0f} / {g:,.0f} | "
                      f"{s:.2f} | {f:.2f} | {b:.2f} | {(f + b) / s:.1%} | {1 - (f + b) / s:.1%} | "
-                     f"{flops / 1e12:.2f} | {mfu} | {mem} |")
+                     f"{flops / 1e12:.2f} | {mfu} | {mem} | {r['warmup_seconds']:.1f} |")
     return lines + [""]
 
 
@@ -292,6 +301,9 @@ def main():
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     p.add_argument("--extra-flags", default="", help="more flags for every method's run, e.g. "
                    "'--gradient-checkpointing' at full depth")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME=FLAGS",
+                   help="run each method once per variant, with the variant's flags after --extra-flags, e.g. "
+                   "base= compile=--compile 'merged=--merge-lora-rollouts'; rows are 'method (NAME)'")
     p.add_argument("--timeout", type=float, default=None, help="seconds a method's run may take (then: a failed row)")
     p.add_argument("--worker", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -300,15 +312,24 @@ def main():
 
     results = []
     names = [n for n in CONFIGS[args.config]["methods"] if args.methods is None or n in args.methods]
+    if args.methods and len(names) < len(args.methods):
+        raise SystemExit(f"--methods: unknown {sorted(set(args.methods) - set(names))}; config {args.config} has "
+                         f"{list(CONFIGS[args.config]['methods'])}")
+    variants = [v.partition("=")[::2] for v in args.variants or []]
+    if any(not label or "=" not in v for (label, _), v in zip(variants, args.variants or [])):
+        raise SystemExit("--variants: each one is NAME=FLAGS (FLAGS may be empty: base=)")
+    variants = variants or [("", "")]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            d = Path(tmp) / name.replace(" ", "_")
+        for method, (label, variant_flags) in ((n, v) for n in names for v in variants):
+            name = f"{method} ({label})" if label else method
+            d = Path(tmp) / f"{method}_{label}".replace(" ", "_")
             d.mkdir()
-            cmd = [sys.executable, __file__, "--config", args.config, "--worker", name, str(d)]
+            cmd = [sys.executable, __file__, "--config", args.config, "--worker", method, str(d)]
             if args.depth:
                 cmd += ["--depth", *map(str, args.depth)]
-            if args.extra_flags:
-                cmd += [f"--extra-flags={args.extra_flags}"]  # "=": the value starts with --
+            extra = " ".join(f for f in (args.extra_flags, variant_flags) if f)
+            if extra:
+                cmd += [f"--extra-flags={extra}"]  # "=": the value starts with --
             t0 = time.time()
             stderr = ""
             try:
@@ -322,9 +343,9 @@ def main():
                 results.append({"method": name, "error": error})
                 print(f"  {name:24s} FAILED: {error}\n{stderr[-3000:]}", flush=True)
                 continue
-            results.append(json.loads((d / "result.json").read_text()))
+            results.append({**json.loads((d / "result.json").read_text()), "method": name})
             print(f"  {name:24s} {time.time() - t0:6.1f} s", flush=True)
-    lines = table(results, args.config, args.depth, args.extra_flags)
+    lines = table(results, args.config, args.depth, args.extra_flags, args.variants)
     print("\n".join(lines))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", "log_every", "report_to",
              "eval_every", "checkpoint_every", "checkpoints_total_limit", "dist_timeout_minutes", "num_threads",
              "attention_backend", "save_weights", "rollout_batch_size", "eval_batch_size", "train_micro_batch_size",
-             "train_micro_batch_groups", "gradient_checkpointing", "pretrained", "reward_dir", "train_prompts",
-             "eval_prompts"}
+             "train_micro_batch_groups", "gradient_checkpointing", "compile", "merge_lora_rollouts", "pretrained",
+             "reward_dir", "train_prompts", "eval_prompts"}
 
 
 class ArgumentError(SystemExit):

@@ -332,6 +332,12 @@ class Run:
         from accelerate.utils import DistributedType
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self._configure_deepspeed()
+        sharded = self.accelerator.distributed_type == DistributedType.FSDP or (
+            self.accelerator.distributed_type == DistributedType.DEEPSPEED
+            and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        if getattr(a, "merge_lora_rollouts", False) and sharded:
+            raise SystemExit("--merge-lora-rollouts swaps whole base weights, which FSDP and DeepSpeed ZeRO-3 shard "
+                             "over the processes: use it on one GPU or under DDP (configs/ddp.yaml)")
         if self.accelerator.num_processes > 1:
             # Every process starts from rank 0's trainable weights. They can differ: LoRA adapters are initialised
             # from each process's own seed. DDP and DeepSpeed broadcast on wrapping; FSDP shards what each holds.

@@ -10,16 +10,20 @@
 #      blocks: seconds per iteration, the share inside the transformer, MFU, peak memory;
 #   3. the same at full depth (19 + 38 blocks, 11.9B parameters) for DGPO and Flow-GRPO, LoRA, with gradient
 #      checkpointing; the transformer is built on the GPU itself (seconds; on a CPU in fp32 it takes minutes and 48 GB);
-# then writes OUT_DIR/gpu_check.md: date, device, software versions, the smoke's lines and both timing tables.
+#   4. only with GPU_CHECK_LEVERS=1 (several more minutes: compilation alone takes one or two per run): the speed
+#      levers at full depth, one row each, for DGPO and Flow-GRPO: gradient checkpointing on and off, regional
+#      torch.compile (--compile), LoRA merged for the rollouts (--merge-lora-rollouts, DGPO), both together;
+# then writes OUT_DIR/gpu_check.md: date, device, software versions, the smoke's lines and the timing tables.
 #   bash scripts/gpu_check.sh [OUT_DIR]          (default runs/gpu_check; exit status 1 if any part failed)
 # Timeouts (seconds): GPU_CHECK_SMOKE_S (240) for the whole smoke, GPU_CHECK_METHOD_S (75) per method at reduced
-# depth, GPU_CHECK_FULL_S (120) per method at full depth. GPU_CHECK_TIMING_CONFIG=tiny GPU_CHECK_DEPTH="1 1" runs parts
+# depth, GPU_CHECK_FULL_S (120) per method at full depth, GPU_CHECK_LEVER_S (240) per lever run. GPU_CHECK_TIMING_CONFIG=tiny GPU_CHECK_DEPTH="1 1" runs parts
 # 2-3 at diffusers' tiny widths (a CPU rehearsal of the script); GPU_CHECK_SKIP_SMOKE=1 leaves part 1 out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT"/{timing,timing_full_depth,levers_dgpo,levers_flow_grpo}.md "$OUT/smoke_lines.txt"  # no stale tables
 PY=${PYTHON:-$(command -v python || command -v python3)}
 CONFIG=${GPU_CHECK_TIMING_CONFIG:-flux-dev}
 DEPTH=${GPU_CHECK_DEPTH:-19 38}
@@ -61,6 +65,21 @@ t0=$SECONDS
   --timeout "${GPU_CHECK_FULL_S:-120}" --out "$OUT/timing_full_depth.md" > "$OUT/timing_full_depth.log" 2>&1 || FAILED=1
 echo "timing at depth $DEPTH: $((SECONDS - t0)) s"
 
+# 4. the speed levers (opt-in)
+if [[ -n ${GPU_CHECK_LEVERS:-} ]]; then
+  t0=$SECONDS
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods DGPO --timeout "${GPU_CHECK_LEVER_S:-240}" \
+    --variants "checkpointing=--gradient-checkpointing" "plain=" "compile=--compile" \
+    "merged=--merge-lora-rollouts" "compile+merged=--compile --merge-lora-rollouts" \
+    --out "$OUT/levers_dgpo.md" > "$OUT/levers_dgpo.log" 2>&1 || FAILED=1
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[1]}" \
+    --timeout "${GPU_CHECK_LEVER_S:-240}" --variants "checkpointing=--gradient-checkpointing" "plain=" \
+    "compile=--compile" --out "$OUT/levers_flow_grpo.md" > "$OUT/levers_flow_grpo.log" 2>&1 || FAILED=1
+  echo "levers at depth $DEPTH: $((SECONDS - t0)) s"
+fi
+
 # the report
 {
   echo "# GPU check, $(date -u +%Y-%m-%d)"
@@ -79,7 +98,7 @@ print(f"`bash scripts/gpu_check.sh` on {gpu}: " + ", ".join(versions) + ".")
 PY
   echo
   if [[ -f $OUT/smoke_lines.txt ]]; then echo '```'; cat "$OUT/smoke_lines.txt"; echo '```'; echo; fi
-  for f in timing.md timing_full_depth.md; do
+  for f in timing.md timing_full_depth.md ${GPU_CHECK_LEVERS:+levers_dgpo.md levers_flow_grpo.md}; do
     if [[ -f $OUT/$f ]]; then sed 's/^## /### /' "$OUT/$f"; else echo "($f: not written; see ${f%.md}.log)"; fi
     echo
   done

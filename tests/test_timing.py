@@ -35,3 +35,22 @@ def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys):
     assert 0 < fwd + bwd <= seconds
     assert float(share.rstrip("%")) + float(overhead.rstrip("%")) == pytest.approx(100, abs=0.11)
     assert cells[3] == "48 / 40"  # the tiny-flux preset: 2 prompts x 4 samples x 6 steps; 5 of 6 steps trained
+
+
+@pytest.mark.slow
+def test_variants_give_one_row_each_with_the_same_work(tmp_path):
+    sys.argv = ["timing.py", "--config", "tiny", "--methods", "DGPO", "--variants", "plain=",
+                "merged=--merge-lora-rollouts", "--out", str(tmp_path / "t.md")]
+    assert timing.main() == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| DGPO")]
+    assert [r[0] for r in rows] == ["DGPO (plain)", "DGPO (merged)"]
+    assert rows[0][3] == rows[1][3] == "64 / 16"  # the lever changes how calls run, not how many
+
+
+@pytest.mark.parametrize("argv, match", [(["--variants", "compile"], "each one is NAME=FLAGS"),
+                                         (["--methods", "DPO"], "unknown \\['DPO'\\]")])
+def test_bad_variants_and_methods_stop_before_running(argv, match):
+    sys.argv = ["timing.py", "--config", "tiny", *argv]
+    with pytest.raises(SystemExit, match=match):
+        timing.main()
