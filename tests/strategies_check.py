@@ -9,7 +9,7 @@ FSDP2 (`fully_shard`) and DeepSpeed's engine (its CPU accelerator) themselves ru
 path: `fully_shard` per transformer block with DTensor gradients reduce-scattered at every backward, or
 `deepspeed.initialize` with the engine accumulating, reducing, clipping and stepping at the boundary; the sharded
 gradient-norm clip; sharded `save_state` / `load_state`; the full state dict gathered for the saved weights.
-Not covered: NCCL, CUDA memory, GPU kernels.
+Not covered: NCCL, CUDA memory, GPU kernels (the --compile run generates C++ for the CPU, not GPU kernels).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/strategies_check.py {ddp,fsdp,deepspeed} OUT PIPELINE
 """
@@ -96,6 +96,12 @@ def main(strategy: str, out: Path, pipeline: Path):
     # LoRA: frozen base, trainable adapters, the reference through disabled adapters, the EMA, DGPO's all-reduce
     dgpo.main([*tiny, "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "0", "--ema-start", "1",
                "--output-dir", str(out / "dgpo_lora")])
+    # the same with regional torch.compile (--compile): compiled blocks inside DDP, FSDP2's per-block shards, DeepSpeed
+    from torch._dynamo.utils import counters
+    counters.clear()
+    dgpo.main([*tiny, "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "0", "--ema-start", "1",
+               "--compile", "--output-dir", str(out / "dgpo_lora_compiled")])
+    (out / f"dynamo_{os.environ['RANK']}.json").write_text(json.dumps({k: dict(v) for k, v in counters.items()}))
     # --model flux from disk in bf16: a bf16 base with fp32 adapters (FSDP1 refuses to flatten the two together)
     from infra.rewards import register_reward
     register_reward("corner_red", corner_red)

@@ -33,6 +33,17 @@ def inputs(policy, n=3):
     return x, policy.encode_prompts(["a red cube", "a blue ball", "a green cone"][:n])
 
 
+def check_close(a: dict, b: dict):
+    """Two runs' metrics rows agree up to float rounding: the reward and DGPO's denoising loss closely; the other
+    losses and the gradient norm are differences of near-equal terms (DGPO's sigmoid sees beta = 100 times one, PPO
+    losses sit near 0), where rounding of 1e-7 in the velocity shows as up to a percent, so they get that much."""
+    for k in a:
+        if k in ("reward/mean", "loss/dsm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), (a["iteration"], k)
+        elif k.startswith("loss/") or k == "grad_norm":
+            assert a[k] == pytest.approx(b[k], rel=2e-2, abs=1e-4), (a["iteration"], k)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # --merge-lora-rollouts
 # --------------------------------------------------------------------------------------------------------------
@@ -92,8 +103,8 @@ def test_merged_rollouts_train_as_the_unmerged_ones(script, tmp_path):
         runs[merge] = (s, [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()])
     (s0, rows0), (s1, rows1) = runs[False], runs[True]
     assert s1["trainable_tensors_changed"] == s1["trainable_tensors"] > 0
-    for a, b in zip(rows0, rows1):
-        assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-4), a["iteration"]
+    for a, b in zip(rows0, rows1):  # the losses and gradient norm too: 8-bit images can hide small reward changes
+        check_close(a, b)
         assert a["nfe/rollout"] == b["nfe/rollout"]
     assert s1["eval_reward_after"] == pytest.approx(s0["eval_reward_after"], rel=1e-4)
 
@@ -161,6 +172,6 @@ def test_compiled_run_trains_as_the_eager_one(tmp_path):
     rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("eager", "compiled")]
     assert s1["trainable_tensors_changed"] == s1["trainable_tensors"] > 0
-    for a, b in zip(*rows):
-        assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-4), a["iteration"]
+    for a, b in zip(*rows):  # the losses and gradient norm too: 8-bit images can hide small reward changes
+        check_close(a, b)
     assert s1["eval_reward_after"] == pytest.approx(s0["eval_reward_after"], rel=1e-4)
