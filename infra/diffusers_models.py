@@ -145,6 +145,8 @@ class DiffusersPolicy(Policy):
         from peft.tuners.lora import LoraLayer
         if not self._has_adapters():
             raise RuntimeError("lora_merged needs LoRA adapters (lora_rank > 0)")
+        if self._use_reference or self._merged:
+            raise RuntimeError("lora_merged inside reference() or lora_merged(): the adapters are off there already")
         net = self._unwrapped()
         layers = [m for m in net.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
         originals = [m.base_layer.weight.data for m in layers]

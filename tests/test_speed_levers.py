@@ -78,6 +78,9 @@ def test_lora_merged_refuses_gradients_and_the_reference():
         with pytest.raises(RuntimeError, match="merged LoRA update"):
             with policy.reference():
                 pass
+    with policy.reference(), pytest.raises(RuntimeError, match="inside reference"):
+        with policy.lora_merged():
+            pass
     policy.velocity(x, 0.5, cond).sum().backward()  # and training works again afterwards
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
