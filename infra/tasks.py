@@ -125,8 +125,8 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
             raise SystemExit(f"--compile compiles a diffusers transformer's blocks; --model {args.model} has none")
         task.policy.compile_blocks()
     if getattr(args, "merge_lora_rollouts", False) and not task.policy._has_adapters():
-        raise SystemExit(f"--merge-lora-rollouts needs LoRA: --model {args.model} with --lora-rank > 0 "
-                         f"(got --lora-rank {args.lora_rank})")
+        raise SystemExit(f"--merge-lora-rollouts needs LoRA adapters to merge: --model tiny-flux, flux or sd3 with "
+                         f"--lora-rank > 0 (got --model {args.model} --lora-rank {args.lora_rank})")
     if args.train_prompts:
         task.train_prompts = read_prompts(args.train_prompts)
     if args.eval_prompts:

@@ -136,6 +136,30 @@ def test_dgpo_trains_cfg_free_and_rolls_out_with_cfg(pipeline_dir, prompt_file, 
     assert summary["model"] == "sd3"
 
 
+def test_compiled_joint_blocks_and_merged_lora_give_the_guided_velocity(pipeline_dir, prompt_file, tmp_path):
+    """The speed levers on SD3: its joint blocks compiled (aot_eager: dynamo and AOT autograd without code generation)
+    and its attention-only LoRA merged give the eager, unmerged CFG velocity (tests/test_speed_levers.py does FLUX)."""
+    policy = _policy(pipeline_dir, prompt_file, tmp_path)
+    assert policy._has_adapters()
+    with torch.no_grad():  # peft starts B at 0, where any merge is a no-op: give the adapters an update to merge
+        for name, p in policy.net.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    cond = policy.encode_prompts(["a photo of red", "a photo of cyan"])
+    with torch.no_grad():
+        eager = policy.velocity(x, 0.6, cond)
+        with policy.reference():
+            assert (policy.velocity(x, 0.6, cond) - eager).abs().max() > 1e-3  # the merge below has work to do
+        with policy.lora_merged():
+            merged = policy.velocity(x, 0.6, cond)
+        policy.compile_blocks(backend="aot_eager")
+        compiled = policy.velocity(x, 0.6, cond)
+    assert all(b._compiled_call_impl is not None for b in policy.net.transformer_blocks)
+    torch.testing.assert_close(merged, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", ["8", "0"])
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -87,8 +87,8 @@ def test_lora_merged_refuses_gradients_and_the_reference():
 
 @pytest.mark.parametrize("script", [dgpo, neighbor_grpo])
 def test_merge_lora_rollouts_needs_lora(script, tmp_path):
-    for flags, match in ((["--model", "toy2d"], "needs LoRA: --model toy2d"),
-                         (["--model", "tiny-flux", "--lora-rank", "0"], "got --lora-rank 0")):
+    for flags, match in ((["--model", "toy2d"], "got --model toy2d --lora-rank 0"),
+                         (["--model", "tiny-flux", "--lora-rank", "0"], "got --model tiny-flux --lora-rank 0")):
         args = parse_args(script.Args, script.PRESETS, [*flags, "--merge-lora-rollouts"])
         with pytest.raises(SystemExit, match=match):
             tasks.load_task(args, keep_reference=False, log=lambda *_: None)
