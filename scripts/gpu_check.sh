@@ -10,23 +10,27 @@
 #      blocks: seconds per iteration, the share inside the transformer, MFU, peak memory;
 #   3. the same at full depth (19 + 38 blocks, 11.9B parameters) for DGPO and Flow-GRPO, LoRA, with gradient
 #      checkpointing; the transformer is built on the GPU itself (seconds; on a CPU in fp32 it takes minutes and 48 GB);
-#   4. only with GPU_CHECK_LEVERS=1 (several more minutes: compilation alone takes one or two per run): the speed
-#      levers at full depth, one row each, for DGPO and Flow-GRPO: gradient checkpointing on and off, regional
-#      torch.compile (--compile), LoRA merged for the rollouts (--merge-lora-rollouts, DGPO), both together;
+#   4. not by default: the speed levers, one row each. At the reduced depth (compilation costs the same at any
+#      depth: blocks of one class share a graph): DGPO plain, --compile, --merge-lora-rollouts and both; Flow-GRPO
+#      plain and --compile. At full depth: Flow-GRPO without gradient checkpointing at micro-batch 2, against part 3.
+#      Unmeasured on a GPU; expect several minutes (each --compile run compiles afresh), so run it as its own call:
+#      GPU_CHECK_PARTS=4 bash scripts/gpu_check.sh OUT_DIR (the report then holds part 4 only);
 # then writes OUT_DIR/gpu_check.md: date, device, software versions, the smoke's lines and the timing tables.
 #   bash scripts/gpu_check.sh [OUT_DIR]          (default runs/gpu_check; exit status 1 if any part failed)
-# Timeouts (seconds): GPU_CHECK_SMOKE_S (240) for the whole smoke, GPU_CHECK_METHOD_S (75) per method at reduced
-# depth, GPU_CHECK_FULL_S (120) per method at full depth, GPU_CHECK_LEVER_S (240) per lever run. GPU_CHECK_TIMING_CONFIG=tiny GPU_CHECK_DEPTH="1 1" runs parts
-# 2-3 at diffusers' tiny widths (a CPU rehearsal of the script); GPU_CHECK_SKIP_SMOKE=1 leaves part 1 out.
+# GPU_CHECK_PARTS (default "1 2 3") picks the parts. Timeouts (seconds): GPU_CHECK_SMOKE_S (240) for the whole smoke,
+# GPU_CHECK_METHOD_S (75) per method at reduced depth, GPU_CHECK_FULL_S (120) per method at full depth,
+# GPU_CHECK_LEVER_S (180) per lever run. GPU_CHECK_TIMING_CONFIG=tiny GPU_CHECK_DEPTH="1 1" runs parts 2-4 at
+# diffusers' tiny widths (a CPU rehearsal of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-rm -f "$OUT"/{timing,timing_full_depth,levers_dgpo,levers_flow_grpo}.md "$OUT/smoke_lines.txt"  # no stale tables
+rm -f "$OUT"/{timing,timing_full_depth,levers,levers_merged,levers_full_depth}.md "$OUT/smoke_lines.txt"  # no stale tables
 PY=${PYTHON:-$(command -v python || command -v python3)}
 CONFIG=${GPU_CHECK_TIMING_CONFIG:-flux-dev}
 DEPTH=${GPU_CHECK_DEPTH:-19 38}
+PARTS=" ${GPU_CHECK_PARTS:-1 2 3} "
 FAILED=0
 T0=$SECONDS
 
@@ -44,7 +48,7 @@ fi
 echo "installs: $((SECONDS - T0)) s"
 
 # 1. the smoke
-if [[ -z ${GPU_CHECK_SKIP_SMOKE:-} ]]; then
+if [[ $PARTS == *" 1 "* ]]; then
   t0=$SECONDS
   SMOKE_JOBS=${SMOKE_JOBS:-8} timeout -k 10 "${GPU_CHECK_SMOKE_S:-240}" bash scripts/gpu_smoke.sh "$OUT/smoke" \
     > "$OUT/smoke.log" 2>&1 || FAILED=1
@@ -53,31 +57,39 @@ if [[ -z ${GPU_CHECK_SKIP_SMOKE:-} ]]; then
 fi
 
 # 2. reduced depth, all presets; 3. full depth, DGPO and Flow-GRPO
-t0=$SECONDS
-"$PY" benchmarks/timing.py --config "$CONFIG" --timeout "${GPU_CHECK_METHOD_S:-75}" --out "$OUT/timing.md" \
-  > "$OUT/timing.log" 2>&1 || FAILED=1
-echo "timing ($CONFIG): $((SECONDS - t0)) s"
 FULL=("DGPO" "Flow-GRPO (SD3 preset)")
 [[ $CONFIG == flux-dev ]] || FULL=("DGPO" "Flow-GRPO")
-t0=$SECONDS
-# shellcheck disable=SC2086
-"$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[@]}" --extra-flags=--gradient-checkpointing \
-  --timeout "${GPU_CHECK_FULL_S:-120}" --out "$OUT/timing_full_depth.md" > "$OUT/timing_full_depth.log" 2>&1 || FAILED=1
-echo "timing at depth $DEPTH: $((SECONDS - t0)) s"
-
-# 4. the speed levers (opt-in)
-if [[ -n ${GPU_CHECK_LEVERS:-} ]]; then
+if [[ $PARTS == *" 2 "* ]]; then
+  t0=$SECONDS
+  "$PY" benchmarks/timing.py --config "$CONFIG" --timeout "${GPU_CHECK_METHOD_S:-75}" --out "$OUT/timing.md" \
+    > "$OUT/timing.log" 2>&1 || FAILED=1
+  echo "timing ($CONFIG): $((SECONDS - t0)) s"
+fi
+if [[ $PARTS == *" 3 "* ]]; then
   t0=$SECONDS
   # shellcheck disable=SC2086
-  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods DGPO --timeout "${GPU_CHECK_LEVER_S:-240}" \
-    --variants "checkpointing=--gradient-checkpointing" "plain=" "compile=--compile" \
-    "merged=--merge-lora-rollouts" "compile+merged=--compile --merge-lora-rollouts" \
-    --out "$OUT/levers_dgpo.md" > "$OUT/levers_dgpo.log" 2>&1 || FAILED=1
+  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[@]}" \
+    --extra-flags=--gradient-checkpointing --timeout "${GPU_CHECK_FULL_S:-120}" --out "$OUT/timing_full_depth.md" \
+    > "$OUT/timing_full_depth.log" 2>&1 || FAILED=1
+  echo "timing at depth $DEPTH: $((SECONDS - t0)) s"
+fi
+
+# 4. the speed levers
+if [[ $PARTS == *" 4 "* ]]; then
+  t0=$SECONDS
+  LEVER_S=${GPU_CHECK_LEVER_S:-180}
+  "$PY" benchmarks/timing.py --config "$CONFIG" --methods "${FULL[@]}" --timeout "$LEVER_S" \
+    --variants "plain=" "compile=--compile" --out "$OUT/levers.md" > "$OUT/levers.log" 2>&1 || FAILED=1
+  "$PY" benchmarks/timing.py --config "$CONFIG" --methods DGPO --timeout "$LEVER_S" \
+    --variants "merged=--merge-lora-rollouts" "compile+merged=--compile --merge-lora-rollouts" \
+    --out "$OUT/levers_merged.md" > "$OUT/levers_merged.log" 2>&1 || FAILED=1
+  # DGPO keeps whole groups (G = 8) in a micro-batch, which at full depth needs checkpointing; Flow-GRPO's samples
+  # are independent, so a smaller micro-batch can fit without it (against part 3's checkpointed row)
   # shellcheck disable=SC2086
-  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[1]}" \
-    --timeout "${GPU_CHECK_LEVER_S:-240}" --variants "checkpointing=--gradient-checkpointing" "plain=" \
-    "compile=--compile" --out "$OUT/levers_flow_grpo.md" > "$OUT/levers_flow_grpo.log" 2>&1 || FAILED=1
-  echo "levers at depth $DEPTH: $((SECONDS - t0)) s"
+  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[1]}" --timeout "$LEVER_S" \
+    --variants "micro-batch 2, no checkpointing=--train-micro-batch-size 2" --out "$OUT/levers_full_depth.md" \
+    > "$OUT/levers_full_depth.log" 2>&1 || FAILED=1
+  echo "levers: $((SECONDS - t0)) s"
 fi
 
 # the report
@@ -98,7 +110,9 @@ print(f"`bash scripts/gpu_check.sh` on {gpu}: " + ", ".join(versions) + ".")
 PY
   echo
   if [[ -f $OUT/smoke_lines.txt ]]; then echo '```'; cat "$OUT/smoke_lines.txt"; echo '```'; echo; fi
-  for f in timing.md timing_full_depth.md ${GPU_CHECK_LEVERS:+levers_dgpo.md levers_flow_grpo.md}; do
+  for part_file in 2:timing.md 3:timing_full_depth.md 4:levers.md 4:levers_merged.md 4:levers_full_depth.md; do
+    part=${part_file%%:*} f=${part_file#*:}
+    [[ $PARTS == *" $part "* ]] || continue
     if [[ -f $OUT/$f ]]; then sed 's/^## /### /' "$OUT/$f"; else echo "($f: not written; see ${f%.md}.log)"; fi
     echo
   done
