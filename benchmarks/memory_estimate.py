@@ -2,6 +2,7 @@
 
     python benchmarks/memory_estimate.py              # 8 GPUs
     python benchmarks/memory_estimate.py --gpus 16
+    python benchmarks/memory_estimate.py --activations    # FLUX.1-dev's activations per sample, measured (~2 min)
 
 The transformers are built on the meta device (no weights, no memory) with LoRA at the reference code's targets and
 ranks, so the counts are exact. Bytes per parameter, as the scripts hold them (accelerate mixed precision bf16):
@@ -10,11 +11,20 @@ ranks, so the counts are exact. Bytes per parameter, as the scripts hold them (a
   DDP replicates all of it; FSDP full shard shards everything (plus one gathered block at a time, counted in
   bf16); DeepSpeed ZeRO-2 in bf16 replicates a bf16 copy of the weights (the engine casts the module) and shards
   the fp32 master weights, the gradients (counted in fp32) and the optimizer state.
-Not counted: activations (they depend on resolution, micro-batch and checkpointing: measure them with
-`benchmarks/timing.py --config flux-dev`), the frozen copy a full fine-tune keeps only when it needs a reference
+Not counted in that table: activations (they depend on resolution, micro-batch and checkpointing; `--activations`
+measures them per sample, below), the frozen copy a full fine-tune keeps only when it needs a reference
 (DGPO, or a KL term: another 2 B per parameter, as it stays in the bf16 it was loaded in), the VAE (84M for FLUX),
 and the text encoders, which embed the prompt set once and are released (T5-XXL alone is 4.8B parameters, 9.5 GB
 in bf16).
+
+`--activations`: what one sample's gradient call keeps for its backward pass in FLUX.1-dev, at the presets'
+resolutions (512 px: 1024 image tokens; 720 px: 2025) and at 1024 px (4096), with its 512 text tokens. One double-stream and one
+single-stream block are built at FLUX.1-dev's widths in bf16 with LoRA r32 at the reference targets, their input
+requiring gradient as in the middle of the stack, and run forward once under bf16 autocast on the CPU; every tensor
+autograd saves is recorded (torch.autograd.graph.saved_tensors_hooks) and the distinct storages are summed, the
+weights left out. The CPU's flash attention saves what the GPU's does (output and log-sum-exp, no T x T matrix).
+Full depth = 19 double + 38 single blocks. With gradient checkpointing only each block's inputs stay, plus one
+block's activations while it is recomputed.
 """
 
 from __future__ import annotations
@@ -65,12 +75,76 @@ def rows(name: str, params: int, lora: int, block: int, rank: int, gpus: int) ->
     return out
 
 
+def activation_bytes(image_tokens: list[int], text_tokens: int = 512, rank: int = 32) -> list[dict[str, int]]:
+    """For each image token count (a square number): the bytes one sample saves for backward in one FLUX.1-dev
+    double-stream block ("double") and one single-stream block ("single"), and a block's input bytes ("inputs",
+    what checkpointing keeps). See the module docstring for the method."""
+    import torch
+    from diffusers.models.transformers.transformer_flux import (FluxPosEmbed, FluxSingleTransformerBlock,
+                                                                FluxTransformerBlock)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from infra import diffusers_models as dm
+    cfg = dm.FLUX_DEV_TRANSFORMER_CONFIG
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    dim = heads * head_dim
+    torch.manual_seed(0)
+    blocks = {}
+    for name, cls in (("double", FluxTransformerBlock), ("single", FluxSingleTransformerBlock)):
+        block = cls(dim=dim, num_attention_heads=heads, attention_head_dim=head_dim).to(torch.bfloat16)
+        block.requires_grad_(False)
+        blocks[name] = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                          target_modules=dm.FLUX_LORA_TARGETS), block)
+    results = []
+    for tokens in image_tokens:
+        side = round(tokens ** 0.5)
+        if side * side != tokens:
+            raise ValueError(f"image tokens must be a square number (a square image); got {tokens}")
+        rope = FluxPosEmbed(theta=10000, axes_dim=cfg["axes_dims_rope"])(
+            torch.cat([torch.zeros(text_tokens, 3), dm.flux_image_ids(side)]))
+        img = torch.randn(1, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
+        txt = torch.randn(1, text_tokens, dim, dtype=torch.bfloat16, requires_grad=True)
+        temb = torch.randn(1, dim, dtype=torch.bfloat16)
+        out = {"inputs": img.nbytes + txt.nbytes + temb.nbytes}
+        for name, block in blocks.items():
+            weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+            saved = {}
+
+            def pack(t):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in weights:
+                    saved[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+                block(img, txt, temb, image_rotary_emb=rope)
+            out[name] = sum(saved.values())
+        results.append(out)
+    return results
+
+
+def activation_table(resolutions=((512, 1024), (720, 2025), (1024, 4096))) -> list[str]:
+    g = lambda b: f"{b / GIB:,.2f}"  # noqa: E731
+    lines = ["| resolution (image tokens + 512 text) | double block | single block | full depth, per sample | "
+             "full depth with checkpointing, per sample |", "| --- | --- | --- | --- | --- |"]
+    for (px, tokens), a in zip(resolutions, activation_bytes([t for _, t in resolutions])):
+        full = 19 * a["double"] + 38 * a["single"]
+        ckpt = 57 * a["inputs"] + max(a["double"], a["single"])
+        lines.append(f"| {px} px ({tokens}) | {g(a['double'])} | {g(a['single'])} | {g(full)} | {g(ckpt)} |")
+    return lines
+
+
 def main():
     from infra import diffusers_models as dm
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--activations", action="store_true", help="measure FLUX.1-dev's activations per sample instead")
     args = p.parse_args()
+    if args.activations:
+        print("Activations kept for backward, GiB per sample (FLUX.1-dev, bf16 autocast, LoRA r32):\n")
+        print("\n".join(activation_table()))
+        return
     lines = ["| model, training, strategy | weights GiB | gradients GiB | optimizer GiB | total per GPU GiB |",
              "| --- | --- | --- | --- | --- |"]
     for name, cls, config, rank, targets in [

@@ -10,16 +10,16 @@
 #      blocks: seconds per iteration, the share inside the transformer, MFU, peak memory;
 #   3. the same at full depth (19 + 38 blocks, 11.9B parameters) for DGPO and Flow-GRPO, LoRA, with gradient
 #      checkpointing; the transformer is built on the GPU itself (seconds; on a CPU in fp32 it takes minutes and 48 GB);
-#   4. not by default: the speed levers, one row each. At the reduced depth (compilation costs the same at any
+#   4-5. not by default: the speed levers, one row each. 4, at the reduced depth (compilation costs the same at any
 #      depth: blocks of one class share a graph): DGPO plain, --compile, --merge-lora-rollouts and both; Flow-GRPO
-#      plain and --compile. At full depth: Flow-GRPO without gradient checkpointing at micro-batch 2, against part 3.
-#      Unmeasured on a GPU; expect several minutes (each --compile run compiles afresh), so run it as its own call:
-#      GPU_CHECK_PARTS=4 bash scripts/gpu_check.sh OUT_DIR (the report then holds part 4 only);
+#      plain and --compile. 5, at full depth: DGPO and Flow-GRPO without gradient checkpointing, eager and compiled.
+#      Unmeasured on a GPU; expect several minutes each (each --compile run compiles afresh), so run them as their
+#      own calls: GPU_CHECK_PARTS=4 bash scripts/gpu_check.sh OUT_DIR (the report then holds part 4 only);
 # then writes OUT_DIR/gpu_check.md: date, device, software versions, the smoke's lines and the timing tables.
 #   bash scripts/gpu_check.sh [OUT_DIR]          (default runs/gpu_check; exit status 1 if any part failed)
 # GPU_CHECK_PARTS (default "1 2 3") picks the parts. Timeouts (seconds): GPU_CHECK_SMOKE_S (240) for the whole smoke,
 # GPU_CHECK_METHOD_S (75) per method at reduced depth, GPU_CHECK_FULL_S (120) per method at full depth,
-# GPU_CHECK_LEVER_S (180) per lever run. GPU_CHECK_TIMING_CONFIG=tiny GPU_CHECK_DEPTH="1 1" runs parts 2-4 at
+# GPU_CHECK_LEVER_S (180) per lever run. GPU_CHECK_TIMING_CONFIG=tiny GPU_CHECK_DEPTH="1 1" runs parts 2-5 at
 # diffusers' tiny widths (a CPU rehearsal of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,13 +83,19 @@ if [[ $PARTS == *" 4 "* ]]; then
   "$PY" benchmarks/timing.py --config "$CONFIG" --methods DGPO --timeout "$LEVER_S" \
     --variants "merged=--merge-lora-rollouts" "compile+merged=--compile --merge-lora-rollouts" \
     --out "$OUT/levers_merged.md" > "$OUT/levers_merged.log" 2>&1 || FAILED=1
-  # DGPO keeps whole groups (G = 8) in a micro-batch, which at full depth needs checkpointing; Flow-GRPO's samples
-  # are independent, so a smaller micro-batch can fit without it (against part 3's checkpointed row)
-  # shellcheck disable=SC2086
-  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[1]}" --timeout "$LEVER_S" \
-    --variants "micro-batch 2, no checkpointing=--train-micro-batch-size 2" --out "$OUT/levers_full_depth.md" \
-    > "$OUT/levers_full_depth.log" 2>&1 || FAILED=1
   echo "levers: $((SECONDS - t0)) s"
+fi
+
+# 5. full depth without gradient checkpointing, eager and compiled (against part 3's checkpointed rows). By
+# `benchmarks/memory_estimate.py --activations`, 8 samples at 512 px keep 65 GiB of activations without it: with the
+# 22 GiB bf16 base that fits an H200.
+if [[ $PARTS == *" 5 "* ]]; then
+  t0=$SECONDS
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[@]}" \
+    --timeout "${GPU_CHECK_LEVER_S:-180}" --variants "no checkpointing=" "no checkpointing, compile=--compile" \
+    --out "$OUT/levers_full_depth.md" > "$OUT/levers_full_depth.log" 2>&1 || FAILED=1
+  echo "full depth without checkpointing: $((SECONDS - t0)) s"
 fi
 
 # the report
@@ -110,7 +116,7 @@ print(f"`bash scripts/gpu_check.sh` on {gpu}: " + ", ".join(versions) + ".")
 PY
   echo
   if [[ -f $OUT/smoke_lines.txt ]]; then echo '```'; cat "$OUT/smoke_lines.txt"; echo '```'; echo; fi
-  for part_file in 2:timing.md 3:timing_full_depth.md 4:levers.md 4:levers_merged.md 4:levers_full_depth.md; do
+  for part_file in 2:timing.md 3:timing_full_depth.md 4:levers.md 4:levers_merged.md 5:levers_full_depth.md; do
     part=${part_file%%:*} f=${part_file#*:}
     [[ $PARTS == *" $part "* ]] || continue
     if [[ -f $OUT/$f ]]; then sed 's/^## /### /' "$OUT/$f"; else echo "($f: not written; see ${f%.md}.log)"; fi
