@@ -18,8 +18,9 @@ reward. What is measured, per training iteration (the first is a warm-up and is 
 - FLOPs: one sample's forward, and forward + backward with the run's trainable parameters (LoRA or all), counted
   by torch.utils.flop_counter with attention on the math backend (so its matmuls are counted); an iteration's
   FLOPs = NFE_no_grad x forward + NFE_grad x (forward + backward). MFU = FLOPs / (seconds x the device's peak
-  dense bf16 FLOP/s). The FLOPs are those of the eager, unmerged model whatever the run's levers (--compile,
-  --merge-lora-rollouts): a lever that saves work shows as time saved, not as FLOPs lost.
+  dense bf16 FLOP/s). The FLOPs are those of the unmerged model whatever the run's levers (--compile counts the
+  same FLOPs as eager, tested; --merge-lora-rollouts is not on while counting): a lever that saves work shows as time
+  saved, not as FLOPs lost.
 - warm-up: the first iteration's seconds, left out of the medians; compilation (--compile) lands there and in the
   evaluation before training.
 
@@ -232,8 +233,7 @@ def count_flops(policy) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
     x = policy.initial_noise(1)
     cond = policy.encode_prompts(["a photo of red"])
-    # force_eager: compiled blocks (--compile) would run generated kernels the counter cannot see
-    with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused(), torch.compiler.set_stance("force_eager"):
+    with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused():
         with torch.no_grad(), FlopCounterMode(display=False) as fwd:
             policy.velocity(x, 0.5, cond)
         with FlopCounterMode(display=False) as grad:

@@ -54,3 +54,15 @@ def test_bad_variants_and_methods_stop_before_running(argv, match):
     sys.argv = ["timing.py", "--config", "tiny", *argv]
     with pytest.raises(SystemExit, match=match):
         timing.main()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_count_the_eager_flops():
+    """MFU of a --compile run is counted right: with the blocks compiled by inductor (and already run), the FLOP
+    counter still sees every matmul and attention call, the same FLOPs as the eager model."""
+    eager = timing.count_flops(diffusers_models.build_tiny_flux(lora_rank=4, seed=0))
+    policy = diffusers_models.build_tiny_flux(lora_rank=4, seed=0)
+    policy.compile_blocks()
+    x = policy.initial_noise(1)
+    policy.velocity(x, 0.5, policy.encode_prompts(["a photo of red"]))  # compiled and run before counting
+    assert timing.count_flops(policy) == eager
