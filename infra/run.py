@@ -121,6 +121,9 @@ class Run:
             raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole "
                              f"iteration and must divide evenly among the {world} processes: use a multiple of {world}")
         self.prompts_per_process = args.prompts_per_iteration // world
+        if getattr(args, "merge_lora_rollouts", False) and self._sharded():
+            raise SystemExit("--merge-lora-rollouts swaps whole base weights, which FSDP and DeepSpeed ZeRO-3 shard "
+                             "over the processes: use it on one GPU or under DDP (configs/ddp.yaml)")
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         set_seed(args.seed + self.accelerator.process_index)  # rollout noise differs per process
@@ -143,6 +146,13 @@ class Run:
         self._previous_sigint = None
         self.toy_samples = {}  # "before" / "after": the toy's evaluation samples, for samples.png
         NonFiniteError.where = self._position
+
+    def _sharded(self) -> bool:
+        """Whether the launch shards the weights themselves over the processes (FSDP, DeepSpeed ZeRO-3)."""
+        from accelerate.utils import DistributedType
+        kind = self.accelerator.distributed_type
+        return kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and
+                                                self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
     def _position(self) -> str:
         """Where a stopped run stands, for its one-line message: the iteration and what is on disk."""
@@ -332,12 +342,6 @@ class Run:
         from accelerate.utils import DistributedType
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self._configure_deepspeed()
-        sharded = self.accelerator.distributed_type == DistributedType.FSDP or (
-            self.accelerator.distributed_type == DistributedType.DEEPSPEED
-            and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
-        if getattr(a, "merge_lora_rollouts", False) and sharded:
-            raise SystemExit("--merge-lora-rollouts swaps whole base weights, which FSDP and DeepSpeed ZeRO-3 shard "
-                             "over the processes: use it on one GPU or under DDP (configs/ddp.yaml)")
         if self.accelerator.num_processes > 1:
             # Every process starts from rank 0's trainable weights. They can differ: LoRA adapters are initialised
             # from each process's own seed. DDP and DeepSpeed broadcast on wrapping; FSDP shards what each holds.
