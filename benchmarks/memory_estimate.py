@@ -2,7 +2,7 @@
 
     python benchmarks/memory_estimate.py              # 8 GPUs
     python benchmarks/memory_estimate.py --gpus 16
-    python benchmarks/memory_estimate.py --activations    # FLUX.1-dev's activations per sample, measured (~2 min)
+    python benchmarks/memory_estimate.py --activations    # FLUX.1-dev's activations per sample, measured (~20 s)
 
 The transformers are built on the meta device (no weights, no memory) with LoRA at the reference code's targets and
 ranks, so the counts are exact. Bytes per parameter, as the scripts hold them (accelerate mixed precision bf16):
@@ -18,8 +18,8 @@ and the text encoders, which embed the prompt set once and are released (T5-XXL 
 in bf16).
 
 `--activations`: what one sample's gradient call keeps for its backward pass in FLUX.1-dev, at the presets'
-resolutions (512 px: 1024 image tokens; 720 px: 2025) and at 1024 px (4096), with its 512 text tokens. One double-stream and one
-single-stream block are built at FLUX.1-dev's widths in bf16 with LoRA r32 at the reference targets, their input
+resolutions (512 px: 1024 image tokens; 720 px: 2025) and at 1024 px (4096), with its 512 text tokens. One
+double-stream and one single-stream block are built at FLUX.1-dev's widths in bf16 with LoRA r32 at the reference targets, their input
 requiring gradient as in the middle of the stack, and run forward once under bf16 autocast on the CPU; every tensor
 autograd saves is recorded (torch.autograd.graph.saved_tensors_hooks) and the distinct storages are summed, the
 weights left out. The CPU's flash attention saves what the GPU's does (output and log-sum-exp, no T x T matrix).

@@ -315,10 +315,11 @@ def main():
     if args.methods and len(names) < len(args.methods):
         raise SystemExit(f"--methods: unknown {sorted(set(args.methods) - set(names))}; config {args.config} has "
                          f"{list(CONFIGS[args.config]['methods'])}")
-    variants = [v.partition("=")[::2] for v in args.variants or []]
-    if any(not label or "=" not in v for (label, _), v in zip(variants, args.variants or [])):
-        raise SystemExit("--variants: each one is NAME=FLAGS (FLAGS may be empty: base=)")
-    variants = variants or [("", "")]
+    variants = [("", "")]  # (label, flags); one unlabelled run per method without --variants
+    if args.variants:
+        if not all(v.partition("=")[0] and "=" in v for v in args.variants):
+            raise SystemExit("--variants: each one is NAME=FLAGS (FLAGS may be empty: base=)")
+        variants = [tuple(v.split("=", 1)) for v in args.variants]
     with tempfile.TemporaryDirectory() as tmp:
         for method, (label, variant_flags) in ((n, v) for n in names for v in variants):
             name = f"{method} ({label})" if label else method
