@@ -15,7 +15,7 @@ import g2rpo
 import neighbor_grpo
 import pro_grpo
 from tiny_pipelines import (assert_pipeline_loads_the_trained_lora, assert_pipeline_samples_the_same_images,
-                            save_tiny_sd3_pipeline)
+                            give_lora_an_update, save_tiny_sd3_pipeline)
 
 SCRIPTS = {"flow_grpo": flow_grpo, "dgpo": dgpo, "neighbor_grpo": neighbor_grpo, "g2rpo": g2rpo,
            "pro_grpo": pro_grpo}
@@ -95,10 +95,7 @@ def test_cfg_training_gradient_flows_through_the_conditional_branch_only(pipelin
     embeddings, `noise_pred_uncond.detach()`, then u + w (c - u). Our guided velocity's LoRA gradient equals it
     (w dv_c), and differs from the gradient without the detach (w dv_c - (w - 1) dv_u)."""
     policy = _policy(pipeline_dir, prompt_file, tmp_path, "--lora-rank", "8")
-    with torch.no_grad():  # move the adapters off their zero init, so both branches carry LoRA gradient
-        for name, p in policy.net.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    give_lora_an_update(policy)  # so both branches carry LoRA gradient
     x, cond = policy.initial_noise(2, torch.Generator().manual_seed(0)), policy.encode_prompts(["a photo of red"] * 2)
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     lora = [p for p in policy.net.parameters() if p.requires_grad]
@@ -141,10 +138,7 @@ def test_compiled_joint_blocks_and_merged_lora_give_the_guided_velocity(pipeline
     and its attention-only LoRA merged give the eager, unmerged CFG velocity (tests/test_speed_levers.py does FLUX)."""
     policy = _policy(pipeline_dir, prompt_file, tmp_path)
     assert policy._has_adapters()
-    with torch.no_grad():  # peft starts B at 0, where any merge is a no-op: give the adapters an update to merge
-        for name, p in policy.net.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    give_lora_an_update(policy, seed=0)  # at peft's B = 0 any merge is a no-op
     x = policy.initial_noise(2, torch.Generator().manual_seed(0))
     cond = policy.encode_prompts(["a photo of red", "a photo of cyan"])
     with torch.no_grad():

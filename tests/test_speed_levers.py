@@ -12,19 +12,15 @@ import neighbor_grpo
 from infra import tasks
 from infra.args import parse_args
 from infra.diffusers_models import build_tiny_flux
+from tiny_pipelines import give_lora_an_update
 
 QUIET = ["--log-every", "0", "--checkpoint-every", "0", "--save-weights", "false"]
 
 
 def lora_policy(seed=0):
-    """tiny-flux with LoRA r4 whose B matrices are random: peft initialises B = 0, under which merging adds nothing
-    and any merge would pass."""
+    """tiny-flux with LoRA r4 whose B matrices are random (at peft's B = 0 any merge would pass)."""
     policy = build_tiny_flux(lora_rank=4, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in policy.net.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    give_lora_an_update(policy, seed=seed + 1)
     return policy
 
 

@@ -114,13 +114,20 @@ def save_tiny_clip_rewards(reward_dir: Path) -> Path:
     return reward_dir
 
 
+def give_lora_an_update(policy, std: float = 0.1, seed=None):
+    """peft starts every lora_B at zero, where the adapters change nothing, so a merge, a reference or a saved file
+    would pass any comparison: draw them N(0, std^2) instead (from `seed`, else the global generator)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in policy.net.named_parameters():
+            if "lora_B" in name:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
 def assert_pipeline_loads_the_trained_lora(policy, pipeline_cls, pipeline_dir: Path, out: Path):
     """`<Pipeline>.load_lora_weights` on what `policy.save` wrote must give the velocity we trained. (Without the
     adapter's alpha in the file diffusers assumes alpha = rank, scale 1: half the update of our default 2 x rank.)"""
-    with torch.no_grad():  # a trained-looking update: lora_B leaves its zero init
-        for name, p in policy.net.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    give_lora_an_update(policy)  # a trained-looking update
     policy.save(out)
     pipe = pipeline_cls.from_pretrained(pipeline_dir, local_files_only=True)
     pipe.load_lora_weights(out)
