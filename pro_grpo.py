@@ -78,15 +78,15 @@ PRESETS = {
     "pro-grpo-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0, guidance_scale=4.5,
                          group_sizes="48,24,12", prune_steps="5,7", prompts_per_iteration=48, noise_level=0.7,
                          lora_rank=32, lora_alpha=64, learning_rate=3e-4, clip_range=1e-4, kl_beta=0.01, eval_steps=40,
-                         eval_samples_per_prompt=1, iterations=1000, train_micro_batch_size=8, eval_batch_size=8,
-                         mixed_precision="bf16"),
+                         eval_samples_per_prompt=1, iterations=1000, train_micro_batch_size=8, rollout_batch_size=8,
+                         eval_batch_size=8, mixed_precision="bf16"),
     # The paper's Flash funnel: 24 -> 16 -> 12.
     "pro-grpo-flash-sd3": dict(model="sd3", reward="pickscore", resolution=512, num_steps=10, shift=3.0,
                                guidance_scale=4.5, group_sizes="24,16,12", prune_steps="5,7",
                                prompts_per_iteration=48, noise_level=0.7, lora_rank=32, lora_alpha=64,
                                learning_rate=3e-4, clip_range=1e-4, kl_beta=0.01, eval_steps=40,
                                eval_samples_per_prompt=1, iterations=1000, train_micro_batch_size=8,
-                               eval_batch_size=8, mixed_precision="bf16"),
+                               rollout_batch_size=8, eval_batch_size=8, mixed_precision="bf16"),
 }
 
 
@@ -123,13 +123,15 @@ def optimal_variance_filter(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def expand_and_prune_rollout(policy, prompts, sigmas, group_sizes, prune_steps, reward_fn, noise_level: float,
-                             variant: str):
+                             variant: str, chunk: int = 0):
     """Flow-GRPO's SDE rollout of P groups of G_max, pruned at `prune_steps` to the next funnel size.
 
     At a checkpoint j the velocity v_j of every live trajectory is computed (as for any step), then the proxy
     x0_hat = x_j - s_j v_j is decoded and scored by the training reward, OVF keeps `group_sizes[c + 1]` per
     group, and only the survivors take the SDE step and continue. Returns the survivors' prompts, their states
-    (N+1, B_final, ...) and old log-probs (N, B_final), their group id, and the proxy rewards seen.
+    (N+1, B_final, ...) and old log-probs (N, B_final), their group id, and the proxy rewards seen. `chunk`
+    (--rollout-batch-size) splits the model calls of a step (memory); the SDE noise is drawn for the whole batch, so
+    the result is the same.
     """
     P = len(prompts)
     alive_prompt = torch.arange(P).repeat_interleave(group_sizes[0])  # which prompt each live trajectory serves
@@ -139,7 +141,9 @@ def expand_and_prune_rollout(policy, prompts, sigmas, group_sizes, prune_steps, 
     stage = 0
     for j in range(len(sigmas) - 1):
         cond = select(cond_all, alive_prompt.to(x.device))
-        v = policy.velocity(x, sigmas[j], cond)
+        step = chunk or len(x)
+        v = torch.cat([policy.velocity(x[i:i + step], sigmas[j], select(cond, slice(i, i + step)))
+                       for i in range(0, len(x), step)])
         if stage < len(prune_steps) and j == prune_steps[stage]:
             x0_hat = x - sigmas[j].float() * v  # one-step projection: no extra model call
             proxy = reward_fn(policy.decode(x0_hat), [prompts[i] for i in alive_prompt]).view(P, -1)
@@ -296,7 +300,7 @@ def main(argv=None):
         pick = torch.randint(len(task.train_prompts), (P,), generator=prompt_gen)
         prompts, states, old_log_probs, _, proxies = expand_and_prune_rollout(
             policy, [task.train_prompts[i] for i in pick], sigmas, group_sizes, prune_steps, task.reward_fn,
-            args.noise_level, args.sde_variant)
+            args.noise_level, args.sde_variant, args.rollout_batch_size)
         cond = policy.encode_prompts(prompts)
 
         # ALGO LOGIC 2: TRUE final rewards of the survivors, z-scored within each group's survivors

@@ -68,6 +68,28 @@ def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
             assert torch.isclose(call, row, atol=1e-5).all(-1).any(), j
 
 
+def test_rollout_batch_size_splits_the_model_calls_only():
+    """--rollout-batch-size: chunks of 5 (not dividing any funnel size) give the unchunked rollout's survivors, states
+    and log-probs, and the calls are that small."""
+    policy = tasks.toy2d_policy(keep_reference=False)
+    sigmas = policy.sigmas(10)
+    prompts = ["mode 1", "mode 5", "mode 2"]
+    runs = []
+    for chunk in (0, 5):
+        batches = []
+        forward = policy._forward
+        policy._forward = lambda net, x, s, c: (batches.append(len(x)), forward(net, x, s, c))[1]
+        torch.manual_seed(0)
+        runs.append(pro_grpo.expand_and_prune_rollout(policy, prompts, sigmas, [16, 8, 4], [5, 7],
+                                                      common.toy_mode_reward, 0.7, "flow_grpo", chunk))
+        del policy._forward
+        assert max(batches) == (48 if chunk == 0 else 5)
+    (s0, x0, lp0, a0, _), (s1, x1, lp1, a1, _) = runs
+    assert s0 == s1 and torch.equal(a0, a1)
+    torch.testing.assert_close(x1, x0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-5)
+
+
 def test_no_expansion_no_pruning_is_the_baseline(tmp_path):
     """Same seed, group 8, no funnel, per-group std: Pro-GRPO's iteration is Flow-GRPO's, loss for loss."""
     common_flags = ["--iterations", "2", "--log-every", "0", "--seed", "3", "--adv-std", "group"]
