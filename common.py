@@ -623,6 +623,10 @@ class CommonArgs:
                                               "forward per gradient call)")
     compile: bool = arg(False, "regional torch.compile of the transformer blocks (diffusers models; compiles on first "
                                "use, ~20-30 s per variant on a CPU); unmeasured on a GPU, so off by default")
+    fit_memory: bool = arg(False, "choose the rollout, eval and training micro-batches and gradient checkpointing from "
+                                  "free device memory (infra/memory.py); unmeasured on a GPU, so off by default")
+    memory_budget_gib: float = arg(0.0, "--fit-memory: the GiB it may fill (0: 85% of the device's free memory; "
+                                        "needed off CUDA)", min=0)
     # sampling
     num_steps: int = arg(10, "sampling steps N of a training rollout", min=1)
     shift: Optional[float] = arg(None, "static timestep shift; default: the model's (FLUX: dynamic shift, toy: none)",

@@ -205,6 +205,8 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=True, device=run.device, log=run.print)
     policy = task.policy
+    run.fit_memory(task, train_field="train_micro_batch_groups", unit_samples=args.group_size,  # trains CFG-free
+                   units=run.prompts_per_process, train_cfg=False)
     optimizer = run.make_optimizer(policy)
     theta_minus = EMA(policy.trainable_parameters(), args.ema_decay)  # the sampling model
     eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None

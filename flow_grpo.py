@@ -267,6 +267,8 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=args.kl_beta > 0, device=run.device, log=run.print)
     policy = task.policy
+    run.fit_memory(task, train_field="train_micro_batch_size", unit_samples=1, train_cfg=True,  # CFG as it samples
+                   units=-(-run.prompts_per_process * args.group_size // args.updates_per_iteration))
     optimizer = run.make_optimizer(policy)
     eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)

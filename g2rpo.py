@@ -194,6 +194,8 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=False, device=run.device, log=run.print)
     policy = task.policy
+    run.fit_memory(task, train_field=None, unit_samples=run.prompts_per_process, units=1,  # one call on P anchors
+                   train_cfg=True)
     optimizer = run.make_optimizer(policy)
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)

@@ -177,6 +177,8 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=False, device=run.device, log=run.print)
     policy = task.policy
+    run.fit_memory(task, train_field="train_micro_batch_size", unit_samples=1, train_cfg=True,  # one per anchor
+                   units=run.prompts_per_process * args.num_anchors)
     optimizer = run.make_optimizer(policy)
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)

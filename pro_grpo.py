@@ -281,6 +281,8 @@ def main(argv=None):
     acc = run.accelerator
     task = load_task(args, keep_reference=args.kl_beta > 0, device=run.device, log=run.print)
     policy = task.policy
+    run.fit_memory(task, train_field="train_micro_batch_size", unit_samples=1, train_cfg=True,  # the survivors
+                   units=-(-run.prompts_per_process * group_sizes[-1] // args.updates_per_iteration))
     optimizer = run.make_optimizer(policy)
     eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
     sigmas = policy.sigmas(args.num_steps, args.shift).to(run.device)

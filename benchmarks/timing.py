@@ -204,7 +204,7 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, ext
     run_dir = out / "run"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    module.main([*flags, *spec["flags"], *SHARED_FLAGS, *extra, "--output-dir", str(run_dir)])
+    summary = module.main([*flags, *spec["flags"], *SHARED_FLAGS, *extra, "--output-dir", str(run_dir)])
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     config_used = json.loads((run_dir / "config.json").read_text())
@@ -223,6 +223,7 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, ext
         "warmup_seconds": rows[0]["time/iteration_seconds"],
         "fwd_seconds": [c["fwd"] for _, c in steady], "bwd_seconds": [c["bwd"] for _, c in steady],
         "nfe_no_grad": [r["nfe/rollout"] for r, _ in steady], "nfe_grad": [r["nfe/train"] for r, _ in steady],
+        "memory_plan": summary.get("memory_plan"),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
@@ -289,6 +290,12 @@ def table(results: list[dict], config: str, depth, extra_flags: str = "", varian
         lines.append(f"| {r['method']} | {r['resolution']} ({r['tokens']}) | {trainable} | {ng:,.0f} / {g:,.0f} | "
                      f"{s:.2f} | {f:.2f} | {b:.2f} | {(f + b) / s:.1%} | {1 - (f + b) / s:.1%} | "
                      f"{flops / 1e12:.2f} | {mfu} | {mem} | {r['warmup_seconds']:.1f} |")
+    plans = [(r["method"], r["memory_plan"]) for r in results if r.get("memory_plan")]
+    if plans:
+        lines += [""] + [f"- {m}: --fit-memory chose training micro-batches of {p['train_micro_units']} unit(s) of "
+                         f"{p['train_unit_samples']} samples, checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, "
+                         f"rollout batch {p['rollout_batch_size']} (budget {p['budget_gib']:.1f} GiB; per sample "
+                         f"{p['per_sample_gib']['grad']:.3g} GiB with gradient)" for m, p in plans]
     return lines + [""]
 
 

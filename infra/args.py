@@ -29,7 +29,8 @@ TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", "log_every", "report_to",
              "eval_every", "checkpoint_every", "checkpoints_total_limit", "dist_timeout_minutes", "num_threads",
              "attention_backend", "save_weights", "rollout_batch_size", "eval_batch_size", "train_micro_batch_size",
-             "train_micro_batch_groups", "gradient_checkpointing", "compile", "merge_lora_rollouts", "pretrained",
+             "train_micro_batch_groups", "gradient_checkpointing", "compile", "merge_lora_rollouts", "fit_memory",
+             "memory_budget_gib", "pretrained",
              "reward_dir", "train_prompts", "eval_prompts"}
 
 
@@ -136,6 +137,11 @@ def check_together(args):
     for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
         if value is not None and not Path(value).is_file():
             raise ValueError(f"{flag} {value}: no such file")
+    if args.fit_memory and args.gradient_checkpointing:
+        raise ValueError("--fit-memory turns gradient checkpointing on when memory needs it: drop "
+                         "--gradient-checkpointing")
+    if args.memory_budget_gib and not args.fit_memory:
+        raise ValueError("--memory-budget-gib is the budget of --fit-memory: add --fit-memory")
     if args.resume_from_checkpoint == "latest" and not args.output_dir:
         raise ValueError("--resume-from-checkpoint latest needs the --output-dir of the run to resume")
 

@@ -145,6 +145,8 @@ class Run:
         self.evaluating = None  # the label of the evaluation in progress
         self._previous_sigint = None
         self.toy_samples = {}  # "before" / "after": the toy's evaluation samples, for samples.png
+        self.memory_plan = None  # --fit-memory's plan, for summary.json
+        self._attention_checked = False
         NonFiniteError.where = self._position
 
     def _sharded(self) -> bool:
@@ -179,11 +181,7 @@ class Run:
         self.task, self.state, self.eval_ema = task, state, eval_ema
         if eval_ema is not None:  # evaluation and the final weights use it (Flow-GRPO's and DGPO's configs)
             state["eval_ema"] = eval_ema
-        from infra import attention
-        mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
-        dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
-        attention.configure(self.args.attention_backend, task.policy.attention_shape(), dtype, self.device,
-                            self.print)
+        self._configure_attention(task)
         self._write_config()
         if threading.current_thread() is threading.main_thread():  # Ctrl-C: one line, not a traceback
             self._previous_sigint = signal.signal(signal.SIGINT, self._interrupted)
@@ -212,6 +210,30 @@ class Run:
             log.write_text("".join(l + "\n" for l in kept))
         self.print(f"resumed from {path} at iteration {self.first_iteration}")
         return self.before
+
+    def _configure_attention(self, task: Task):
+        """The attention kernel, chosen and checked once (infra/attention.py), before the first model call."""
+        if self._attention_checked:
+            return
+        from infra import attention
+        mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
+        dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
+        attention.configure(self.args.attention_backend, task.policy.attention_shape(), dtype, self.device,
+                            self.print)
+        self._attention_checked = True
+
+    def fit_memory(self, task: Task, **unit):
+        """--fit-memory (infra/memory.py): the rollout, evaluation and training micro-batches and gradient
+        checkpointing, from free device memory. `unit`: the script's training unit (memory.fit_memory). Call it
+        before make_optimizer: the probe runs on the model before accelerate wraps it."""
+        if not self.args.fit_memory:
+            return
+        if task.policy.accelerator is not None:
+            raise RuntimeError("Run.fit_memory must come before make_optimizer")
+        self._configure_attention(task)  # the probe's call runs on the kernel the run will use
+        from infra.memory import fit_memory
+        self.memory_plan = fit_memory(self.args, task.policy, self.accelerator, task.train_prompts[0], log=self.print,
+                                      **unit)
 
     def _write_config(self):
         """The run's first writes: only now that the model loaded and the kernels passed their check. --overwrite
@@ -426,6 +448,8 @@ class Run:
         for k in before:
             if k != "reward":
                 summary[f"{k}_before"], summary[f"{k}_after"] = before[k], after[k]
+        if self.memory_plan is not None:
+            summary["memory_plan"] = self.memory_plan
         summary.update(extra)
         self.accelerator.wait_for_everyone()
         state = gathered_state_dict(task.policy)  # every process: FSDP gathers the weights collectively

@@ -12,7 +12,8 @@
 #      checkpointing; the transformer is built on the GPU itself (seconds; on a CPU in fp32 it takes minutes and 48 GB);
 #   4-5. not by default: the speed levers, one row each. 4, at the reduced depth (compilation costs the same at any
 #      depth: blocks of one class share a graph): DGPO plain, --compile, --merge-lora-rollouts and both; Flow-GRPO
-#      plain and --compile. 5, at full depth: DGPO and Flow-GRPO without gradient checkpointing, eager and compiled.
+#      plain and --compile. 5, at full depth: DGPO and Flow-GRPO without gradient checkpointing, eager and compiled,
+#      and with --fit-memory (batches and checkpointing chosen from free memory; the table lists what it chose).
 #      Unmeasured on a GPU; expect several minutes each (each --compile run compiles afresh), so run them as their
 #      own calls: GPU_CHECK_PARTS=4 bash scripts/gpu_check.sh OUT_DIR (the report then holds part 4 only);
 # then writes OUT_DIR/gpu_check.md: date, device, software versions, the smoke's lines and the timing tables.
@@ -58,7 +59,8 @@ fi
 
 # 2. reduced depth, all presets; 3. full depth, DGPO and Flow-GRPO
 FULL=("DGPO" "Flow-GRPO (SD3 preset)")
-[[ $CONFIG == flux-dev ]] || FULL=("DGPO" "Flow-GRPO")
+FIT="--fit-memory"
+[[ $CONFIG == flux-dev ]] || { FULL=("DGPO" "Flow-GRPO"); FIT="--fit-memory --memory-budget-gib 1"; }  # a CPU has no free memory to read
 if [[ $PARTS == *" 2 "* ]]; then
   t0=$SECONDS
   "$PY" benchmarks/timing.py --config "$CONFIG" --timeout "${GPU_CHECK_METHOD_S:-75}" --out "$OUT/timing.md" \
@@ -94,6 +96,7 @@ if [[ $PARTS == *" 5 "* ]]; then
   # shellcheck disable=SC2086
   "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[@]}" \
     --timeout "${GPU_CHECK_LEVER_S:-180}" --variants "no checkpointing=" "no checkpointing, compile=--compile" \
+    "fit-memory=$FIT" \
     --out "$OUT/levers_full_depth.md" > "$OUT/levers_full_depth.log" 2>&1 || FAILED=1
   echo "full depth without checkpointing: $((SECONDS - t0)) s"
 fi
