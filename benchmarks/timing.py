@@ -293,8 +293,8 @@ def table(results: list[dict], config: str, depth, extra_flags: str = "", varian
     plans = [(r["method"], r["memory_plan"]) for r in results if r.get("memory_plan")]
     if plans:
         lines += [""] + [f"- {m}: --fit-memory chose training micro-batches of {p['train_micro_units']} unit(s) of "
-                         f"{p['train_unit_samples']} samples, checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, "
-                         f"rollout batch {p['rollout_batch_size']} (budget {p['budget_gib']:.1f} GiB; per sample "
+                         f"{p['train_unit_samples']} samples, checkpointing "
+                         f"{'on' if p['gradient_checkpointing'] else 'off'}, rollout batch {p['rollout_batch_size']} (budget {p['budget_gib']:.1f} GiB; per sample "
                          f"{p['per_sample_gib']['grad']:.3g} GiB with gradient)" for m, p in plans]
     return lines + [""]
 

@@ -12,8 +12,9 @@ batch (autocast's bf16 copies of fp32 weights, positional embeddings). From it, 
 - `no_grad`: an upper bound on a no-grad call's working set: the largest block's inputs and intermediates.
 
 The budget is `--memory-budget-gib` if given, else 85% of what the device has free (what the CUDA caching allocator
-holds unused counts as free), less what the optimizer will still allocate (fp32 gradients and AdamW's two moments,
-12 bytes per trainable parameter), taken as the smallest over the processes, so that every process makes the same
+holds unused counts as free), less what the run will still allocate for its trainable parameters (fp32 gradients
+and AdamW's two moments, 12 bytes each; 4 more per EMA the script keeps, DGPO's theta_minus and the evaluation EMA,
+and 4 for the copy an EMA swap holds), taken as the smallest over the processes, so that every process makes the same
 number of model calls (FSDP gathers weights in every forward). The 15% margin is for what saved tensors do not
 show: the backward pass's temporaries, kernel workspaces, fragmentation. It is a guess that a GPU run checks
 (benchmarks/timing.py prints the peak memory).
@@ -39,6 +40,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 GIB = 2**30
 FREE_FRACTION = 0.85  # of the free device memory the plan may use
 OPTIMIZER_BYTES = 12  # per trainable parameter still to allocate: fp32 gradient + AdamW's two fp32 moments
+EMA_BYTES = 4  # per trainable parameter and fp32 EMA copy
 
 
 def size(n: float) -> str:
@@ -163,14 +165,21 @@ def plan(act: ActivationBytes, budget: int, unit_samples: int, units: int, no_gr
     if micro < 1 or rollout < 1:
         need = max(act.checkpointed * unit_samples, per_row)
         raise SystemExit(f"--fit-memory: one training unit ({unit_samples} transformer samples) needs "
-                         f"{size(need)} even with gradient checkpointing, and the budget is {size(budget)}: lower --resolution or --group-size, shard the model (FSDP, "
-                         f"docs/multi-gpu.md), or free the device")
+                         f"{size(need)} even with gradient checkpointing, and the budget is {size(budget)}: lower "
+                         f"--resolution or --group-size, shard the model (FSDP, docs/multi-gpu.md), or free the "
+                         f"device")
     return Plan(micro_units=int(micro), checkpointing=checkpointing, rollout_batch=int(rollout))
+
+
+def reserve_bytes(args, trainable: int) -> int:
+    """What the run allocates after the plan for `trainable` parameters: optimizer state and EMA copies."""
+    emas = int(hasattr(args, "ema_decay")) + int(getattr(args, "eval_ema", False))  # DGPO's theta_minus; eval EMA
+    return (OPTIMIZER_BYTES + EMA_BYTES * (emas + (emas > 0))) * trainable
 
 
 def budget_bytes(args, policy, accelerator) -> int:
     """The bytes the plan may fill on this device (module docstring), the smallest over the processes."""
-    trainable = sum(p.numel() for p in policy.trainable_parameters())
+    reserve = reserve_bytes(args, sum(p.numel() for p in policy.trainable_parameters()))
     if args.memory_budget_gib:
         total = args.memory_budget_gib * GIB
     elif policy.device.type == "cuda":
@@ -180,7 +189,7 @@ def budget_bytes(args, policy, accelerator) -> int:
     else:
         raise SystemExit(f"--fit-memory reads the free memory of a CUDA device; on {policy.device.type} give "
                          f"--memory-budget-gib")
-    budget = torch.tensor([total - OPTIMIZER_BYTES * trainable], dtype=torch.float64, device=accelerator.device)
+    budget = torch.tensor([total - reserve], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN)
     return max(int(budget.item()), 0)
@@ -204,9 +213,10 @@ def fit_memory(args, policy, accelerator, prompt: str, *, train_field: Optional[
     args.rollout_batch_size = args.eval_batch_size = p.rollout_batch
     if train_field is not None:
         setattr(args, train_field, p.micro_units)
-    out = {"budget_gib": round(budget / GIB, 3), "per_sample_gib": {k: round(v / GIB, 4) for k, v in vars(act).items()},
-           "train_micro_units": p.micro_units, "train_unit_samples": unit_samples, "gradient_checkpointing":
-           p.checkpointing, "rollout_batch_size": p.rollout_batch}
+    out = {"budget_gib": round(budget / GIB, 3),
+           "per_sample_gib": {k: round(v / GIB, 4) for k, v in vars(act).items()},
+           "train_micro_units": p.micro_units, "train_unit_samples": unit_samples,
+           "gradient_checkpointing": p.checkpointing, "rollout_batch_size": p.rollout_batch}
     log(f"fit-memory | budget {size(budget)} | per sample: {size(act.grad)} with gradient, "
         f"{size(act.checkpointed)} checkpointed, {size(act.no_grad)} without gradient | training "
         f"micro-batch {p.micro_units} of {units} units ({unit_samples} samples each), checkpointing "

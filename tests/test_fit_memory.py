@@ -49,8 +49,8 @@ def test_probe_counts_what_the_autograd_graph_holds(resolution, lora_rank):
     held = []
     for n in (1, 2):
         x = policy.initial_noise(n)
-        out = policy._forward(policy.net, x, torch.full((n,), 0.5), {k: t.expand(n, *t.shape[1:]).contiguous() for k, t in
-                                                                      cond.items()})
+        c = {k: t.expand(n, *t.shape[1:]).contiguous() for k, t in cond.items()}
+        out = policy._forward(policy.net, x, torch.full((n,), 0.5), c)
         held.append(graph_walk_bytes(out, weights))
     assert act.grad == held[1] - held[0] > 0
     # checkpointing keeps less; a no-grad call's working set is one block's, less again
@@ -72,6 +72,16 @@ def test_probe_leaves_no_graph_and_no_hook_behind():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
+def test_the_reserve_counts_the_optimizer_and_each_ema():
+    n = 1000
+    assert memory.reserve_bytes(parse_args(g2rpo.Args, g2rpo.PRESETS, ["--model", "tiny-flux"]), n) == 12 * n
+    # Flow-GRPO: the evaluation EMA and the copy its swap holds
+    assert memory.reserve_bytes(parse_args(flow_grpo.Args, flow_grpo.PRESETS, []), n) == 20 * n
+    assert memory.reserve_bytes(parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-ema", "false"]), n) == 12 * n
+    # DGPO: theta_minus and the evaluation EMA, and a swap's copy
+    assert memory.reserve_bytes(parse_args(dgpo.Args, dgpo.PRESETS, ["--eval-ema", "true"]), n) == 24 * n
+
+
 def test_plan_arithmetic():
     act = memory.ActivationBytes(grad=100, checkpointed=30, no_grad=10)
     # everything fits: all units, no checkpointing
@@ -86,14 +96,15 @@ def test_plan_arithmetic():
         memory.plan(act, 119, 4, 5, False)
 
 
-def tiny_flux_plan_budget(unit_samples: int) -> tuple[float, memory.ActivationBytes]:
-    """A --memory-budget-gib for tiny-flux (the presets' LoRA) that holds one unit of `unit_samples` checkpointed
-    but not without checkpointing: 1.2 x the checkpointed unit, plus the optimizer's reserve."""
+def tiny_flux_plan_budget(script, unit_samples: int) -> tuple[float, memory.ActivationBytes]:
+    """A --memory-budget-gib for `script` on tiny-flux (the presets' LoRA) that holds one unit of `unit_samples`
+    checkpointed but not without checkpointing: 1.2 x the checkpointed unit, plus the optimizer's and EMAs' reserve."""
     policy = build_tiny_flux(lora_rank=8)
     act = memory.measure(policy, policy.encode_prompts(["a photo of red"]), contextlib.nullcontext)
     assert 1.2 * act.checkpointed < act.grad  # so the budget forces checkpointing
-    trainable = sum(p.numel() for p in policy.trainable_parameters())
-    budget = 1.2 * act.checkpointed * unit_samples + memory.OPTIMIZER_BYTES * trainable
+    args = parse_args(script.Args, script.PRESETS, ["--model", "tiny-flux"])
+    budget = 1.2 * act.checkpointed * unit_samples + memory.reserve_bytes(
+        args, sum(p.numel() for p in policy.trainable_parameters()))
     return budget / memory.GIB, act
 
 
@@ -110,7 +121,7 @@ def recorded_calls(monkeypatch) -> list[tuple[bool, int, bool]]:
 
 
 def test_dgpo_applies_the_plan_it_logs_and_computes_what_the_same_flags_by_hand_do(tmp_path, monkeypatch):
-    gib, act = tiny_flux_plan_budget(unit_samples=4)  # the tiny-flux preset's G
+    gib, act = tiny_flux_plan_budget(dgpo, unit_samples=4)  # the tiny-flux preset's G
     calls = recorded_calls(monkeypatch)
     flags = ["--model", "tiny-flux", "--iterations", "2", "--eval-samples-per-prompt", "8"] + QUIET
     a = dgpo.main(flags + ["--fit-memory", "--memory-budget-gib", str(gib), "--output-dir", str(tmp_path / "a")])
@@ -135,7 +146,7 @@ def test_dgpo_applies_the_plan_it_logs_and_computes_what_the_same_flags_by_hand_
 def test_every_script_runs_on_its_plan(tmp_path, monkeypatch, script, field):
     """A budget with room for one checkpointed sample and a bit: each script trains on it, checkpointed, its gradient
     calls no larger than the plan (g2rpo has no micro-batch: its call on P anchors decides checkpointing)."""
-    gib, _ = tiny_flux_plan_budget(unit_samples=2 if script is g2rpo else 1)  # g2rpo: the preset's P = 2 anchors
+    gib, _ = tiny_flux_plan_budget(script, unit_samples=2 if script is g2rpo else 1)  # g2rpo: the preset's P = 2
     calls = recorded_calls(monkeypatch)
     out = script.main(["--model", "tiny-flux", "--iterations", "1", "--fit-memory", "--memory-budget-gib", str(gib),
                        "--eval-samples-per-prompt", "4", "--output-dir", str(tmp_path)] + QUIET)
