@@ -2,7 +2,7 @@
 
     python benchmarks/memory_estimate.py              # 8 GPUs
     python benchmarks/memory_estimate.py --gpus 16
-    python benchmarks/memory_estimate.py --activations    # FLUX.1-dev's activations per sample, measured (~20 s)
+    python benchmarks/memory_estimate.py --activations    # FLUX.1-dev's activations per sample, measured (~1 min)
 
 The transformers are built on the meta device (no weights, no memory) with LoRA at the reference code's targets and
 ranks, so the counts are exact. Bytes per parameter, as the scripts hold them (accelerate mixed precision bf16):
@@ -18,13 +18,16 @@ and the text encoders, which embed the prompt set once and are released (T5-XXL 
 in bf16).
 
 `--activations`: what one sample's gradient call keeps for its backward pass in FLUX.1-dev, at the presets'
-resolutions (512 px: 1024 image tokens; 720 px: 2025) and at 1024 px (4096), with its 512 text tokens. One
-double-stream and one single-stream block are built at FLUX.1-dev's widths in bf16 with LoRA r32 at the reference targets, their input
-requiring gradient as in the middle of the stack, and run forward once under bf16 autocast on the CPU; every tensor
-autograd saves is recorded (torch.autograd.graph.saved_tensors_hooks) and the distinct storages are summed, the
-weights left out. The CPU's flash attention saves what the GPU's does (output and log-sum-exp, no T x T matrix).
-Full depth = 19 double + 38 single blocks. With gradient checkpointing only each block's inputs stay, plus one
-block's activations while it is recomputed.
+resolutions (512 px: 1024 image tokens; 720 px: 2025) and at 1024 px (4096), with its 512 text tokens. A transformer
+of FLUX.1-dev's widths with 2 double-stream blocks and 1 single-stream block is built on the CPU as `--model flux` holds it
+under LoRA (bf16 base, LoRA r32 at the reference targets with fp32 adapters) and measured by `--fit-memory`'s probe
+(infra/memory.py): one call with gradient at batch 1 and at batch 2 under bf16 autocast, every tensor autograd saves
+recorded by saved-tensor hooks (weights left out; distinct storages), the difference being one sample's share. The
+second double block and the single block stand for the blocks of the stack (their inputs need gradient, as there;
+the first block's does not).
+The CPU's flash attention saves what the GPU's does (output and log-sum-exp, no T x T matrix). Full depth = 19
+double + 38 single blocks + what the embeddings and the output layer keep; with gradient checkpointing only each
+block's inputs stay, plus one block's activations while it is recomputed.
 """
 
 from __future__ import annotations
@@ -76,50 +79,40 @@ def rows(name: str, params: int, lora: int, block: int, rank: int, gpus: int) ->
 
 
 def activation_bytes(image_tokens: list[int], text_tokens: int = 512, rank: int = 32) -> list[dict[str, int]]:
-    """For each image token count (a square number): the bytes one sample saves for backward in one FLUX.1-dev
-    double-stream block ("double") and one single-stream block ("single"), and a block's input bytes ("inputs",
-    what checkpointing keeps). See the module docstring for the method."""
+    """For each image token count (a square number), per sample: the bytes a gradient call keeps for backward in one
+    FLUX.1-dev double-stream block ("double"), one single-stream block ("single"), outside the blocks ("outside"),
+    and a block's inputs ("inputs", what checkpointing keeps). See the module docstring for the method."""
     import torch
-    from diffusers.models.transformers.transformer_flux import (FluxPosEmbed, FluxSingleTransformerBlock,
-                                                                FluxTransformerBlock)
-    from peft import LoraConfig, inject_adapter_in_model
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from infra import diffusers_models as dm
-    cfg = dm.FLUX_DEV_TRANSFORMER_CONFIG
-    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    dim = heads * head_dim
-    torch.manual_seed(0)
-    blocks = {}
-    for name, cls in (("double", FluxTransformerBlock), ("single", FluxSingleTransformerBlock)):
-        block = cls(dim=dim, num_attention_heads=heads, attention_head_dim=head_dim).to(torch.bfloat16)
-        block.requires_grad_(False)
-        blocks[name] = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                          target_modules=dm.FLUX_LORA_TARGETS), block)
+    from infra.memory import saved_bytes
     results = []
     for tokens in image_tokens:
         side = round(tokens ** 0.5)
         if side * side != tokens:
             raise ValueError(f"image tokens must be a square number (a square image); got {tokens}")
-        rope = FluxPosEmbed(theta=10000, axes_dim=cfg["axes_dims_rope"])(
-            torch.cat([torch.zeros(text_tokens, 3), dm.flux_image_ids(side)]))
-        img = torch.randn(1, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
-        txt = torch.randn(1, text_tokens, dim, dtype=torch.bfloat16, requires_grad=True)
-        temb = torch.randn(1, dim, dtype=torch.bfloat16)
-        out = {"inputs": img.nbytes + txt.nbytes + temb.nbytes}
-        for name, block in blocks.items():
-            weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-            saved = {}
-
-            def pack(t):
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in weights:
-                    saved[storage.data_ptr()] = storage.nbytes()
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-                block(img, txt, temb, image_rotary_emb=rope)
-            out[name] = sum(saved.values())
-        results.append(out)
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)  # the base in bf16, as --model flux holds it under LoRA
+        try:
+            net = FluxTransformer2DModel(**{**dm.FLUX_DEV_TRANSFORMER_CONFIG, "num_layers": 2, "num_single_layers": 1})
+        finally:
+            torch.set_default_dtype(torch.float32)
+        vae = AutoencoderKL(block_out_channels=(4,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=1, latent_channels=16)  # 8x
+        policy = dm.FluxPolicy(net, vae, dm.HashTextEncoder(seq_len=text_tokens, dim=4096, pooled_dim=768),
+                               resolution=16 * side, lora_rank=rank)
+        cond = policy.encode_prompts(["a photo of red"])
+        calls = []
+        for n in (1, 2):
+            x = policy.initial_noise(n, torch.Generator().manual_seed(0))
+            c = {k: t.expand(n, *t.shape[1:]).contiguous() for k, t in cond.items()}
+            calls.append(saved_bytes(policy, x, 0.5, c, lambda: torch.autocast("cpu", torch.bfloat16)))
+        one, two = calls
+        per_sample = lambda key, i: two[key][i] - one[key][i]  # noqa: E731
+        results.append({"double": per_sample("per_block", 1), "single": per_sample("per_block", 2),
+                        "inputs": per_sample("block_inputs", 1),
+                        "outside": (two["saved"] - sum(two["per_block"])) - (one["saved"] - sum(one["per_block"]))})
     return results
 
 
@@ -128,8 +121,8 @@ def activation_table(resolutions=((512, 1024), (720, 2025), (1024, 4096))) -> li
     lines = ["| resolution (image tokens + 512 text) | double block | single block | full depth, per sample | "
              "full depth with checkpointing, per sample |", "| --- | --- | --- | --- | --- |"]
     for (px, tokens), a in zip(resolutions, activation_bytes([t for _, t in resolutions])):
-        full = 19 * a["double"] + 38 * a["single"]
-        ckpt = 57 * a["inputs"] + max(a["double"], a["single"])
+        full = 19 * a["double"] + 38 * a["single"] + a["outside"]
+        ckpt = 57 * a["inputs"] + max(a["double"], a["single"]) + a["outside"]
         lines.append(f"| {px} px ({tokens}) | {g(a['double'])} | {g(a['single'])} | {g(full)} | {g(ckpt)} |")
     return lines
 

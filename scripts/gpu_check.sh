@@ -89,7 +89,7 @@ if [[ $PARTS == *" 4 "* ]]; then
 fi
 
 # 5. full depth without gradient checkpointing, eager and compiled (against part 3's checkpointed rows). By
-# `benchmarks/memory_estimate.py --activations`, 8 samples at 512 px keep 65 GiB of activations without it: with the
+# `benchmarks/memory_estimate.py --activations`, 8 samples at 512 px keep 74 GiB of activations without it: with the
 # 22 GiB bf16 base that fits an H200.
 if [[ $PARTS == *" 5 "* ]]; then
   t0=$SECONDS
