@@ -291,11 +291,12 @@ def table(results: list[dict], config: str, depth, extra_flags: str = "", varian
                      f"{s:.2f} | {f:.2f} | {b:.2f} | {(f + b) / s:.1%} | {1 - (f + b) / s:.1%} | "
                      f"{flops / 1e12:.2f} | {mfu} | {mem} | {r['warmup_seconds']:.1f} |")
     plans = [(r["method"], r["memory_plan"]) for r in results if r.get("memory_plan")]
-    if plans:
-        lines += [""] + [f"- {m}: --fit-memory chose training micro-batches of {p['train_micro_units']} unit(s) of "
-                         f"{p['train_unit_samples']} samples, checkpointing "
-                         f"{'on' if p['gradient_checkpointing'] else 'off'}, rollout batch {p['rollout_batch_size']} (budget {p['budget_gib']:.1f} GiB; per sample "
-                         f"{p['per_sample_gib']['grad']:.3g} GiB with gradient)" for m, p in plans]
+    lines += [""] if plans else []
+    for m, p in plans:
+        lines.append(f"- {m}: --fit-memory chose training micro-batches of {p['train_micro_units']} unit(s) of "
+                     f"{p['train_unit_samples']} samples, checkpointing {'on' if p['gradient_checkpointing'] else 'off'}"
+                     f", rollout batch {p['rollout_batch_size']} (budget {p['budget_bytes'] / 2**30:.1f} GiB; per "
+                     f"sample {p['per_sample_bytes']['grad'] / 2**30:.3g} GiB with gradient)")
     return lines + [""]
 
 

@@ -213,8 +213,7 @@ def fit_memory(args, policy, accelerator, prompt: str, *, train_field: Optional[
     args.rollout_batch_size = args.eval_batch_size = p.rollout_batch
     if train_field is not None:
         setattr(args, train_field, p.micro_units)
-    out = {"budget_gib": round(budget / GIB, 3),
-           "per_sample_gib": {k: round(v / GIB, 4) for k, v in vars(act).items()},
+    out = {"budget_bytes": budget, "per_sample_bytes": vars(act),
            "train_micro_units": p.micro_units, "train_unit_samples": unit_samples,
            "gradient_checkpointing": p.checkpointing, "rollout_batch_size": p.rollout_batch}
     log(f"fit-memory | budget {size(budget)} | per sample: {size(act.grad)} with gradient, "

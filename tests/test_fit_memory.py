@@ -13,7 +13,7 @@ import flow_grpo
 import g2rpo
 import neighbor_grpo
 import pro_grpo
-from infra import memory
+from infra import memory, tasks
 from infra.args import ArgumentError, parse_args
 from infra.diffusers_models import DiffusersPolicy, build_tiny_flux
 
@@ -170,3 +170,36 @@ def test_bad_launches_stop_with_one_line(tmp_path):
         dgpo.main(["--model", "tiny-flux", "--fit-memory", "--memory-budget-gib", "0.000001", "--output-dir",
                    str(tmp_path / "c")] + QUIET)
     assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
+
+
+@pytest.mark.slow
+def test_classifier_free_guidance_counts_twice_where_the_script_trains_with_it(tmp_path):
+    """SD3 (CFG 4.5): Flow-GRPO's gradient calls run the conditional and unconditional branch (2 transformer samples
+    per sample), DGPO's train CFG-free (1), and every rollout call is guided (2). With room for 2.2 transformer
+    samples with gradient, Flow-GRPO fits one sample per micro-batch, not two; with room for 4.4, DGPO fits two groups
+    of 2 samples, not one."""
+    from tiny_pipelines import save_tiny_sd3_pipeline
+    pipe = save_tiny_sd3_pipeline(tmp_path / "sd3")
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("a photo of red\na photo of green\n")
+
+    def flags(script, *extra):
+        return ["--preset", "tiny-flux", "--model", "sd3", "--pretrained", str(pipe), "--max-sequence-length", "16",
+                "--train-prompts", str(prompts), "--reward", "mean_color", "--guidance-scale", "4.5", "--group-size",
+                "2", "--iterations", "1", "--eval-samples-per-prompt", "2", *QUIET, *extra]
+
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, flags(flow_grpo))
+    policy = tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    with policy.without_cfg():
+        act = memory.measure(policy, policy.encode_prompts(["a photo of red"]), contextlib.nullcontext)
+    trainable = sum(p.numel() for p in policy.trainable_parameters())
+    for script, samples, micro in ((flow_grpo, 2.2, 1), (dgpo, 4.4, 2)):
+        budget = int(samples * act.grad)
+        reserve = memory.reserve_bytes(parse_args(script.Args, script.PRESETS, flags(script)), trainable)
+        gib = (budget + reserve) / memory.GIB
+        out = script.main(flags(script, "--fit-memory", "--memory-budget-gib", repr(gib),
+                                "--output-dir", str(tmp_path / script.__name__)))
+        plan = out["memory_plan"]
+        assert not plan["gradient_checkpointing"] and plan["train_micro_units"] == micro, script.__name__
+        assert plan["budget_bytes"] == pytest.approx(budget, abs=2)
+        assert plan["rollout_batch_size"] == plan["budget_bytes"] // (2 * act.no_grad), script.__name__
