@@ -9,7 +9,8 @@
 #   2. benchmarks/timing.py --config flux-dev: all six paper presets at FLUX.1-dev's widths, 2 double + 4 single
 #      blocks: seconds per iteration, the share inside the transformer, MFU, peak memory;
 #   3. the same at full depth (19 + 38 blocks, 11.9B parameters) for DGPO and Flow-GRPO, LoRA, with gradient
-#      checkpointing; the transformer is built on the GPU itself (seconds; on a CPU in fp32 it takes minutes and 48 GB);
+#      checkpointing, at G = 8 and 2 iterations (GPU_CHECK_FULL_FLAGS); the transformer is built on the GPU itself
+#      (seconds; on a CPU in fp32 it takes minutes and 48 GB);
 #   4-5. not by default: the speed levers, one row each. 4, at the reduced depth (compilation costs the same at any
 #      depth: blocks of one class share a graph): DGPO plain, --compile, --merge-lora-rollouts and both; Flow-GRPO
 #      plain and --compile. 5, at full depth: DGPO and Flow-GRPO without gradient checkpointing, eager and compiled,
@@ -60,7 +61,11 @@ fi
 # 2. reduced depth, all presets; 3. full depth, DGPO and Flow-GRPO
 FULL=("DGPO" "Flow-GRPO (SD3 preset)")
 FIT="--fit-memory"
-[[ $CONFIG == flux-dev ]] || { FULL=("DGPO" "Flow-GRPO"); FIT="--fit-memory --memory-budget-gib 1"; }  # a CPU has no free memory to read
+# Full depth at G = 8 and 2 iterations (1 timed): the presets' G = 24 is about 3x the work per iteration, over a
+# minute each at full depth, which the 8 minutes cannot hold; G = 8 is what the issue measured (14.9 s/it).
+FULL_FLAGS=${GPU_CHECK_FULL_FLAGS:---group-size 8 --iterations 2}
+# (a CPU rehearsal: the tiny config's names, and a budget, as a CPU has no free device memory to read)
+[[ $CONFIG == flux-dev ]] || { FULL=("DGPO" "Flow-GRPO"); FIT="--fit-memory --memory-budget-gib 1"; }
 if [[ $PARTS == *" 2 "* ]]; then
   t0=$SECONDS
   "$PY" benchmarks/timing.py --config "$CONFIG" --timeout "${GPU_CHECK_METHOD_S:-75}" --out "$OUT/timing.md" \
@@ -71,7 +76,8 @@ if [[ $PARTS == *" 3 "* ]]; then
   t0=$SECONDS
   # shellcheck disable=SC2086
   "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[@]}" \
-    --extra-flags=--gradient-checkpointing --timeout "${GPU_CHECK_FULL_S:-120}" --out "$OUT/timing_full_depth.md" \
+    --extra-flags="--gradient-checkpointing $FULL_FLAGS" --timeout "${GPU_CHECK_FULL_S:-120}" \
+    --out "$OUT/timing_full_depth.md" \
     > "$OUT/timing_full_depth.log" 2>&1 || FAILED=1
   echo "timing at depth $DEPTH: $((SECONDS - t0)) s"
 fi
@@ -94,7 +100,7 @@ fi
 if [[ $PARTS == *" 5 "* ]]; then
   t0=$SECONDS
   # shellcheck disable=SC2086
-  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[@]}" \
+  "$PY" benchmarks/timing.py --config "$CONFIG" --depth $DEPTH --methods "${FULL[@]}" --extra-flags="$FULL_FLAGS" \
     --timeout "${GPU_CHECK_LEVER_S:-180}" --variants "no checkpointing=" "no checkpointing, compile=--compile" \
     "fit-memory=$FIT" \
     --out "$OUT/levers_full_depth.md" > "$OUT/levers_full_depth.log" 2>&1 || FAILED=1
