@@ -61,8 +61,8 @@ fi
 # 2. reduced depth, all presets; 3. full depth, DGPO and Flow-GRPO
 FULL=("DGPO" "Flow-GRPO (SD3 preset)")
 FIT="--fit-memory"
-# Full depth at G = 8 and 2 iterations (1 timed): the presets' G = 24 is about 3x the work per iteration, over a
-# minute each at full depth, which the 8 minutes cannot hold; G = 8 is what the issue measured (14.9 s/it).
+# Full depth at G = 8 and 2 iterations (1 timed): G = 8 is what the issue measured (14.9 s/it); the presets' G = 24
+# is about 3x the work per iteration (~45 s at that pace), and three of them would pass the 120 s timeout.
 FULL_FLAGS=${GPU_CHECK_FULL_FLAGS:---group-size 8 --iterations 2}
 # (a CPU rehearsal: the tiny config's names, and a budget, as a CPU has no free device memory to read)
 [[ $CONFIG == flux-dev ]] || { FULL=("DGPO" "Flow-GRPO"); FIT="--fit-memory --memory-budget-gib 1"; }
