@@ -38,14 +38,18 @@ def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_variants_give_one_row_each_with_the_same_work(tmp_path):
+def test_variants_give_one_row_each_with_the_same_work_and_the_memory_plan_is_listed(tmp_path):
     sys.argv = ["timing.py", "--config", "tiny", "--methods", "DGPO", "--variants", "plain=",
-                "merged=--merge-lora-rollouts", "--out", str(tmp_path / "t.md")]
+                "merged=--merge-lora-rollouts", "fit=--fit-memory --memory-budget-gib 1",
+                "--out", str(tmp_path / "t.md")]
     assert timing.main() == 0
-    rows = [[c.strip() for c in line.strip("|").split("|")]
-            for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| DGPO")]
-    assert [r[0] for r in rows] == ["DGPO (plain)", "DGPO (merged)"]
-    assert rows[0][3] == rows[1][3] == "64 / 16"  # the lever changes how calls run, not how many
+    text = (tmp_path / "t.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| DGPO")]
+    assert [r[0] for r in rows] == ["DGPO (plain)", "DGPO (merged)", "DGPO (fit)"]
+    assert rows[0][3] == rows[1][3] == rows[2][3] == "64 / 16"  # a lever changes how calls run, not how many
+    # the plan is listed under the table: 1 GiB holds both groups of the tiny-flux preset without checkpointing
+    assert "- DGPO (fit): --fit-memory chose training micro-batches of 2 unit(s) of 4 samples, checkpointing off" \
+        in text
 
 
 @pytest.mark.parametrize("argv, match", [(["--variants", "compile"], "each one is NAME=FLAGS"),
