@@ -45,11 +45,12 @@ def counts(model_cls, config: dict, rank: int, targets: list[str]) -> tuple[int,
     """(parameters, LoRA parameters at `rank`, parameters of the largest transformer block) on the meta device."""
     from accelerate import init_empty_weights
     from peft import LoraConfig
+
+    from infra import diffusers_models as dm
     with init_empty_weights():
         model = model_cls(**config)
     total = sum(p.numel() for p in model.parameters())
-    block = max(sum(p.numel() for p in b.parameters())
-                for blocks in ("transformer_blocks", "single_transformer_blocks") for b in getattr(model, blocks, []))
+    block = max(sum(p.numel() for p in b.parameters()) for b in dm.transformer_blocks(model))
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -86,7 +87,7 @@ def activation_bytes(image_tokens: list[int], text_tokens: int = 512, rank: int 
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from infra import diffusers_models as dm
-    from infra.memory import saved_bytes
+    from infra.memory import per_sample_bytes
     results = []
     for tokens in image_tokens:
         side = round(tokens ** 0.5)
@@ -102,17 +103,10 @@ def activation_bytes(image_tokens: list[int], text_tokens: int = 512, rank: int 
                             up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=1, latent_channels=16)  # 8x
         policy = dm.FluxPolicy(net, vae, dm.HashTextEncoder(seq_len=text_tokens, dim=4096, pooled_dim=768),
                                resolution=16 * side, lora_rank=rank)
-        cond = policy.encode_prompts(["a photo of red"])
-        calls = []
-        for n in (1, 2):
-            x = policy.initial_noise(n, torch.Generator().manual_seed(0))
-            c = {k: t.expand(n, *t.shape[1:]).contiguous() for k, t in cond.items()}
-            calls.append(saved_bytes(policy, x, 0.5, c, lambda: torch.autocast("cpu", torch.bfloat16)))
-        one, two = calls
-        per_sample = lambda key, i: two[key][i] - one[key][i]  # noqa: E731
-        results.append({"double": per_sample("per_block", 1), "single": per_sample("per_block", 2),
-                        "inputs": per_sample("block_inputs", 1),
-                        "outside": (two["saved"] - sum(two["per_block"])) - (one["saved"] - sum(one["per_block"]))})
+        s = per_sample_bytes(policy, policy.encode_prompts(["a photo of red"]),
+                             lambda: torch.autocast("cpu", torch.bfloat16))
+        results.append({"double": s["per_block"][1], "single": s["per_block"][2], "inputs": s["block_inputs"][1],
+                        "outside": s["outside"]})
     return results
 
 

@@ -30,8 +30,7 @@ RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", 
              "eval_every", "checkpoint_every", "checkpoints_total_limit", "dist_timeout_minutes", "num_threads",
              "attention_backend", "save_weights", "rollout_batch_size", "eval_batch_size", "train_micro_batch_size",
              "train_micro_batch_groups", "gradient_checkpointing", "compile", "merge_lora_rollouts", "fit_memory",
-             "memory_budget_gib", "pretrained",
-             "reward_dir", "train_prompts", "eval_prompts"}
+             "memory_budget_gib", "pretrained", "reward_dir", "train_prompts", "eval_prompts"}
 
 
 class ArgumentError(SystemExit):

@@ -39,6 +39,11 @@ SD35_MEDIUM_TRANSFORMER_CONFIG = dict(sample_size=128, patch_size=2, in_channels
                                       qk_norm="rms_norm")
 
 
+def transformer_blocks(net) -> list[torch.nn.Module]:
+    """The transformer's blocks in call order: FLUX's double- then single-stream blocks, SD3's joint blocks."""
+    return [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(net, name, [])]
+
+
 def flux_pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> FLUX's packed (B, (H/2)(W/2), 4C), as `FluxPipeline._pack_latents`."""
     b, c, h, w = latents.shape
@@ -126,10 +131,8 @@ class DiffusersPolicy(Policy):
         until PyTorch marks it dynamic; the recompile limit is raised to hold them all."""
         import torch._dynamo
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        net = self._unwrapped()
-        for name in ("transformer_blocks", "single_transformer_blocks"):
-            for block in getattr(net, name, []):
-                block.compile(backend=backend)
+        for block in transformer_blocks(self._unwrapped()):
+            block.compile(backend=backend)
 
     @contextlib.contextmanager
     def lora_merged(self):

@@ -55,10 +55,6 @@ class ActivationBytes:
     no_grad: int
 
 
-def _blocks(net) -> list[torch.nn.Module]:
-    return [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(net, name, [])]
-
-
 def _tensors(value):
     """The tensors in a block's positional and keyword inputs (FLUX passes its rotary embedding as a tuple)."""
     if isinstance(value, torch.Tensor):
@@ -77,8 +73,9 @@ def saved_bytes(policy, x: torch.Tensor, sigma: float, cond: dict, autocast) -> 
     each block's ("block_inputs") and all of them, a storage passed to several blocks counted once ("inputs").
     Nothing is kept for a backward pass, so this costs a no-grad
     call's memory."""
+    from infra.diffusers_models import transformer_blocks
     net = policy._unwrapped()
-    blocks = _blocks(net)
+    blocks = transformer_blocks(net)
     weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
     seen: dict[int, StorageWeakRef] = {}  # storage address -> the storage counted there, while it lives
     saved, per_block, block_inputs, inputs = [0], [0] * len(blocks), [0] * len(blocks), {}
@@ -125,22 +122,27 @@ def saved_bytes(policy, x: torch.Tensor, sigma: float, cond: dict, autocast) -> 
     return {"saved": saved[0], "per_block": per_block, "block_inputs": block_inputs, "inputs": sum(inputs.values())}
 
 
-def measure(policy, cond: dict, autocast) -> ActivationBytes:
-    """ActivationBytes of one transformer sample: the batch-2 call's bytes less the batch-1 call's. `cond`: one
-    prompt's conditioning (batch 1); `autocast`: a function giving the run's autocast context."""
-    out = []
+def per_sample_bytes(policy, cond: dict, autocast) -> dict:
+    """`saved_bytes` of one transformer sample: the batch-2 call's less the batch-1 call's, each entry, plus
+    "outside" (what the embeddings and the output layer save). `cond`: one prompt's conditioning (batch 1);
+    `autocast`: a function giving the run's autocast context."""
+    calls = []
     for n in (1, 2):
         x = policy.initial_noise(n, torch.Generator().manual_seed(0))  # its own generator: the run's noise is untouched
         c = {k: t.expand(n, *t.shape[1:]).contiguous() for k, t in cond.items()}
-        out.append(saved_bytes(policy, x, 0.5, c, autocast))
-    one, two = out
+        call = saved_bytes(policy, x, 0.5, c, autocast)
+        calls.append({**call, "outside": call["saved"] - sum(call["per_block"])})
+    one, two = calls
     diff = lambda a, b: max(b - a, 0)  # noqa: E731
-    block = [diff(a, b) for a, b in zip(one["per_block"], two["per_block"])]
-    block_inputs = [diff(a, b) for a, b in zip(one["block_inputs"], two["block_inputs"])]
-    outside = diff(one["saved"] - sum(one["per_block"]), two["saved"] - sum(two["per_block"]))
-    return ActivationBytes(grad=diff(one["saved"], two["saved"]),
-                           checkpointed=diff(one["inputs"], two["inputs"]) + max(block, default=0) + outside,
-                           no_grad=max((i + b for i, b in zip(block_inputs, block)), default=0))
+    return {k: [diff(a, b) for a, b in zip(one[k], two[k])] if isinstance(one[k], list) else diff(one[k], two[k])
+            for k in one}
+
+
+def measure(policy, cond: dict, autocast) -> ActivationBytes:
+    """ActivationBytes of one transformer sample (`per_sample_bytes`)."""
+    s = per_sample_bytes(policy, cond, autocast)
+    return ActivationBytes(grad=s["saved"], checkpointed=s["inputs"] + max(s["per_block"], default=0) + s["outside"],
+                           no_grad=max((i + b for i, b in zip(s["block_inputs"], s["per_block"])), default=0))
 
 
 @dataclass

@@ -15,7 +15,7 @@ import neighbor_grpo
 import pro_grpo
 from infra import memory, tasks
 from infra.args import ArgumentError, parse_args
-from infra.diffusers_models import DiffusersPolicy, build_tiny_flux
+from infra.diffusers_models import DiffusersPolicy, build_tiny_flux, transformer_blocks
 
 QUIET = ["--log-every", "0", "--checkpoint-every", "0", "--save-weights", "false"]
 MIB = 2**20
@@ -65,7 +65,7 @@ def test_probe_leaves_no_graph_and_no_hook_behind():
     policy = build_tiny_flux(lora_rank=4)
     cond = policy.encode_prompts(["a photo of red"])
     memory.measure(policy, cond, contextlib.nullcontext)
-    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in memory._blocks(policy.net))
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in transformer_blocks(policy.net))
     x = policy.initial_noise(2)
     out = policy.velocity(x, 0.5, {k: t.expand(2, *t.shape[1:]) for k, t in cond.items()})
     out.square().mean().backward()  # a normal call and backward still work after the probe
