@@ -42,6 +42,46 @@ BUGS = [
      "std = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))",
      "std = noise_level * torch.sqrt((1 - torch.where(s == 1, s_next, s)) / s)",
      "tests/test_samplers.py::test_sde_std_formula_and_first_step_convention"),
+    # A second round (54 more bugs planted, 2026-12-01): these got through the fast tier, and all but the first
+    # through the slow tier too.
+    ("every process takes rank 0's advantages", "common.py",
+     "[rank * P:(rank + 1) * P].reshape(-1)", "[:P].reshape(-1)",
+     "tests/test_advantages.py::test_each_process_keeps_its_own_groups_advantages_with_the_whole_batchs_statistics"),
+    ("Flow-GRPO's KL multiplied by 2 std^2", "flow_grpo.py",
+     "kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)",
+     "kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) * (2 * std.flatten() ** 2)",
+     "tests/test_flow_grpo.py::test_the_kl_is_the_gaussian_kl_of_the_two_sde_steps_per_unit_time"),
+    ("DGPO's dsm clip freezes the wrong direction", "dgpo.py",
+     "frozen = torch.where(advantages > 0, ratio > 1 + clip_range, ratio < 1 - clip_range)",
+     "frozen = torch.where(advantages > 0, ratio < 1 - clip_range, ratio > 1 + clip_range)",
+     "tests/test_dgpo.py::test_the_dsm_clip_freezes_a_sample_once_theta_passed_theta_minus_in_the_direction_its_"
+     "advantage_asks"),
+    ("Neighbor GRPO's objective takes the max", "neighbor_grpo.py",
+     "objective = torch.minimum(a * ratio,", "objective = torch.maximum(a * ratio,",
+     "tests/test_neighbor_grpo.py::test_the_clipped_objective_is_ppos_pessimistic_bound"),
+    ("Neighbor GRPO's anchor leaps with the velocity at t_j", "neighbor_grpo.py",
+     "v = policy.velocity(prev, sigmas[j - 1], select(cond, rows))",
+     "v = policy.velocity(prev, sigmas[j], select(cond, rows))",
+     "tests/test_neighbor_grpo.py::test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_to_n"),
+    ("Neighbor GRPO draws times 0..N-1", "neighbor_grpo.py",
+     "timesteps = (torch.randperm(args.num_steps)[:K] + 1).tolist()",
+     "timesteps = torch.randperm(args.num_steps)[:K].tolist()",
+     "tests/test_neighbor_grpo.py::test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_to_n"),
+    ("Neighbor GRPO pairs anchors with another group's advantages", "neighbor_grpo.py",
+     "advantages[g_of], args.clip_range)", "advantages[b_of % P], args.clip_range)",
+     "tests/test_neighbor_grpo.py::test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_to_n"),
+    # The run's plumbing (15 planted): these three got through the fast tier, the last the slow tier too.
+    ("the evaluation draws its noise from the global generator", "infra/tasks.py",
+     "noise = policy.initial_noise(len(prompts), generator)", "noise = policy.initial_noise(len(prompts))",
+     "tests/test_policies.py::test_evaluation_draws_its_fixed_noise_from_eval_seed_whatever_the_global_rng"),
+    ("the evaluation does not swap the EMA in", "infra/run.py",
+     "        with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():\n"
+     "            result = evaluate(",
+     "        with contextlib.nullcontext():\n            result = evaluate(",
+     "tests/test_flow_grpo.py::test_the_final_weights_are_the_evaluated_ema_and_checkpoints_keep_the_live_ones"),
+    ("every process seeded alike", "infra/run.py",
+     "set_seed(args.seed + self.accelerator.process_index)", "set_seed(args.seed)",
+     "tests/test_distributed.py::test_each_process_rolls_out_from_its_own_noise"),
 ]
 
 

@@ -39,15 +39,26 @@ def main(out: Path):
     result.update(ddp_accumulation(acc))
     (out / f"stats_rank{rank}.json").write_text(json.dumps(result))
 
-    # every script, one iteration as a 2-process run
+    # every script, one iteration as a 2-process run; the first rollout noise each process draws (from the global
+    # generator, which the run seeds per process) is kept
     import flow_grpo
     import g2rpo
     import neighbor_grpo
     import pro_grpo
+    rollout_noise, original_noise = {}, common.Policy.initial_noise
+
+    def recording_noise(self, n, generator=None):
+        noise = original_noise(self, n, generator)
+        if generator is None:
+            rollout_noise.setdefault(name, noise.flatten()[:8].tolist())
+        return noise
+
+    common.Policy.initial_noise = recording_noise
     for name, script in [("flow_grpo", flow_grpo), ("dgpo", dgpo), ("neighbor_grpo", neighbor_grpo),
                          ("g2rpo", g2rpo), ("pro_grpo", pro_grpo)]:
         script.main(["--iterations", "1", "--output-dir", str(out / name), "--log-every", "0", "--checkpoint-every",
                      "0", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+    (out / f"rollout_noise_rank{rank}.json").write_text(json.dumps(rollout_noise))
 
 
 def ddp_accumulation(acc):

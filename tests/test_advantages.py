@@ -1,5 +1,7 @@
 """Group advantages and the PPO-clipped loss."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -63,3 +65,17 @@ def test_ppo_loss_at_ratio_one_is_the_policy_gradient():
     loss, _ = flow_grpo.ppo_clip_loss(logp, logp.detach(), adv, 1e-4)
     loss.backward()
     torch.testing.assert_close(logp.grad, -adv / 10)
+
+
+@pytest.mark.parametrize("std", ["global", "group"])
+def test_each_process_keeps_its_own_groups_advantages_with_the_whole_batchs_statistics(std):
+    """3 processes x 2 groups of 5: every process gets the rows of ITS groups, centred on each group's mean and divided
+    by the std of the whole gathered batch (global) or of the group; the gathered rewards come back for logging."""
+    rewards = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7)[:, None]
+    scale = rewards.std() if std == "global" else rewards.std(-1, keepdim=True)
+    expected = (rewards - rewards.mean(-1, keepdim=True)) / (scale + 1e-4)
+    for rank in range(3):
+        fake = SimpleNamespace(gather=lambda mine: rewards, process_index=rank)  # gather: every process's rows
+        gathered, adv = common.gathered_group_advantages(fake, rewards[2 * rank:2 * rank + 2], std, clip=100.0)
+        assert gathered is rewards
+        torch.testing.assert_close(adv, expected[2 * rank:2 * rank + 2].reshape(-1))

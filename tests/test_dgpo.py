@@ -270,3 +270,40 @@ def test_rollouts_come_from_theta_minus_only_after_ema_start(tmp_path, monkeypat
     dgpo.main(["--iterations", "5", "--ema-start", "2", "--eval-ema", "false", "--output-dir", str(tmp_path),
                "--log-every", "0", "--save-weights", "false", "--eval-samples-per-prompt", "2"])
     assert swaps == [0.3] * 3
+
+
+def test_the_dsm_clip_freezes_a_sample_once_theta_passed_theta_minus_in_the_direction_its_advantage_asks(
+        monkeypatch):
+    """The official clip_dsm, read as PPO's: rho_i = exp(l_old,i - l_i) is sample i's likelihood ratio against
+    theta_minus (a lower denoising loss is a higher likelihood). A sample with A > 0 whose rho already exceeds 1 + eps,
+    or with A < 0 whose rho is below 1 - eps, gets no gradient from the group loss; every other sample keeps it."""
+    policy = tasks.toy2d_policy(keep_reference=True)
+    theta_minus = common.EMA(policy.trainable_parameters(), 0.3)  # holds the weights before the move below
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(1)
+    n, t, clip = 32, 0.7, 0.02
+    x0, eps, adv = torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g), torch.randn(n, generator=g)
+    cond = policy.encode_prompts(["mode 4"] * n)
+    x_t, target = (1 - t) * x0 + t * eps, eps - x0
+    with torch.no_grad():
+        loss_now = (policy.velocity(x_t, t, cond) - target).pow(2).mean(1)
+        with theta_minus.swapped_in():
+            loss_old = (policy.velocity(x_t, t, cond) - target).pow(2).mean(1)
+    rho = torch.exp(loss_old - loss_now)
+    frozen = ((adv > 0) & (rho > 1 + clip)) | ((adv < 0) & (rho < 1 - clip))
+    assert frozen.any() and (~frozen).any(), rho
+
+    captured = []
+    original = dgpo.dgpo_loss
+    monkeypatch.setattr(dgpo, "dgpo_loss", lambda dsm, *a, **k: captured.append(dsm) or original(dsm, *a, **k))
+    _, st = dgpo.dgpo_pass(policy, x0, eps, t, cond, adv, torch.zeros(n, dtype=torch.long), 1, 10.0, None,
+                           kl_beta=0.0, clip_dsm=True, clip_range=clip, theta_minus=theta_minus)
+    params = policy.trainable_parameters()
+    gets_gradient = torch.tensor([
+        any(g is not None and g.abs().sum() > 0
+            for g in torch.autograd.grad(captured[0][i], params, retain_graph=True, allow_unused=True))
+        for i in range(n)])
+    assert torch.equal(gets_gradient, ~frozen)
+    assert st["clipfrac"] == pytest.approx(frozen.float().mean().item())

@@ -76,6 +76,14 @@ def test_ddp_accumulation_reduces_once_per_step_and_equals_one_process(two_proce
 
 
 @pytest.mark.parametrize("name", ["flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo"])
+def test_each_process_rolls_out_from_its_own_noise(two_process_run, name):
+    """The run seeds each process with seed + rank: with one seed for all, every process would draw the same
+    rollout noise, and its samples would explore nothing the other's did not."""
+    first = [json.loads((two_process_run / f"rollout_noise_rank{rank}.json").read_text())[name] for rank in (0, 1)]
+    assert len(first[0]) == 8 and first[0] != first[1]
+
+
+@pytest.mark.parametrize("name", ["flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo"])
 def test_every_script_completes_a_two_process_iteration(two_process_run, name):
     summary = json.loads((two_process_run / name / "summary.json").read_text())
     assert summary["num_processes"] == 2

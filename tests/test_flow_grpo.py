@@ -254,11 +254,15 @@ def test_precision_comes_from_the_flag_else_the_launch_config(tmp_path, monkeypa
 
 
 def test_the_final_weights_are_the_evaluated_ema_and_checkpoints_keep_the_live_ones(tmp_path, monkeypatch):
-    """Flow-GRPO's config (train.ema) evaluates and saves the EMA: 8 iterations x 2 optimizer steps = 2 EMA updates."""
+    """Flow-GRPO's config (train.ema) evaluates and saves the EMA: 8 iterations x 2 optimizer steps = 2 EMA updates.
+    The "after" evaluation sees the EMA's weights, the same ones final/ holds."""
     from safetensors.torch import load_file
 
     from infra import run as run_module
-    captured, original = {}, run_module.Run.finish
+    captured, original, evaluated = {}, run_module.Run.finish, []
+    original_evaluate = run_module.evaluate
+    monkeypatch.setattr(run_module, "evaluate", lambda task, *a, **k: evaluated.append(
+        {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}) or original_evaluate(task, *a, **k))
 
     def finish(self, task, before, after, **extra):
         names = [n for n, p in task.policy.net.named_parameters()]
@@ -272,6 +276,7 @@ def test_the_final_weights_are_the_evaluated_ema_and_checkpoints_keep_the_live_o
     final = load_file(tmp_path / "final" / "model.safetensors")
     for name, value in final.items():
         torch.testing.assert_close(value, captured["ema"][name], rtol=0, atol=0)
+        torch.testing.assert_close(evaluated[-1][name], value, rtol=0, atol=0)
     assert any(not torch.equal(captured["ema"][n], captured["live"][n]) for n in final)
     saved_live = load_file(tmp_path / "checkpoints" / "checkpoint-4" / "weights" / "model.safetensors")
     assert any(not torch.equal(saved_live[n], final[n]) for n in final)
@@ -302,3 +307,29 @@ def test_the_kl_term_pulls_the_policy_toward_the_reference():
         for p in policy.net.parameters():
             p -= 1e-3 * p.grad
     assert before > 0 and kl() < before
+
+
+def test_the_kl_is_the_gaussian_kl_of_the_two_sde_steps_per_unit_time():
+    """Flow-GRPO's kl_loss, from the velocities alone: both SDE means share x and the drift's x-term, so they differ
+    by (v - v_ref)(1 + std^2 (1 - s) / (2 s)) dt, std^2 = a^2 s / (1 - s); the KL is that squared, averaged over
+    dims, over 2 std^2 (the official code divides by the diffusion coefficient, not the step's std sqrt(-dt)).
+    With zero advantages the PPO term is 0 and the loss is kl_beta * KL."""
+    policy = tasks.toy2d_policy(keep_reference=True)
+    with torch.no_grad():  # move the policy off its reference
+        for p in policy.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    sigmas = policy.sigmas(10)
+    cond = policy.encode_prompts(["mode 1"] * 8)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    s, s_next, a = sigmas[3].item(), sigmas[4].item(), 0.7  # s = 0.7: s / (1 - s) != 1
+    with torch.no_grad():
+        v = policy.velocity(x, s, cond)
+        with policy.reference():
+            v_ref = policy.velocity(x, s, cond)
+        loss, st = flow_grpo.sde_transition_loss(policy, x, x + 0.1, sigmas[3], sigmas[4], torch.zeros(8),
+                                                 torch.zeros(8), cond, a, "flow_grpo", 0.2, kl_beta=0.5)
+    std2 = a**2 * s / (1 - s)
+    kl = ((v - v_ref) * (1 + std2 * (1 - s) / (2 * s)) * (s_next - s)).pow(2).mean(1) / (2 * std2)
+    assert kl.mean().item() > 0
+    assert st["kl"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * kl.mean().item(), rel=1e-5)

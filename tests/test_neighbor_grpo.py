@@ -142,6 +142,57 @@ def test_the_loop_reweights_with_the_quasi_norm_p_it_is_given(tmp_path, monkeypa
     assert not torch.allclose(groups.norm(dim=-1), torch.ones(len(groups)), rtol=1e-2, atol=1e-2)  # not p = 2
 
 
+
+def test_the_clipped_objective_is_ppos_pessimistic_bound():
+    """Away from ratio 1: loss = -mean over anchors of sum_i min(A_i rho_i, A_i clip(rho_i)). A candidate whose ratio
+    already left [1 - eps, 1 + eps] in the direction its advantage asks for gets no gradient; every other candidate
+    gets d loss / d log pi_i = -A_i rho_i / (P B)."""
+    g = torch.Generator().manual_seed(0)
+    P, B, G, eps = 2, 3, 5, 0.1
+    old = torch.log_softmax(torch.randn(P, B, G, generator=g), -1)
+    new = (old + 0.3 * torch.randn(P, B, G, generator=g)).requires_grad_(True)
+    adv = torch.randn(P, G, generator=g)
+    loss, stats = ng.neighbor_grpo_loss(new, old, adv, eps)
+    loss.backward()
+    rho, a = (new - old).exp().detach(), adv[:, None, :].expand(P, B, G)
+    done = ((a > 0) & (rho > 1 + eps)) | ((a < 0) & (rho < 1 - eps))
+    assert done.any() and (~done).any()
+    assert torch.equal(new.grad == 0, done)
+    torch.testing.assert_close(new.grad[~done], (-a * rho / (P * B))[~done])
+    torch.testing.assert_close(loss, -torch.where(done, a * rho.clamp(1 - eps, 1 + eps), a * rho).sum(-1).mean())
+    assert stats["clipfrac"] == pytest.approx(((rho - 1).abs() > eps).float().mean().item())
+
+
+def test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_to_n(tmp_path, monkeypatch):
+    """The loop's indexing, checked against the rollout it stored. With Euler rollouts the anchor recomputed at t_j (one
+    Euler step of the pre-update weights from its stored x_{j-1}) IS one of its group's stored x_j; the candidates it
+    is compared with are that group's G states at t_j, under that group's advantages; K = N draws every j in 1..N.
+    Micro-batches of 2 (group, anchor) rows exercise the row -> group arithmetic."""
+    N, P, G, B = 4, 3, 4, 2
+    trajectories, advantages, calls = [], [], []
+    sample_ode, quasi_norm = ng.sample_ode, ng.quasi_norm_advantages
+    surrogate, loss = ng.surrogate_log_policy, ng.neighbor_grpo_loss
+    monkeypatch.setattr(ng, "sample_ode", lambda *a, **k: trajectories.append(sample_ode(*a, **k)) or trajectories[-1])
+    monkeypatch.setattr(ng, "quasi_norm_advantages", lambda *a: advantages.append(quasi_norm(*a)) or advantages[-1])
+    monkeypatch.setattr(ng, "surrogate_log_policy", lambda anchor, candidates, tau:
+                        calls.append([anchor.detach(), candidates]) or surrogate(anchor, candidates, tau))
+    monkeypatch.setattr(ng, "neighbor_grpo_loss", lambda log_pi, old, adv, clip:
+                        calls[-1].append(adv) or loss(log_pi, old, adv, clip))
+    ng.main(["--iterations", "1", "--num-steps", str(N), "--num-train-timesteps", str(N), "--updates-per-iteration",
+             "1", "--group-size", str(G), "--num-anchors", str(B), "--prompts-per-iteration", str(P),
+             "--rollout-solver", "euler", "--train-micro-batch-size", "2", "--output-dir", str(tmp_path),
+             "--log-every", "0", "--save-weights", "false", "--checkpoint-every", "0"])
+    states = torch.stack(trajectories[0]).view(N + 1, P, G, 2)
+    assert len(calls) == N * P * B // 2
+    seen = []
+    for anchor, candidates, adv in calls:
+        for r in range(len(candidates)):
+            (j, p), = [(j, p) for j in range(N + 1) for p in range(P) if torch.equal(candidates[r], states[j, p])]
+            seen.append(j)
+            torch.testing.assert_close(adv[r], advantages[0][p])
+            assert (states[j, p] - anchor[r, 0]).norm(dim=-1).min() < 1e-5  # one of the group's own states at t_j
+    assert sorted(set(seen)) == list(range(1, N + 1))
+
 @pytest.mark.slow
 def test_toy2d_neighbor_grpo_raises_eval_reward(tmp_path):
     s = ng.main(["--iterations", "200", "--output-dir", str(tmp_path), "--log-every", "0"])

@@ -5,9 +5,11 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import common
+import flow_grpo
 from infra import tasks
 from infra import diffusers_models, pretrained
 from infra import rewards
+from infra.args import parse_args
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,19 @@ def test_toy_reward_and_metric_values():
     with pytest.raises(ValueError, match="mode 0"):
         common.toy_mode_reward(mu[[0]], ["a cat"])
 
+
+
+def test_evaluation_draws_its_fixed_noise_from_eval_seed_whatever_the_global_rng():
+    """Before and after training are compared on the same samples' noise: the evaluation draws it from --eval-seed,
+    not from the global generator that training advances."""
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-samples-per-prompt", "8"])
+    task = tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+    torch.manual_seed(0)
+    first = tasks.evaluate(task, args)
+    torch.manual_seed(1)
+    assert tasks.evaluate(task, args) == first
+    args.eval_seed += 1
+    assert tasks.evaluate(task, args) != first
 
 def test_toy_reference_is_frozen_copy(toy):
     x, cond = torch.randn(5, 2), toy.encode_prompts(["mode 1"] * 5)
