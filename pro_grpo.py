@@ -25,6 +25,7 @@ Run:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -40,6 +41,8 @@ from infra.tasks import load_task
 class Args(CommonArgs):
     # the funnel
     group_sizes: str = arg("32,16,8", "group size before the first checkpoint and after each one: G_max,...,G_final")
+    group_size: Optional[int] = arg(None, "not used: the funnel's sizes are --group-sizes",
+                                    unused="Pro-GRPO's group sizes are --group-sizes G_max,...,G_final")
     prune_steps: str = arg("5,7", "sampling steps j at which the group is pruned (one per funnel stage)")
     # the SDE (Flow-GRPO's, as the paper's base method)
     sde_variant: str = arg("flow_grpo", "'flow_grpo': std = a sqrt(s/(1-s)); 'dance_grpo': constant eta",

@@ -88,8 +88,10 @@ def _flag(name: str) -> str:
 
 
 def check(field: dataclasses.Field, value):
-    """The field's own rules (metadata `choices`, `min`, `above`), as a one-line ValueError."""
+    """The field's own rules (metadata `choices`, `min`, `above`, `unused`), as a one-line ValueError."""
     flag = _flag(field.name)
+    if field.metadata.get("unused") and value != field.default:  # a shared flag this script has no use for
+        raise ValueError(f"{flag} is not used here: {field.metadata['unused']}")
     if value is None:
         return
     choices = field.metadata.get("choices")

@@ -28,7 +28,8 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-rm -f "$OUT"/{timing,timing_full_depth,levers,levers_merged,levers_full_depth}.md "$OUT/smoke_lines.txt"  # no stale tables
+# no stale tables
+rm -f "$OUT"/{timing,timing_full_depth,levers,levers_merged,levers_full_depth}.md "$OUT/smoke_lines.txt"
 PY=${PYTHON:-$(command -v python || command -v python3)}
 CONFIG=${GPU_CHECK_TIMING_CONFIG:-flux-dev}
 DEPTH=${GPU_CHECK_DEPTH:-19 38}

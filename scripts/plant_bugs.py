@@ -82,6 +82,24 @@ BUGS = [
     ("every process seeded alike", "infra/run.py",
      "set_seed(args.seed + self.accelerator.process_index)", "set_seed(args.seed)",
      "tests/test_distributed.py::test_each_process_rolls_out_from_its_own_noise"),
+    # A fourth round (14 planted in the scripts' loops): these got through the fast tier.
+    ("G2RPO scores every branch step against the first's old log-probs", "g2rpo.py",
+     'loss, st = ppo_clip_loss(log_prob, b["log_prob"], advantages, args.clip_range)',
+     'loss, st = ppo_clip_loss(log_prob, branches[0]["log_prob"], advantages, args.clip_range)',
+     "tests/test_g2rpo.py::test_every_branch_step_sees_its_own_branches_under_its_noise_level_and_every_granularity"),
+    ("G2RPO's advantages from the finest granularity only", "g2rpo.py",
+     'advantages = mixed_advantages(b["rewards"].to(run.device), args.adv_clip)',
+     'advantages = mixed_advantages(b["rewards"][:1].to(run.device), args.adv_clip)',
+     "tests/test_g2rpo.py::test_every_branch_step_sees_its_own_branches_under_its_noise_level_and_every_granularity"),
+    ("Pro-GRPO keeps the first trajectories, not OVF's", "pro_grpo.py",
+     "p * g + optimal_variance_filter(proxy[p].cpu(), keep_k) for p", "p * g + torch.arange(keep_k) for p",
+     "tests/test_pro_grpo.py::test_the_survivors_are_the_optimal_variance_subset_of_each_groups_proxy_rewards"),
+    ("DGPO's evaluation EMA never steps", "dgpo.py",
+     "        if eval_ema is not None:\n            eval_ema.step()\n\n", "\n",
+     "tests/test_dgpo.py::test_the_evaluation_ema_steps_once_per_optimizer_step"),
+    ("Neighbor GRPO ignores --temperature", "neighbor_grpo.py",
+     "tau[j] = args.temperature * d.mean(-1, keepdim=True)", "tau[j] = d.mean(-1, keepdim=True)",
+     "tests/test_flags.py::test_changing_any_numeric_flag_changes_what_the_run_computes"),
 ]
 
 

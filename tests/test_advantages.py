@@ -1,5 +1,6 @@
 """Group advantages and the PPO-clipped loss."""
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -79,3 +80,32 @@ def test_each_process_keeps_its_own_groups_advantages_with_the_whole_batchs_stat
         gathered, adv = common.gathered_group_advantages(fake, rewards[2 * rank:2 * rank + 2], std, clip=100.0)
         assert gathered is rewards
         torch.testing.assert_close(adv, expected[2 * rank:2 * rank + 2].reshape(-1))
+
+
+@pytest.mark.parametrize("std", ["global", "group"])
+@pytest.mark.parametrize("name", ["flow_grpo", "pro_grpo", "dgpo"])
+def test_the_update_gets_the_advantages_of_the_rewards_just_scored_with_adv_std(tmp_path, monkeypatch, name, std):
+    """One iteration: the advantages the update receives are the z-scores (--adv-std's std) of the training rewards
+    scored just before it, group by group."""
+    script = importlib.import_module(name)
+    events, load = [], script.load_task
+
+    def recording_task(*a, **k):
+        task = load(*a, **k)
+        reward_fn = task.reward_fn
+        task.reward_fn = lambda samples, prompts: (lambda r: events.append(("reward", r)) or r)(
+            reward_fn(samples, prompts))
+        return task
+
+    update = "dgpo_pass" if name == "dgpo" else "ppo_update"  # both take the advantages as their 6th argument
+    original = getattr(script, update)
+    monkeypatch.setattr(script, "load_task", recording_task)
+    monkeypatch.setattr(script, update, lambda *a, **k: events.append(("update", a[5])) or original(*a, **k))
+    script.main(["--iterations", "1", "--adv-std", std, "--adv-clip", "100", "--prompts-per-iteration", "2",
+                 "--eval-samples-per-prompt", "1", "--output-dir", str(tmp_path), "--log-every", "0",
+                 "--save-weights", "false", "--checkpoint-every", "0"])
+    first_update = next(i for i, (kind, _) in enumerate(events) if kind == "update")
+    rewards = [r for kind, r in events[:first_update] if kind == "reward"][-1].view(2, -1)
+    scale = rewards.std() if std == "global" else rewards.std(-1, keepdim=True)
+    expected = ((rewards - rewards.mean(-1, keepdim=True)) / (scale + 1e-4)).reshape(-1)
+    torch.testing.assert_close(events[first_update][1], expected)

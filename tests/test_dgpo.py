@@ -1,6 +1,7 @@
 """DGPO: the partition-function cancellation, the loss gradient against Eq. 17, shared noise, the timestep
 clip, the frozen reference, and end-to-end training."""
 
+import importlib
 import json
 
 import pytest
@@ -307,3 +308,18 @@ def test_the_dsm_clip_freezes_a_sample_once_theta_passed_theta_minus_in_the_dire
         for i in range(n)])
     assert torch.equal(gets_gradient, ~frozen)
     assert st["clipfrac"] == pytest.approx(frozen.float().mean().item())
+
+
+@pytest.mark.parametrize("name", ["dgpo", "flow_grpo", "pro_grpo"])
+def test_the_evaluation_ema_steps_once_per_optimizer_step(name, tmp_path, monkeypatch):
+    """The evaluation EMA (EMAModuleWrapper: every 8th step updates) must see every optimizer step: 3 iterations
+    make 3 steps in DGPO (one per iteration), 6 in Flow-GRPO and Pro-GRPO (two)."""
+    script = importlib.import_module(name)
+    optimizer_steps, ema_steps = [], []
+    original_step, original_ema_step = script.optimizer_step, common.EMA.step
+    monkeypatch.setattr(script, "optimizer_step", lambda *a, **k: optimizer_steps.append(1) or original_step(*a, **k))
+    monkeypatch.setattr(common.EMA, "step", lambda self: ema_steps.append(self.every) or original_ema_step(self))
+    script.main(["--iterations", "3", "--prompts-per-iteration", "2", "--eval-samples-per-prompt", "1",
+                 "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"])
+    assert len(optimizer_steps) == 3 * (1 if name == "dgpo" else 2)
+    assert ema_steps == [8] * len(optimizer_steps)

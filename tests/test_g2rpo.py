@@ -143,3 +143,29 @@ def test_the_ratio_is_exactly_one_at_the_first_update_of_an_iteration(tmp_path, 
     g2rpo.main(["--iterations", "3", "--branch-steps", "3", "--prompts-per-iteration", "4", "--output-dir",
                 str(tmp_path), "--log-every", "0", "--save-weights", "false", "--eval-samples-per-prompt", "2"])
     assert len(seen) == 3 and all(st["approx_kl"] == 0 and st["clipfrac"] == 0 for st in seen), seen
+
+
+def test_every_branch_step_sees_its_own_branches_under_its_noise_level_and_every_granularity(tmp_path, monkeypatch):
+    """At learning rate 0 the weights never move, so every branch step's PPO loss, not only the first, must see
+    ratio exactly 1: its own branches' old log-probs, scored at --noise-level. Its advantages are MGAI's: each
+    granularity's group z-score, summed over the granularities, then clipped."""
+    seen, rollouts = [], []
+    ppo, rollout = g2rpo.ppo_clip_loss, g2rpo.singular_rollout
+
+    def recording_ppo(log_prob, old_log_prob, advantages, clip_range):
+        loss, stats = ppo(log_prob, old_log_prob, advantages, clip_range)
+        seen.append((advantages.clone(), stats))
+        return loss, stats
+
+    monkeypatch.setattr(g2rpo, "ppo_clip_loss", recording_ppo)
+    monkeypatch.setattr(g2rpo, "singular_rollout", lambda *a, **k: rollouts.append(rollout(*a, **k)) or rollouts[-1])
+    g2rpo.main(["--iterations", "2", "--branch-steps", "1,3,5", "--granularities", "1,2,3", "--noise-level", "0.5",
+                "--learning-rate", "0", "--prompts-per-iteration", "2", "--group-size", "6", "--output-dir",
+                str(tmp_path), "--log-every", "0", "--save-weights", "false", "--eval-samples-per-prompt", "2"])
+    assert len(seen) == 2 * 3
+    for n, (advantages, stats) in enumerate(seen):
+        assert stats["approx_kl"] == 0 and stats["clipfrac"] == 0, (n, stats)
+        rewards = rollouts[n // 3][1][n % 3]["rewards"]  # (granularities, prompts, G)
+        assert rewards.shape == (3, 2, 6)
+        z = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-4)
+        torch.testing.assert_close(advantages, z.sum(0).clamp(-5, 5).reshape(-1))

@@ -68,6 +68,22 @@ def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
             assert torch.isclose(call, row, atol=1e-5).all(-1).any(), j
 
 
+
+def test_the_survivors_are_the_optimal_variance_subset_of_each_groups_proxy_rewards():
+    """At the checkpoint each group keeps OVF's choice on its own proxy rewards: the survivors' initial noises are
+    those of the trajectories optimal_variance_filter picks, group by group, in its order."""
+    policy = tasks.toy2d_policy(keep_reference=False)
+    drawn, draw = [], policy.initial_noise
+    policy.initial_noise = lambda n, generator=None: drawn.append(draw(n, generator)) or drawn[-1]
+    _, states, _, alive, proxies = pro_grpo.expand_and_prune_rollout(
+        policy, ["mode 1", "mode 6"], policy.sigmas(6), [8, 3], [2], common.toy_mode_reward, noise_level=0.7,
+        variant="flow_grpo")
+    assert alive.tolist() == [0, 0, 0, 1, 1, 1]
+    for p in range(2):
+        keep = pro_grpo.optimal_variance_filter(proxies[0][p], 3)
+        assert keep.tolist() != [0, 1, 2]  # (not the first three: the test would not see an unfiltered funnel)
+        torch.testing.assert_close(states[0][3 * p:3 * p + 3], drawn[0][8 * p + keep], rtol=0, atol=0)
+
 def test_rollout_batch_size_splits_the_model_calls_only():
     """--rollout-batch-size: chunks of 5 (not dividing any funnel size) give the unchunked rollout's survivors, states
     and log-probs, and the calls are that small."""
@@ -131,3 +147,11 @@ def test_tiny_flux_trains_its_lora(tmp_path):
     assert_trained(tmp_path)
     assert s["trainable_tensors_changed"] == s["trainable_tensors"]
     assert s["nfe_rollout"] == 2 * 2 * pro_grpo.funnel_nfe(6, [8, 4, 2], [3, 4])
+
+
+def test_the_shared_group_size_flag_is_refused_not_ignored(tmp_path):
+    """Pro-GRPO's groups are --group-sizes; --group-size (which every other script reads) would change nothing here,
+    so it stops the run with one line before anything is written, instead of running another group size."""
+    with pytest.raises(SystemExit, match="--group-size is not used here: .*--group-sizes"):
+        pro_grpo.main(["--group-size", "4", "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

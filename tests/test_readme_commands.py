@@ -161,11 +161,13 @@ def _shrunk(module, args) -> list[str]:
     """Flags that shrink a paper preset to CPU size and change nothing else: one prompt, groups of at most 4 (Pro-
     GRPO's funnel scaled so that it ends at 2), anchors at most 4, 32 px, 16 text tokens, one iteration."""
     names = {f.name for f in dataclasses.fields(module.Args)}
-    flags = ["--prompts-per-iteration", "1", "--group-size", str(min(args.group_size, 4)), "--resolution", "32",
-             "--max-sequence-length", "16", "--iterations", "1", "--checkpoint-every", "0", "--log-every", "0"]
+    flags = ["--prompts-per-iteration", "1", "--resolution", "32", "--max-sequence-length", "16", "--iterations", "1",
+             "--checkpoint-every", "0", "--log-every", "0"]
     if "group_sizes" in names:
         sizes = [int(g) for g in args.group_sizes.split(",")]
         flags += ["--group-sizes", ",".join(str(math.ceil(2 * g / sizes[-1])) for g in sizes)]
+    else:
+        flags += ["--group-size", str(min(args.group_size, 4))]
     if "num_anchors" in names:
         flags += ["--num-anchors", str(min(args.num_anchors, 4))]
     return flags
