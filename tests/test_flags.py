@@ -2,8 +2,8 @@
 must then compute something else (its logged metrics or its evaluation), or it is listed as a flag that leaves the
 numbers alone on purpose (memory and speed, which tests/test_memory_flags.py and test_speed_levers.py check give the
 same numbers; what is written; image models and prompt files), or as one the script refuses. A new flag fails the
-first test until it is put in one of these places, so no flag can be silently ignored (a round of planted bugs found
-eight that were: --adv-std in three scripts, --perturb-sigma, --temperature, Pro-GRPO's --group-size, ...)."""
+first test until it is put in one of these places, so no flag can be silently ignored (planted, seven ignored flags
+got through the fast tier; this test then found a real one: Pro-GRPO read nothing from --group-size)."""
 
 import dataclasses
 import importlib
