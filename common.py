@@ -554,9 +554,11 @@ def toy_on_manifold(points: torch.Tensor, prompts: list[str] = None) -> torch.Te
 # ======================================================================================================
 
 
-def mean_stats(stats: list[dict]) -> dict:
-    """Average a list of per-pass statistics dicts key by key."""
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+def mean_stats(stats: list[dict], sizes: Optional[list[int]] = None) -> dict:
+    """Average a list of per-pass statistics dicts key by key, each pass weighted by its number of samples when
+    `sizes` is given (so that how the work is cut into micro-batches does not change what is logged)."""
+    sizes = sizes or [1] * len(stats)
+    return {k: sum(n * s[k] for s, n in zip(stats, sizes)) / sum(sizes) for k in stats[0]}
 
 
 # ======================================================================================================

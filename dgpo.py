@@ -253,7 +253,7 @@ def main(argv=None):
         timesteps = train_timesteps(sigmas, args.t_min, args.num_train_timesteps, shared_gen)
         micro = torch.arange(P * G, device=run.device).split(G * (args.train_micro_batch_groups or P))
         passes = [(t, mb) for t in timesteps for mb in micro]
-        stats = []
+        stats, sizes = [], []
         for n, (t, mb) in enumerate(passes):
             if mb[0] == 0:  # a new timestep: one noise per group, the same for all its samples
                 eps = policy.initial_noise(world * P, shared_gen)[rank * P:(rank + 1) * P].repeat_interleave(G, dim=0)
@@ -263,13 +263,14 @@ def main(argv=None):
                                      theta_minus)
                 acc.backward(loss * len(mb) / (P * G) / len(timesteps))
             stats.append(st)
+            sizes.append(len(mb))
         grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)
         theta_minus.update()
         if eval_ema is not None:
             eval_ema.step()
 
         # TRY NOT TO MODIFY: logging
-        run.end_iteration(it, task, all_rewards, mean_stats(stats), grad_norm=grad_norm)
+        run.end_iteration(it, task, all_rewards, mean_stats(stats, sizes), grad_norm=grad_norm)
 
     after = run.evaluate(task, "after")  # the evaluation EMA's weights, when it is on
     return run.finish(task, before, after)

@@ -139,24 +139,19 @@ def sde_rollout(policy, noise, sigmas, cond, noise_level: float, variant: str, c
     DanceGRPO's `flux_step`). Returns the states (N+1, B, ...), the old log-probs (N, B) and x0_hat (B, ...), the
     clean prediction x_{N-1} - s_{N-1} v_{N-1} of the last step (what DanceGRPO's reward scores: `pred_original`).
 
-    The log-probs are those of the sampling weights, i.e. log pi_old; `chunk` (--rollout-batch-size) only splits
-    the model calls (memory), the result is the same.
+    The log-probs are those of the sampling weights, i.e. log pi_old. `chunk` (--rollout-batch-size) splits each
+    step's model calls (memory); the step's SDE noise is drawn for the whole batch, so the result is the same.
     """
-    states, log_probs, x0_hats = [], [], []
     chunk = chunk or noise.shape[0]
-    for i in range(0, noise.shape[0], chunk):
-        x, c = noise[i:i + chunk], select(cond, slice(i, i + chunk))
-        xs, lps = [x], []
-        for j in range(len(sigmas) - 1):
-            v = policy.velocity(x, sigmas[j], c)
-            x0_hat = x - sigmas[j].float() * v
-            x, lp, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], noise_level, variant=variant)
-            xs.append(x)
-            lps.append(lp)
-        states.append(torch.stack(xs))
-        log_probs.append(torch.stack(lps))
-        x0_hats.append(x0_hat)
-    return torch.cat(states, dim=1), torch.cat(log_probs, dim=1), torch.cat(x0_hats)
+    x, states, log_probs = noise, [noise], []
+    for j in range(len(sigmas) - 1):
+        v = torch.cat([policy.velocity(x[i:i + chunk], sigmas[j], select(cond, slice(i, i + chunk)))
+                       for i in range(0, len(x), chunk)])
+        x0_hat = x - sigmas[j].float() * v
+        x, log_prob, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], noise_level, variant=variant)
+        states.append(x)
+        log_probs.append(log_prob)
+    return torch.stack(states), torch.stack(log_probs), x0_hat
 
 
 def trained_steps(batch: int, num_steps: int, fraction: float, shuffle: bool, ignore_last: bool = False,
@@ -236,7 +231,7 @@ def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages
     gradient norm.
     """
     batch_size, n_train = steps.shape
-    stats = []
+    stats, sizes = [], []
     for batch in torch.randperm(batch_size, device=steps.device).chunk(updates):
         micro = batch.split(micro_batch or len(batch))
         passes = [(j, mb) for j in range(n_train) for mb in micro]
@@ -248,10 +243,11 @@ def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages
                                                variant, clip_range, kl_beta)
                 accelerator.backward(loss * len(mb) / len(batch) / n_train)
             stats.append(st)
+            sizes.append(len(mb))
         grad_norm = optimizer_step(accelerator, policy, optimizer, max_grad_norm)
         if eval_ema is not None:
             eval_ema.step()
-    return mean_stats(stats), grad_norm
+    return mean_stats(stats, sizes), grad_norm
 
 
 # ======================================================================================================

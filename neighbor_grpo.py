@@ -223,7 +223,7 @@ def main(argv=None):
                 old_log_pi[j] = torch.log_softmax(-d / tau[j], dim=-1)
 
         # ALGO LOGIC 4: the clipped objective; the K timesteps are split over the optimizer steps
-        stats = []
+        stats, sizes = [], []
         micro = torch.arange(P * B, device=run.device).split(args.train_micro_batch_size or P * B)
         for chunk_j in torch.tensor(timesteps).chunk(args.updates_per_iteration):
             passes = [(j, mb) for j in chunk_j.tolist() for mb in micro]
@@ -238,11 +238,12 @@ def main(argv=None):
                                                   advantages[g_of], args.clip_range)
                     acc.backward(loss * len(mb) / (P * B) / len(chunk_j))
                 stats.append({"policy_loss": loss.item(), **st})
+                sizes.append(len(mb))
             grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)
 
         # TRY NOT TO MODIFY: logging
         all_rewards = acc.gather(rewards)
-        run.end_iteration(it, task, all_rewards, mean_stats(stats), grad_norm=grad_norm)
+        run.end_iteration(it, task, all_rewards, mean_stats(stats, sizes), grad_norm=grad_norm)
 
     after = run.evaluate(task, "after")
     return run.finish(task, before, after)

@@ -252,7 +252,7 @@ def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages
     gradient norm.
     """
     batch_size, n_train = steps.shape
-    stats = []
+    stats, sizes = [], []
     for batch in torch.randperm(batch_size, device=steps.device).chunk(updates):
         micro = batch.split(micro_batch or len(batch))
         passes = [(j, mb) for j in range(n_train) for mb in micro]
@@ -264,10 +264,11 @@ def ppo_update(policy, optimizer, accelerator, states, old_log_probs, advantages
                                                variant, clip_range, kl_beta)
                 accelerator.backward(loss * len(mb) / len(batch) / n_train)
             stats.append(st)
+            sizes.append(len(mb))
         grad_norm = optimizer_step(accelerator, policy, optimizer, max_grad_norm)
         if eval_ema is not None:
             eval_ema.step()
-    return mean_stats(stats), grad_norm
+    return mean_stats(stats, sizes), grad_norm
 
 
 # ======================================================================================================

@@ -104,3 +104,23 @@ def test_changing_any_numeric_flag_changes_what_the_run_computes(name, tmp_path)
         if computed(script, base + needs + [flag(field), value], tmp_path / f"run{n}") == runs[key]:
             unchanged.append(f"{flag(field)} {value}")
     assert not unchanged, f"{name}.py computed the same run with {unchanged}: ignored?"
+
+
+MEMORY = {"rollout_batch_size": 3, "eval_batch_size": 3, "train_micro_batch_size": 3, "train_micro_batch_groups": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_memory_flags_cut_the_work_and_change_nothing(name, tmp_path):
+    """Batches of 3 (dividing no batch here), or one group at a time: the same run up to float summation order.
+    (Flow-GRPO's rollout drew each chunk's SDE noise in turn, so --rollout-batch-size changed its samples; it now
+    draws each step's noise for the whole batch.)"""
+    script = importlib.import_module(name)
+    base = BASE + SCRIPT_BASE[name]
+    fields = {f.name for f in dataclasses.fields(script.Args)}
+    whole = computed(script, base, tmp_path / "whole")
+    for field in sorted(MEMORY.keys() & fields):
+        lines, evaluation = computed(script, base + [flag(field), str(MEMORY[field])], tmp_path / field)
+        assert evaluation == pytest.approx(whole[1], rel=1e-5), field
+        for a, b in zip(lines, whole[0]):
+            assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-3, abs=1e-6), (field, a, b)
