@@ -342,7 +342,9 @@ class Policy:
         self.accelerator = None
 
     # --- the model call ---------------------------------------------------------------------------------
-    def velocity(self, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, sigma, cond: Cond, chunk: int = 0) -> torch.Tensor:
+        """v_theta(x, sigma, c). `chunk` > 0 splits the batch into model calls of at most `chunk` samples (memory:
+        --rollout-batch-size); the result is the same."""
         if self._merged and torch.is_grad_enabled():
             raise RuntimeError("a call with gradient inside lora_merged(): the LoRA update is merged into frozen "
                                "weights there, so no gradient would reach it")
@@ -354,7 +356,10 @@ class Policy:
             net = self.reference_net
         autocast = self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
         with autocast:
-            return self._forward(net, x, sigma, cond).float()
+            if not chunk or chunk >= x.shape[0]:
+                return self._forward(net, x, sigma, cond).float()
+            return torch.cat([self._forward(net, x[i:i + chunk], sigma[i:i + chunk], select(cond, slice(i, i + chunk)))
+                              .float() for i in range(0, x.shape[0], chunk)])
 
     def _forward(self, net, x, sigma, cond):  # pragma: no cover - abstract
         raise NotImplementedError

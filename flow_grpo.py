@@ -142,11 +142,9 @@ def sde_rollout(policy, noise, sigmas, cond, noise_level: float, variant: str, c
     The log-probs are those of the sampling weights, i.e. log pi_old. `chunk` (--rollout-batch-size) splits each
     step's model calls (memory); the step's SDE noise is drawn for the whole batch, so the result is the same.
     """
-    chunk = chunk or noise.shape[0]
     x, states, log_probs = noise, [noise], []
     for j in range(len(sigmas) - 1):
-        v = torch.cat([policy.velocity(x[i:i + chunk], sigmas[j], select(cond, slice(i, i + chunk)))
-                       for i in range(0, len(x), chunk)])
+        v = policy.velocity(x, sigmas[j], cond, chunk)
         x0_hat = x - sigmas[j].float() * v
         x, log_prob, _, _ = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], noise_level, variant=variant)
         states.append(x)

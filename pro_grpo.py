@@ -144,9 +144,7 @@ def expand_and_prune_rollout(policy, prompts, sigmas, group_sizes, prune_steps, 
     stage = 0
     for j in range(len(sigmas) - 1):
         cond = select(cond_all, alive_prompt.to(x.device))
-        step = chunk or len(x)
-        v = torch.cat([policy.velocity(x[i:i + step], sigmas[j], select(cond, slice(i, i + step)))
-                       for i in range(0, len(x), step)])
+        v = policy.velocity(x, sigmas[j], cond, chunk)
         if stage < len(prune_steps) and j == prune_steps[stage]:
             x0_hat = x - sigmas[j].float() * v  # one-step projection: no extra model call
             proxy = reward_fn(policy.decode(x0_hat), [prompts[i] for i in alive_prompt]).view(P, -1)

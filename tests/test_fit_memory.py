@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import common
 import dgpo
 import flow_grpo
 import g2rpo
@@ -15,7 +16,7 @@ import neighbor_grpo
 import pro_grpo
 from infra import memory, tasks
 from infra.args import ArgumentError, parse_args
-from infra.diffusers_models import DiffusersPolicy, build_tiny_flux, transformer_blocks
+from infra.diffusers_models import FluxPolicy, SD3Policy, build_tiny_flux, transformer_blocks
 
 QUIET = ["--log-every", "0", "--checkpoint-every", "0", "--save-weights", "false"]
 MIB = 2**20
@@ -109,14 +110,24 @@ def tiny_flux_plan_budget(script, unit_samples: int) -> tuple[float, memory.Acti
 
 
 def recorded_calls(monkeypatch) -> list[tuple[bool, int, bool]]:
-    """(with gradient, batch, checkpointing on) of every transformer call."""
-    calls = []
-    forward = DiffusersPolicy.velocity
+    """(with gradient, batch, checkpointing on) of every transformer call the run's velocities make (the memory
+    probe's own calls are not the run's)."""
+    calls, in_velocity, velocity = [], [False], common.Policy.velocity
 
-    def spy(self, x, sigma, cond):
-        calls.append((torch.is_grad_enabled(), x.shape[0], self._unwrapped().is_gradient_checkpointing))
-        return forward(self, x, sigma, cond)
-    monkeypatch.setattr(DiffusersPolicy, "velocity", spy)
+    def run_velocity(self, *a, **k):
+        in_velocity[0] = True
+        try:
+            return velocity(self, *a, **k)
+        finally:
+            in_velocity[0] = False
+
+    monkeypatch.setattr(common.Policy, "velocity", run_velocity)
+    for cls in (FluxPolicy, SD3Policy):
+        def spy(self, net, x, sigma, cond, _forward=cls._forward):
+            if in_velocity[0]:
+                calls.append((torch.is_grad_enabled(), x.shape[0], self._unwrapped().is_gradient_checkpointing))
+            return _forward(self, net, x, sigma, cond)
+        monkeypatch.setattr(cls, "_forward", spy)
     return calls
 
 
