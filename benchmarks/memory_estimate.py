@@ -19,15 +19,14 @@ in bf16).
 
 `--activations`: what one sample's gradient call keeps for its backward pass in FLUX.1-dev, at the presets'
 resolutions (512 px: 1024 image tokens; 720 px: 2025) and at 1024 px (4096), with its 512 text tokens. A transformer
-of FLUX.1-dev's widths with 2 double-stream blocks and 1 single-stream block is built on the CPU as `--model flux` holds it
-under LoRA (bf16 base, LoRA r32 at the reference targets with fp32 adapters) and measured by `--fit-memory`'s probe
-(infra/memory.py): one call with gradient at batch 1 and at batch 2 under bf16 autocast, every tensor autograd saves
-recorded by saved-tensor hooks (weights left out; distinct storages), the difference being one sample's share. The
-second double block and the single block stand for the blocks of the stack (their inputs need gradient, as there;
-the first block's does not).
-The CPU's flash attention saves what the GPU's does (output and log-sum-exp, no T x T matrix). Full depth = 19
-double + 38 single blocks + what the embeddings and the output layer keep; with gradient checkpointing only each
-block's inputs stay, plus one block's activations while it is recomputed.
+of FLUX.1-dev's widths with 2 double-stream blocks and 1 single-stream block is built on the CPU as `--model flux`
+holds it under LoRA (bf16 base, LoRA r32 at the reference targets with fp32 adapters) and measured by
+`--fit-memory`'s probe (infra/memory.py): one call with gradient at batch 1 and at batch 2 under bf16 autocast, every
+tensor autograd saves recorded by saved-tensor hooks (weights left out; distinct storages), the difference being one
+sample's share. The second double block and the single block stand for the blocks of the stack (their inputs need
+gradient, as there; the first block's does not). The CPU's flash attention saves what the GPU's does (output and
+log-sum-exp, no T x T matrix). Full depth = 19 double + 38 single blocks + what the embeddings and the output layer
+keep; with gradient checkpointing only each block's inputs stay, plus one block's activations while it is recomputed.
 """
 
 from __future__ import annotations

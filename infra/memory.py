@@ -71,8 +71,7 @@ def saved_bytes(policy, x: torch.Tensor, sigma: float, cond: dict, autocast) -> 
     """One call with gradient of the policy's transformer on `x`, recorded but not kept: the distinct storages autograd
     would save (weights left out), in total ("saved") and inside each block ("per_block"), and the blocks' inputs:
     each block's ("block_inputs") and all of them, a storage passed to several blocks counted once ("inputs").
-    Nothing is kept for a backward pass, so this costs a no-grad
-    call's memory."""
+    Nothing is kept for a backward pass, so this costs a no-grad call's memory."""
     from infra.diffusers_models import transformer_blocks
     net = policy._unwrapped()
     blocks = transformer_blocks(net)
