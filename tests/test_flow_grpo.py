@@ -333,3 +333,22 @@ def test_the_kl_is_the_gaussian_kl_of_the_two_sde_steps_per_unit_time():
     assert kl.mean().item() > 0
     assert st["kl"] == pytest.approx(kl.mean().item(), rel=1e-5)
     assert loss.item() == pytest.approx(0.5 * kl.mean().item(), rel=1e-5)
+
+
+def test_rollout_batch_size_splits_the_model_calls_only():
+    """--rollout-batch-size 3: every model call holds at most 3 samples, and the rollout (states, old log-probs, x0_hat)
+    is the whole-batch one, because each step's SDE noise is drawn for the whole batch."""
+    policy = tasks.toy2d_policy(keep_reference=False)
+    sigmas = policy.sigmas(6)
+    cond = policy.encode_prompts(["mode 2"] * 8)
+    noise = policy.initial_noise(8, torch.Generator().manual_seed(0))
+    runs, batches = [], []
+    forward = policy._forward
+    policy._forward = lambda net, x, s, c: (batches.append(len(x)), forward(net, x, s, c))[1]
+    for chunk in (0, 3):
+        batches.clear()
+        torch.manual_seed(1)
+        runs.append(flow_grpo.sde_rollout(policy, noise, sigmas, cond, 0.7, "flow_grpo", chunk))
+    assert batches == [3, 3, 2] * 6
+    for whole, chunked in zip(*runs):
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)  # float summation order only
