@@ -539,8 +539,6 @@ def parse_toy_prompt(prompt: str) -> int:
         raise ValueError(f"toy2d prompts are 'mode 0' ... 'mode {TOY_NUM_MODES - 1}', got {prompt!r}") from None
 
 
-
-
 def toy_mode_reward(points: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """toy2d's reward: `exp(-|x - mu_c|^2 / 2)`, closeness to the mode the prompt asks for (1 at the mode)."""
     mu = toy_modes().to(points.device)[[parse_toy_prompt(p) for p in prompts]]
