@@ -69,3 +69,55 @@ def test_resume_errors_are_clear(tmp_path):
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--iterations", "1"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(tmp_path), "--iterations", "1"])
+    (tmp_path / "elsewhere").mkdir()  # a directory that exists but is no checkpoint
+    with pytest.raises(SystemExit, match="not a checkpoint of this script"):
+        flow_grpo.main(["--resume-from-checkpoint", str(tmp_path / "elsewhere"), "--output-dir", str(tmp_path),
+                        "--iterations", "1"])
+
+
+def test_latest_is_the_highest_iteration_not_the_last_name_in_alphabetical_order(tmp_path):
+    # checkpoint-10 sorts before checkpoint-9 as text: pruning and `latest` must read the number
+    flow_grpo.main(["--iterations", "12", "--checkpoint-every", "1", "--checkpoints-total-limit", "3", "--log-every",
+                    "0", "--eval-samples-per-prompt", "1", "--save-weights", "false", "--output-dir", str(tmp_path)])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "checkpoint-10", "checkpoint-11", "checkpoint-9"]
+    (tmp_path / "checkpoints" / "checkpoint-12.partial").mkdir()  # an interrupted save is never `latest`
+    flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(tmp_path), "--iterations", "12"])
+    assert [json.loads(l)["iteration"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
+        range(12))
+
+
+def test_a_resumed_run_counts_the_time_spent_before_its_checkpoint(tmp_path):
+    flags = ["--iterations", "4", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
+             "--output-dir", str(tmp_path)]
+    flow_grpo.main(flags)
+    # pretend the first half took 1000 s, 400 of them in evaluation: the summary must carry them on
+    state_file = tmp_path / "checkpoints" / "checkpoint-2" / "run_state_0.pt"
+    saved = torch.load(state_file, weights_only=False)
+    saved["progress"].update(elapsed=1000.0, eval_seconds=400.0)
+    torch.save(saved, state_file)
+    (tmp_path / "samples.png").unlink()
+    resumed = flow_grpo.main(flags + ["--resume-from-checkpoint", "latest"])
+    assert resumed["wall_seconds"] >= 1000
+    assert resumed["wall_seconds"] - resumed["train_seconds"] >= 400  # the evaluation time: 400 + the "after" one
+    assert resumed["train_seconds"] >= 600
+    # the "before" samples of the toy's picture came back from the checkpoint too
+    assert (tmp_path / "samples.png").exists()
+
+
+def test_eval_every_scores_the_weights_of_that_iteration_and_leaves_the_last_to_the_after_evaluation(tmp_path):
+    flags = ["--iterations", "4", "--eval-every", "2", "--checkpoint-every", "2", "--eval-ema", "false",
+             "--log-every", "0", "--eval-samples-per-prompt", "2", "--output-dir", str(tmp_path)]
+    summary = flow_grpo.main(flags)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "eval/reward" in r] == [1]  # after 2 of 4; the 4th is the "after" one
+    # the same evaluation, independently, of the weights checkpoint-2 holds
+    policy = tasks.toy2d_policy(keep_reference=False)
+    policy.load(tmp_path / "checkpoints" / "checkpoint-2" / "weights")
+    args = flow_grpo.parse_args(flow_grpo.Args, flow_grpo.PRESETS, flags)
+    task = tasks.Task(policy, tasks.get_reward("toy_mode"), [], [f"mode {i}" for i in range(8)],
+                      {"on_manifold": tasks.toy_on_manifold})
+    expected = tasks.evaluate(task, args)
+    assert rows[1]["eval/reward"] == pytest.approx(expected["reward"], rel=1e-5)
+    assert rows[1]["eval/on_manifold"] == pytest.approx(expected["on_manifold"], rel=1e-5)
+    assert rows[1]["eval/reward"] != pytest.approx(summary["eval_reward_after"], rel=1e-5)
