@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infra import rewards
-from tiny_pipelines import tiny_clip
+from tiny_pipelines import save_tiny_clip_rewards, tiny_clip
 
 
 def test_clip_preprocess_identities():
@@ -22,6 +22,51 @@ def test_clip_preprocess_identities():
     # out-of-range decoder output scores as the clamped image would
     wild = x * 1.6 - 0.3
     torch.testing.assert_close(rewards.clip_preprocess(wild), rewards.clip_preprocess(wild.clamp(0, 1)))
+
+
+def test_clip_preprocess_resizes_as_clips_own_image_processor():
+    """transformers' CLIPImageProcessor (PIL bicubic resize of the short side, centre crop, OpenAI normalisation) on
+    the saved image, against clip_preprocess on the tensor: a downscale by 2.3 of detailed images, where a resize
+    without antialiasing is far off."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    x = torch.rand(2, 3, 512, 640, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # some spatial correlation, as in an image
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                   image_mean=list(rewards.OPENAI_CLIP_MEAN), image_std=list(rewards.OPENAI_CLIP_STD),
+                                   resample=3, do_convert_rgb=True)
+    pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()) for im in x]
+    reference = torch.as_tensor(processor(images=pil, return_tensors="np")["pixel_values"])
+    ours = rewards.clip_preprocess(x)
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().mean() < 0.01  # measured 0.004: PIL's and torch's bicubic kernels differ a little
+    aliased = torch.nn.functional.interpolate((x * 255).round() / 255, size=(224, 280), mode="bicubic")[..., 28:252]
+    mean, std = torch.tensor(rewards.OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(rewards.OPENAI_CLIP_STD).view(
+        1, 3, 1, 1)
+    assert ((aliased - mean) / std - reference).abs().mean() > 0.05  # measured 0.11: the check can tell
+
+
+def test_mean_color_is_one_at_the_named_colour_and_zero_at_the_opposite_corner_of_the_rgb_cube():
+    white, black = torch.ones(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    reward = rewards.mean_color_reward
+    assert reward(white, ["a photo of white"]).item() == pytest.approx(1)
+    assert reward(black, ["a photo of white"]).item() == pytest.approx(0, abs=1e-6)
+    red = torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert reward(red, ["a photo of cyan"]).item() == pytest.approx(0, abs=1e-6)
+    assert reward(red, ["a photo of black"]).item() == pytest.approx(1 - 1 / 3 ** 0.5)
+
+
+def test_pickscore_loads_from_the_reward_dir_as_flow_grpo_scales_it(tmp_path, monkeypatch):
+    """`--reward pickscore`: PickScore's logits (logit_scale.exp() * cos) / 26, Flow-GRPO's scaling."""
+    root = save_tiny_clip_rewards(tmp_path / "rewards")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = rewards.get_reward("pickscore", root=str(root))
+    model, tokenizer = tiny_clip(tmp_path / "vocab")
+    images, prompts = torch.rand(2, 3, 64, 64), ["a red cat", "a dog"]
+    with torch.no_grad():
+        logits = model(pixel_values=rewards.clip_preprocess(images),
+                       **tokenizer(prompts, padding=True, return_tensors="pt")).logits_per_image
+    torch.testing.assert_close(loaded(images, prompts), logits.diagonal() / 26.0)
 
 
 def test_pickscore_mode_equals_transformers_logits_and_is_batch_independent(tmp_path):
@@ -60,6 +105,7 @@ def test_weighted_reward_sums_and_bad_specs_fail_clearly():
     one = rewards.get_reward("mean_color")
     both = rewards.get_reward("mean_color:2, mean_color:0.5")
     torch.testing.assert_close(both(images, prompts), 2.5 * one(images, prompts))
+    torch.testing.assert_close(rewards.get_reward("mean_color:3")(images, prompts), 3 * one(images, prompts))
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         rewards.get_reward("nope")
     with pytest.raises(ValueError, match="weight must be a number"):
