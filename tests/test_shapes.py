@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from infra import diffusers_models
 from infra import shapes
+from infra import tasks
 
 # A base model pretrained for 2 steps: the code path of the real one, in a second of CPU.
 TINY_BASE = dict(shapes.SHAPES_BASE_CONFIG, steps=2, batch=4)
@@ -44,6 +45,7 @@ def test_split_holds_out_compositions_of_known_parts():
     assert {w for p in held_out for w in p.split()} <= train_words
     assert 0.15 < len(held_out) / (len(everything) - 12) < 0.25
     assert shapes.split_prompts() == (train, held_out)  # deterministic
+    assert shapes.split_prompts(seed=1) != (train, held_out)  # the seed chooses which combinations are held out
 
 
 @pytest.mark.parametrize("prompt, parsed", [
@@ -91,6 +93,24 @@ def test_wrong_images_score_lower():
     vertical = _image([("red", "triangle", 10, 1, 10), ("green", "circle", 11, 19, 10)])
     assert shapes.check(vertical[None], ["a red triangle above a green circle"])["accuracy"] == 1
     assert shapes.check(vertical[None], ["a red triangle left of a green circle"])["accuracy"] == 0
+
+
+def test_counts_are_exact_and_relations_read_the_largest_objects_on_their_dominant_axis():
+    three = _image([("red", "circle", 1, 1, 8), ("red", "circle", 12, 1, 8), ("red", "circle", 23, 1, 8)])
+    assert shapes.check(three[None], ["three red circles"])["accuracy"] == 1
+    assert shapes.check(three[None], ["two red circles"])["score"] == 2 / 3  # three is not two
+    # a large red circle left of the blue square and a small one right of it: the relation is the large one's
+    pair = _image([("red", "circle", 1, 10, 10), ("blue", "square", 13, 10, 8), ("red", "circle", 25, 12, 6)])
+    objects, _ = shapes.detect(pair)
+    assert sorted((o["color"], o["shape"]) for o in objects) == [("blue", "square"), ("red", "circle"),
+                                                                  ("red", "circle")]
+    # (two red circles fail "exactly one": 6 of 7 checks at best)
+    assert shapes.check(pair[None], ["a red circle left of a blue square"])["score"] == 6 / 7
+    assert shapes.check(pair[None], ["a red circle right of a blue square"])["score"] == 5 / 7
+    # 12 px apart horizontally but 18 vertically: "above" holds, "left of" does not
+    diagonal = _image([("red", "circle", 2, 2, 8), ("blue", "square", 14, 20, 8)])
+    assert shapes.check(diagonal[None], ["a red circle above a blue square"])["accuracy"] == 1
+    assert shapes.check(diagonal[None], ["a red circle left of a blue square"])["accuracy"] == 0
 
 
 def test_counting_separates_touching_and_tiny_objects():
@@ -182,6 +202,31 @@ def test_base_model_is_cached(tiny_base, monkeypatch, tmp_path):
                     list(second.state_dict().values()) + list(enc2.state_dict().values())):
         assert torch.equal(a, b)
     assert not any(p.requires_grad for p in second.parameters())
+
+
+def test_the_task_reports_accuracy_and_quality_as_the_checker_defines_them(tiny_base):
+    """The shapes task's metrics: a ground-truth image of ANOTHER prompt is clean (quality ~1) and wrong (accuracy 0);
+    a blurred image of the right prompt is still correct, of lower quality."""
+    from infra.args import parse_args
+    import flow_grpo
+    task = tasks.load_task(parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "shapes"]), keep_reference=False,
+                           log=lambda *_: None)
+    assert not set(task.train_prompts) & set(task.eval_prompts)
+    image = shapes.render("a red circle", random.Random(0))[None]
+    wrong = {k: fn(image, ["a blue square"]).item() for k, fn in task.metrics.items()}
+    assert wrong["accuracy"] == 0 and wrong["quality"] > 0.9
+    assert task.reward_fn(image, ["a red circle"]).item() == 1
+    blurred = F.avg_pool2d(image, 3, 1, 1)
+    right = {k: fn(blurred, ["a red circle"]).item() for k, fn in task.metrics.items()}
+    assert right["accuracy"] == 1 and right["quality"] < wrong["quality"] - 0.02  # 0.95 against 1
+
+
+def test_tiny_flux_evaluates_on_colours_it_never_trains_on():
+    from infra.args import parse_args
+    import flow_grpo
+    task = tasks.load_task(parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux"]),
+                           keep_reference=False, log=lambda *_: None)
+    assert task.train_prompts and task.eval_prompts and not set(task.train_prompts) & set(task.eval_prompts)
 
 
 # ------------------------------------------------------------------------------------------------------
