@@ -56,7 +56,52 @@ def test_a_kernel_giving_nan_fails_and_the_error_names_a_kernel_that_passes(brok
     assert "Use --attention-backend math" in message  # efficient and cuDNN do not run on a CPU: math is what passes
 
 
-def test_a_wrong_answer_is_caught_not_only_nan(monkeypatch):
+class _NaNBackward(torch.autograd.Function):
+    """The identity forward, NaN gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _broken(monkeypatch, when):
+    """Flash attention whose forward is right and whose backward gives NaN (cuDNN's bug on the H200), wherever it is
+    the only kernel allowed and `when(query)` holds."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        out = original(*args, **kwargs)
+        only_flash = torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+        return _NaNBackward.apply(out) if only_flash and when(args[0]) else out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+
+
+def test_a_kernel_whose_backward_alone_gives_nan_fails_the_check(monkeypatch):
+    _broken(monkeypatch, when=lambda q: True)
+    assert attention.check_backend("flash", SHAPE, torch.float32, "cpu") == "non-finite dq"
+
+
+def test_a_bf16_run_checks_the_kernel_in_bf16(tmp_path, monkeypatch):
+    """A kernel broken only for bf16 inputs (as cuDNN failed only in some dtypes) passes an fp32 check: the run
+    under --mixed-precision bf16 must check it in bf16, and stop."""
+    _broken(monkeypatch, when=lambda q: q.dtype == torch.bfloat16)
+    assert attention.check_backend("flash", SHAPE, torch.float32, "cpu") is None
+    assert attention.check_backend("flash", SHAPE, torch.bfloat16, "cpu") == "non-finite dq"
+    import flow_grpo
+    flags = ["--model", "tiny-flux", "--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0",
+             "--attention-backend", "flash", "--mixed-precision", "bf16"]
+    with pytest.raises(SystemExit, match="flash: non-finite dq"):
+        flow_grpo.main(flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_wrong_answer_is_caught_not_only_nan(monkeypatch, dtype):
+    """10% off fails in bf16 too, whose own rounding (~4e-3 here) the tolerance must allow and no more."""
     original = F.scaled_dot_product_attention
 
     def off_by_a_bit(*args, **kwargs):
@@ -64,7 +109,7 @@ def test_a_wrong_answer_is_caught_not_only_nan(monkeypatch):
         return out * 1.1 if not torch.backends.cuda.math_sdp_enabled() else out
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", off_by_a_bit)
-    reason = attention.check_backend("flash", SHAPE, torch.float32, "cpu")
+    reason = attention.check_backend("flash", SHAPE, dtype, "cpu")
     assert reason.startswith("output differs from the math kernel")
 
 
