@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import dgpo
@@ -43,6 +44,7 @@ def test_a_config_file_combines_with_flags_which_win(tmp_path):
 @pytest.mark.parametrize("content,message", [
     ("lerning_rate: 0.1\n", "unknown key 'lerning_rate' (did you mean learning_rate?)"),
     ("group_size: many\n", "group_size takes an integer, got 'many'"),
+    ("group_size: 2.5\n", "group_size takes an integer, got 2.5"),
     ("[1, 2]\n", "expected a mapping"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, message):
@@ -72,6 +74,12 @@ def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, message
      "--pretrained /nonexistent: no such directory"),
     (["--train-prompts", "/nonexistent.txt"], "--train-prompts /nonexistent.txt: no such file"),
     (["--resume-from-checkpoint", "latest"], "needs the --output-dir of the run to resume"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be above 0; got 0.0"),
+    (["--save-weights", "maybe"], "--save-weights takes true or false, got 'maybe'"),
+    (["--preset", "dgpo-sd3", "--pretrained", str(ROOT), "--train-prompts", __file__],
+     f"--pretrained {ROOT}: not a diffusers pipeline directory (no model_index.json)"),
+    (["--fit-memory", "--gradient-checkpointing"], "--fit-memory turns gradient checkpointing on when memory needs it"),
+    (["--memory-budget-gib", "4"], "--memory-budget-gib is the budget of --fit-memory: add --fit-memory"),
 ])
 def test_every_bad_value_is_one_line_naming_the_flag(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -135,6 +143,8 @@ def test_resume_takes_the_runs_own_flags_and_refuses_ones_that_change_what_it_co
     with pytest.raises(SystemExit) as e:
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out), "--group-size", "16"])
     assert "cannot resume" in str(e.value) and "--group-size (4 in the run, 16 now)" in str(e.value)
+    with pytest.raises(SystemExit, match=r"--learning-rate \(0.001 in the run, 0.5 now\)"):
+        flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out), "--learning-rate", "0.5"])
     # the run's own flags apply: group 4 with no flag repeated, and it may run longer
     s = flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out), "--iterations", "6"])
     assert s["iterations"] == 6 and json.loads((out / "config.json").read_text())["group_size"] == 4
@@ -193,7 +203,8 @@ def test_a_toy_run_draws_its_picture_and_says_what_its_numbers_mean(tmp_path, ca
     flow_grpo.main(["--iterations", "3", "--output-dir", str(tmp_path), "--log-every", "1",
                     "--eval-samples-per-prompt", "8"])
     image = Image.open(tmp_path / "samples.png")
-    assert image.size == (940, 340) and len(set(image.getdata())) > 10  # three drawn panels, not a blank canvas
+    colours = {tuple(p) for p in np.asarray(image).reshape(-1, len(image.getbands()))}
+    assert image.size == (940, 340) and len(colours) > 10  # three drawn panels, not a blank canvas
     out = capsys.readouterr().out
     assert "it 3/3" in out and "s/it" in out and "ETA" in out and "done" in out
     assert "the base model ignores the prompt and scores about 0.13" in out and "on_manifold" in out
