@@ -6,11 +6,13 @@ memory access") at FLUX.1-dev's widths with fp32 weights under bf16 autocast and
 flash and memory-efficient attention passed every case (pytorch/pytorch#196678 reports the same bug). So:
 
 - `--attention-backend auto` (the default) on a GPU runs flash attention where it takes the inputs, else
-  memory-efficient attention, and never cuDNN; `flash`, `efficient`, `cudnn`, `math` ask for one kernel (math stays
-  enabled as the fallback for inputs the chosen kernel cannot take, such as the fp32 reward models).
-- Before the first training step `configure` runs the chosen kernel once, forward and backward, on random tensors of
-  the model's head size, head count, sequence length and compute dtype, against the math kernel in fp32. A kernel
-  that errors, returns NaN or disagrees stops the run with one line that names a kernel that passed the same check.
+  memory-efficient attention (each only if it passes the check below), and never cuDNN; `flash`, `efficient`, `cudnn`,
+  `math` ask for one kernel (math stays enabled as the fallback for inputs the chosen kernel cannot take, such as the
+  fp32 reward models).
+- Before the first training step `configure` runs the chosen kernel (with `auto`, each kernel it turns on) once, forward
+  and backward, on random tensors of the model's head size, head count, sequence length and compute dtype, against the
+  math kernel in fp32. A kernel that errors, returns NaN or disagrees stops the run with one line that names a kernel
+  that passed the same check.
 - On the CPU nothing changes (PyTorch's own choice; cuDNN does not exist there) unless a backend is named.
 """
 
@@ -94,10 +96,14 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
     for name in candidates:
         failures[name] = check_backend(name, shape, dtype, device)
         if failures[name] is None:
-            # auto: every kernel of AUTO_ORDER that did not fail stays on (memory-efficient serves the fp32 calls
-            # flash cannot take); cuDNN stays off unless asked for by name
-            enable({name} if requested != "auto" else {n for n in AUTO_ORDER if failures.get(n) is None})
-            log(f"attention: {name} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
+            if requested == "auto":  # every kernel of AUTO_ORDER that passes its own check stays on (memory-efficient
+                for other in AUTO_ORDER:  # serves the fp32 calls flash cannot take); cuDNN only when asked for by name
+                    if other not in failures:
+                        failures[other] = check_backend(other, shape, dtype, device)
+            on = {name} if requested != "auto" else {n for n in AUTO_ORDER if failures[n] is None}
+            enable(on)
+            also = "".join(f", {n} for what {name} cannot take" for n in AUTO_ORDER if n in on and n != name)
+            log(f"attention: {name}{also} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
                 f"{shape.seq_len} tokens, {str(dtype).removeprefix('torch.')}, forward and backward)")
             return name
     where = (f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, "

@@ -117,9 +117,16 @@ def test_auto_on_a_gpu_takes_flash_else_efficient_and_never_cudnn(monkeypatch):
     """The choice and the process-wide flags, with the per-kernel check replaced by its verdicts."""
     verdicts = {"flash": None, "efficient": None, "cudnn": None, "math": None}
     monkeypatch.setattr(attention, "check_backend", lambda name, *a, **k: verdicts[name])
-    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=lambda *_: None) == "flash"
+    said = []
+    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=said.append) == "flash"
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert said[-1].startswith("attention: flash, efficient for what flash cannot take (checked")
+    verdicts["efficient"] = "non-finite dk"  # flash passes, memory-efficient fails its own check: it stays off
+    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=said.append) == "flash"
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert said[-1].startswith("attention: flash (checked")
+    verdicts["efficient"] = None
     verdicts["flash"] = "non-finite dq"
     assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=lambda *_: None) == "efficient"
     assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
