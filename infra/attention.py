@@ -91,21 +91,18 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
     on_gpu = torch.device(device).type == "cuda"
     if shape is None or (requested == "auto" and not on_gpu):
         return None
+    # auto: every kernel of AUTO_ORDER that passes its own check stays on, the first preferred (memory-efficient
+    # serves the fp32 calls flash cannot take); cuDNN only when asked for by name
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
-    failures = {}
-    for name in candidates:
-        failures[name] = check_backend(name, shape, dtype, device)
-        if failures[name] is None:
-            if requested == "auto":  # every kernel of AUTO_ORDER that passes its own check stays on (memory-efficient
-                for other in AUTO_ORDER:  # serves the fp32 calls flash cannot take); cuDNN only when asked for by name
-                    if other not in failures:
-                        failures[other] = check_backend(other, shape, dtype, device)
-            on = {name} if requested != "auto" else {n for n in AUTO_ORDER if failures[n] is None}
-            enable(on)
-            also = "".join(f", {n} for what {name} cannot take" for n in AUTO_ORDER if n in on and n != name)
-            log(f"attention: {name}{also} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
-                f"{shape.seq_len} tokens, {str(dtype).removeprefix('torch.')}, forward and backward)")
-            return name
+    failures = {name: check_backend(name, shape, dtype, device) for name in candidates}
+    passing = [name for name in candidates if failures[name] is None]
+    if passing:
+        enable(set(passing))
+        name = passing[0]
+        also = "".join(f", {n} for what {name} cannot take" for n in passing[1:])
+        log(f"attention: {name}{also} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
+            f"{shape.seq_len} tokens, {str(dtype).removeprefix('torch.')}, forward and backward)")
+        return name
     where = (f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, "
              f"{str(dtype).removeprefix('torch.')})")
     tried = "; ".join(f"{n}: {why}" for n, why in failures.items())
