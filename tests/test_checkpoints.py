@@ -112,11 +112,9 @@ def test_eval_every_scores_the_weights_of_that_iteration_and_leaves_the_last_to_
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "eval/reward" in r] == [1]  # after 2 of 4; the 4th is the "after" one
     # the same evaluation, independently, of the weights checkpoint-2 holds
-    policy = tasks.toy2d_policy(keep_reference=False)
-    policy.load(tmp_path / "checkpoints" / "checkpoint-2" / "weights")
     args = flow_grpo.parse_args(flow_grpo.Args, flow_grpo.PRESETS, flags)
-    task = tasks.Task(policy, tasks.get_reward("toy_mode"), [], [f"mode {i}" for i in range(8)],
-                      {"on_manifold": tasks.toy_on_manifold})
+    task = tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+    task.policy.load(tmp_path / "checkpoints" / "checkpoint-2" / "weights")
     expected = tasks.evaluate(task, args)
     assert rows[1]["eval/reward"] == pytest.approx(expected["reward"], rel=1e-5)
     assert rows[1]["eval/on_manifold"] == pytest.approx(expected["on_manifold"], rel=1e-5)

@@ -204,13 +204,18 @@ def test_base_model_is_cached(tiny_base, monkeypatch, tmp_path):
     assert not any(p.requires_grad for p in second.parameters())
 
 
+def _task(model):
+    """The task a script builds for `--model model` (flow_grpo's flags; every script loads it the same way)."""
+    import flow_grpo
+    from infra.args import parse_args
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", model])
+    return tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+
+
 def test_the_task_reports_accuracy_and_quality_as_the_checker_defines_them(tiny_base):
     """The shapes task's metrics: a ground-truth image of ANOTHER prompt is clean (quality ~1) and wrong (accuracy 0);
     a blurred image of the right prompt is still correct, of lower quality."""
-    from infra.args import parse_args
-    import flow_grpo
-    task = tasks.load_task(parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "shapes"]), keep_reference=False,
-                           log=lambda *_: None)
+    task = _task("shapes")
     assert not set(task.train_prompts) & set(task.eval_prompts)
     image = shapes.render("a red circle", random.Random(0))[None]
     wrong = {k: fn(image, ["a blue square"]).item() for k, fn in task.metrics.items()}
@@ -222,10 +227,7 @@ def test_the_task_reports_accuracy_and_quality_as_the_checker_defines_them(tiny_
 
 
 def test_tiny_flux_evaluates_on_colours_it_never_trains_on():
-    from infra.args import parse_args
-    import flow_grpo
-    task = tasks.load_task(parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux"]),
-                           keep_reference=False, log=lambda *_: None)
+    task = _task("tiny-flux")
     assert task.train_prompts and task.eval_prompts and not set(task.train_prompts) & set(task.eval_prompts)
 
 
