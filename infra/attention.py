@@ -11,7 +11,7 @@ flash and memory-efficient attention passed every case (pytorch/pytorch#196678 r
   fp32 reward models).
 - Before the first training step `configure` runs the chosen kernel (with `auto`, each kernel it turns on) once, forward
   and backward, on random tensors of the model's head size, head count, sequence length and compute dtype, against the
-  math kernel in fp32. A kernel that errors, returns NaN or disagrees stops the run with one line that names a kernel
+  math kernel in fp32; a kernel that takes fp32 inputs is run in fp32 too, since the reward models call it in fp32. A kernel that errors, returns NaN or disagrees stops the run with one line that names a kernel
   that passed the same check.
 - On the CPU nothing changes (PyTorch's own choice; cuDNN does not exist there) unless a backend is named.
 """
@@ -32,6 +32,11 @@ AUTO_ORDER = ("flash", "efficient")  # what `auto` tries, in this order; cuDNN o
 # Agreement with the fp32 math kernel: relative L2 error of the output and of each input gradient. bf16 rounding
 # alone gives ~4e-3 (8 bits of mantissa); a broken kernel gives NaN or O(1).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+CANNOT_TAKE = "RuntimeError: No available kernel"  # how a check starts for inputs the kernel does not take (flash, fp32)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -94,19 +99,31 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
     # auto: every kernel of AUTO_ORDER that passes its own check stays on, the first preferred (memory-efficient
     # serves the fp32 calls flash cannot take); cuDNN only when asked for by name
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
-    failures = {name: check_backend(name, shape, dtype, device) for name in candidates}
+    # The reward models run in fp32 whatever the policy's dtype, on the same process-wide kernels: a kernel that takes
+    # fp32 inputs (memory-efficient does; flash and cuDNN do not, and leave them to the next kernel or math) is checked
+    # in fp32 as well
+    dtypes = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
+
+    def verdict(name):
+        why = check_backend(name, shape, dtype, device)
+        if why is None and dtype != torch.float32:
+            why32 = check_backend(name, shape, torch.float32, device)
+            if why32 is not None and not why32.startswith(CANNOT_TAKE):
+                why = f"in float32 (the reward models' dtype): {why32}"
+        return why
+
+    failures = {name: verdict(name) for name in candidates}
     passing = [name for name in candidates if failures[name] is None]
     if passing:
         enable(set(passing))
         name = passing[0]
         also = "".join(f", {n} for what {name} cannot take" for n in passing[1:])
         log(f"attention: {name}{also} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
-            f"{shape.seq_len} tokens, {str(dtype).removeprefix('torch.')}, forward and backward)")
+            f"{shape.seq_len} tokens, {' and '.join(_name(d) for d in dtypes)}, forward and backward)")
         return name
-    where = (f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, "
-             f"{str(dtype).removeprefix('torch.')})")
+    where = f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, {_name(dtype)})"
     tried = "; ".join(f"{n}: {why}" for n, why in failures.items())
-    working = [n for n in BACKENDS if n not in failures and check_backend(n, shape, dtype, device) is None]
+    working = [n for n in BACKENDS if n not in failures and verdict(n) is None]
     if working:
         raise SystemExit(f"attention kernel check failed on {where}: {tried}. Use --attention-backend {working[0]}, "
                          f"which passes the same check")

@@ -138,6 +138,39 @@ def test_auto_on_a_gpu_takes_flash_else_efficient_and_never_cudnn(monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
 
 
+def test_a_kernel_the_fp32_reward_models_would_use_is_checked_in_fp32_too(monkeypatch):
+    """Under bf16 the reward models still call attention in fp32, on the same process-wide kernels. Flash does not take
+    fp32 (those calls go on to the next kernel), memory-efficient does: it is turned on only if it is right in fp32."""
+    cannot = attention.CANNOT_TAKE + ". Aborting execution."
+    verdicts = {("flash", torch.bfloat16): None, ("flash", torch.float32): cannot,
+                ("efficient", torch.bfloat16): None, ("efficient", torch.float32): None,
+                ("cudnn", torch.bfloat16): None, ("cudnn", torch.float32): cannot,
+                ("math", torch.bfloat16): None, ("math", torch.float32): None}
+    asked = []
+
+    def check(name, shape, dtype, device):
+        asked.append((name, dtype))
+        return verdicts[name, dtype]
+
+    monkeypatch.setattr(attention, "check_backend", check)
+    said = []
+    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=said.append) == "flash"
+    assert ("efficient", torch.float32) in asked and ("flash", torch.float32) in asked
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert "bfloat16 and float32" in said[-1]
+    verdicts["efficient", torch.float32] = "non-finite dv"  # right in bf16, wrong in fp32: math serves fp32 instead
+    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=said.append) == "flash"
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    verdicts["flash", torch.bfloat16] = "non-finite dq"  # no kernel left for bf16 that is right in both dtypes
+    with pytest.raises(SystemExit, match=r"efficient: in float32 \(the reward models' dtype\): non-finite dv\. "
+                                         r"Use --attention-backend cudnn"):
+        attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=lambda *_: None)
+    asked.clear()  # an fp32 policy is checked once per kernel, in fp32
+    verdicts["efficient", torch.float32] = None
+    assert attention.configure("efficient", SHAPE, torch.float32, "cuda", log=said.append) == "efficient"
+    assert asked == [("efficient", torch.float32)] and "float32, forward" in said[-1]
+
+
 def test_auto_on_the_cpu_changes_nothing_and_bad_names_are_refused():
     assert attention.configure("auto", SHAPE, torch.float32, "cpu") is None
     assert attention.configure("flash", None, torch.float32, "cpu") is None  # a model without attention (the toy)
