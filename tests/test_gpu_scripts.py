@@ -14,8 +14,9 @@ METHODS = ("Flow-GRPO", "DGPO", "Neighbor GRPO", "G2RPO", "Pro-GRPO")
 
 
 def gpu_check(out: Path, parts: str, **env):
+    # the smoke runs as many at a time as there are cores (8 on 2 cores thrash), with the time that takes
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_TIMING_CONFIG="tiny", GPU_CHECK_DEPTH="1 1",
-               GPU_CHECK_PARTS=parts, **env)
+               GPU_CHECK_PARTS=parts, SMOKE_JOBS=str(os.cpu_count() or 1), GPU_CHECK_SMOKE_S="900", **env)
     return subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
 
