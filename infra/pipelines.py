@@ -22,6 +22,7 @@ import torch
 from infra.pretrained import cached_model_path
 from infra.diffusers_models import FluxPolicy, SD3Policy
 
+
 class CachedTextEncoder:
     """Prompt embeddings computed once by a pipeline's own text encoders, which are then released (T5-XXL alone
     is 9.5 GB in bf16). Same interface as HashTextEncoder: `(prompts) -> (prompt_embeds, pooled_prompt_embeds)`.
@@ -139,12 +140,10 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
     import diffusers
     pipeline_name, policy_class, fetch = PIPELINES[args.model]
     fetch = f"{fetch}, then --pretrained <dir>"
-    if not args.pretrained:
-        raise SystemExit(f"--model {args.model} needs --pretrained: weights are never downloaded at run time "
-                         f"({fetch})")
-    source = Path(args.pretrained)
-    if source.exists() and not (source / "model_index.json").is_file():
-        raise SystemExit(f"{source} is not a diffusers pipeline directory (no model_index.json); {fetch}")
+    # parse_args checked --pretrained: given, and a pipeline directory if it is a path (~ expanded: a config file's
+    # `pretrained: ~/weights/flux` reaches here unexpanded by any shell); else a hub id, looked up in the local cache
+    source = Path(args.pretrained).expanduser()
+    where = str(source) if source.exists() else args.pretrained
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     offline = source.exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     prompts = list(dict.fromkeys(train + evals + ([""] if args.model == "sd3" else [])))
@@ -155,10 +154,10 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
     def load(with_text_encoders: bool):
         try:
             return getattr(diffusers, pipeline_name).from_pretrained(
-                args.pretrained, dtype=dtype, local_files_only=offline,
+                where, dtype=dtype, local_files_only=offline,
                 **({} if with_text_encoders else {name: None for name in encoders}))
         except (OSError, ValueError, EnvironmentError) as e:
-            raise SystemExit(f"could not load {pipeline_name} from {args.pretrained!r} ({type(e).__name__}: {e}); "
+            raise SystemExit(f"could not load {pipeline_name} from {where!r} ({type(e).__name__}: {e}); "
                              f"{fetch}") from None
 
     # Without a cache, the node's main process loads the whole pipeline and embeds while the others wait; they
