@@ -86,6 +86,27 @@ def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, pr
     torch.testing.assert_close(second.policy.encode_prompts(prompts)["prompt_embeds"], embeds)
 
 
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+def test_under_bf16_the_base_loads_in_bf16_and_the_text_encoders_are_let_go(lora_rank, pipeline_dir, prompt_files,
+                                                                             tmp_path, monkeypatch):
+    """--mixed-precision bf16 loads the pipeline in bf16 (FLUX.1-dev: 24 GB, not 48): LoRA keeps the frozen base in
+    bf16 and trains fp32 adapters, full fine-tuning trains fp32 master weights. Once the prompts are embedded the
+    pipeline drops its text encoders (T5-XXL alone is 9.5 GB)."""
+    from diffusers import FluxPipeline
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    pipes = []
+    original = FluxPipeline.from_pretrained.__func__
+    monkeypatch.setattr(FluxPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pipes.append(original(cls, *a, **k)) or pipes[-1]))
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, "--lora-rank",
+                                                                lora_rank, "--mixed-precision", "bf16"))
+    policy = tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    assert len(pipes) == 1 and pipes[0].text_encoder is None and pipes[0].text_encoder_2 is None
+    trainable = {p.dtype for p in policy.net.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in policy.net.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == ({torch.bfloat16} if lora_rank != "0" else set())
+    assert policy.vae.dtype == torch.bfloat16
+
 
 @pytest.mark.parametrize("num_steps", [2, 6])
 def test_ode_sampling_and_decoding_equal_the_flux_pipelines_own(pipeline_dir, prompt_files, tmp_path, num_steps):
@@ -119,6 +140,19 @@ def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prom
         tasks.load_task(args, keep_reference=False, log=lambda *_: None)
     assert "hf download" in str(e.value)
 
+
+def test_a_pretrained_path_under_home_is_expanded_as_a_config_file_gives_it(pipeline_dir, prompt_files, tmp_path,
+                                                                              monkeypatch):
+    """`pretrained: ~/weights/FLUX.1-dev` in a config file reaches the loader without a shell to expand it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "FLUX.1-dev").symlink_to(pipeline_dir)
+    flags = _flags(pipeline_dir, prompt_files, tmp_path / "run")
+    flags[flags.index("--pretrained") + 1] = "~/weights/FLUX.1-dev"
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, flags)
+    policy = tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
+    assert policy.sample_shape() == (256, 4)
 
 
 @pytest.mark.parametrize("alpha", [None, "8"])  # the default 2 x rank, and alpha = rank
