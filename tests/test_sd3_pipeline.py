@@ -46,7 +46,7 @@ def _policy(pipeline_dir, prompt_file, tmp_path, *extra):
 
 def test_cfg_velocity_matches_the_pipelines_denoising_step(pipeline_dir, prompt_file, tmp_path):
     """One Euler step of StableDiffusion3Pipeline (CFG 4.5) equals x + (s' - s) v with our guided velocity."""
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     policy = _policy(pipeline_dir, prompt_file, tmp_path)
     pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, local_files_only=True)
     x = policy.initial_noise(2, torch.Generator().manual_seed(0))
@@ -64,6 +64,18 @@ def test_cfg_velocity_matches_the_pipelines_denoising_step(pipeline_dir, prompt_
         pipe.scheduler.set_timesteps(n)
         torch.testing.assert_close(policy.sigmas(n), pipe.scheduler.sigmas.double())
     assert policy.sigmas(10)[-2] < 0.05  # not FLUX's shift(linspace(1, 0, 11)), whose last nonzero sigma is 0.25
+    for shift in (1.0, 5.0):  # --shift replaces the scheduler's own shift, and nothing else of its config
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+        scheduler.set_timesteps(6)
+        torch.testing.assert_close(policy.sigmas(6, shift), scheduler.sigmas.double())
+
+
+def test_attention_shape_counts_image_patches_and_every_text_token(pipeline_dir, prompt_file, tmp_path):
+    """What the attention kernel check runs on (infra/attention.py): 32 x 32 latents in 2 x 2 patches, and the CLIP
+    (77) plus T5 (--max-sequence-length 16) tokens."""
+    from infra.attention import AttentionShape
+    policy = _policy(pipeline_dir, prompt_file, tmp_path)
+    assert policy.attention_shape() == AttentionShape(heads=4, head_dim=8, seq_len=16 * 16 + 77 + 16)
 
 
 

@@ -77,11 +77,13 @@ def save_tiny_sd3_pipeline(directory: Path, seed: int = 0) -> Path:
     t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+    # 2x2 patches as SD3.5's own; a scheduler shift other than SD3.5's 3.0 (and SD3Policy's fallback): a policy that
+    # did not take the pipeline's own schedule would sample something else than the pipeline
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
     vae = AutoencoderKL(**{**diffusers_models.TINY_VAE_CONFIG, "latent_channels": 4})  # SD3 latents: 4 channels here
-    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=2.5), vae=vae,
                                     text_encoder=CLIPTextModelWithProjection(clip_config), tokenizer=clip_tok,
                                     text_encoder_2=CLIPTextModelWithProjection(clip_config), tokenizer_2=clip_tok,
                                     text_encoder_3=t5, tokenizer_3=t5_tok, transformer=transformer)
