@@ -186,6 +186,59 @@ def test_flux_full_finetune_save_is_loadable_by_diffusers(tmp_path):
     assert_same_velocity(fresh, policy)
 
 
+@pytest.mark.parametrize("alpha, scale", [(None, 2.0), (4, 1.0)])
+def test_lora_alpha_defaults_to_twice_the_rank_as_the_reference_code(alpha, scale):
+    """Each adapted layer adds (alpha / r) B A x; alpha defaults to 2 r (Flow-GRPO's r 32, alpha 64)."""
+    from peft.tuners.lora import LoraLayer
+    flux = diffusers_models.build_tiny_flux(resolution=32, lora_rank=4, lora_alpha=alpha)
+    layers = [m for m in flux.net.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) > 10
+    with torch.no_grad():
+        for m in layers[:3]:
+            m.lora_B["default"].weight.normal_()  # B starts at zero: the update would be zero whatever the scale
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            x = torch.randn(3, m.in_features)
+            torch.testing.assert_close(m(x) - m.base_layer(x), scale * x @ a.T @ b.T)
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_save_writes_the_state_it_is_given_not_its_own_module(lora_rank, tmp_path):
+    """A multi-process run saves the state dict it gathered from every process (FSDP's shards, DeepSpeed's fp32
+    masters), which is not this process's module: what is saved and loaded back is that state."""
+    policy = diffusers_models.build_tiny_flux(resolution=32, lora_rank=lora_rank)
+    trained = "lora_" if lora_rank else ""
+    state = {k: v + 1 if trained in k else v for k, v in policy._unwrapped().state_dict().items()}
+    policy.save(tmp_path, state=state)
+    fresh = diffusers_models.build_tiny_flux(resolution=32, lora_rank=lora_rank)
+    fresh.load(tmp_path)
+    loaded = fresh._unwrapped().state_dict()
+    compared = [k for k in state if trained in k]
+    assert compared and all(torch.equal(loaded[k], state[k]) for k in compared)
+
+
+def test_the_pretrained_toy_base_depends_on_its_config_alone(tmp_path, monkeypatch):
+    """Cached under a hash of its config (a changed config never loads stale weights), the same whatever the global
+    RNG held before, with no gradient left for the first RL step to add to; and a run that pretrains it and one that
+    loads it from the cache draw the same random numbers afterwards (the same rollouts from the same seed)."""
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path))
+    config = {**pretrained.TOY_BASE_CONFIG, "hidden": 16, "depth": 1, "steps": 5, "batch": 8}
+    path = pretrained.cached_model_path("toy2d-base", config)
+    assert path != pretrained.cached_model_path("toy2d-base", {**config, "steps": 6})
+    quiet = dict(log=lambda *_: None)
+    torch.manual_seed(1)
+    fresh = pretrained.pretrain_toy_base(config, **quiet)
+    after_pretraining = torch.rand(3)
+    assert path.exists() and all(p.grad is None for p in fresh.parameters())
+    torch.manual_seed(1)
+    loaded = pretrained.pretrain_toy_base(config, **quiet)
+    assert torch.equal(torch.rand(3), after_pretraining)
+    path.unlink()
+    torch.manual_seed(2)
+    again = pretrained.pretrain_toy_base(config, **quiet)
+    for a, b, c in zip(fresh.parameters(), loaded.parameters(), again.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_unknown_model_and_real_models_give_clear_errors():
     class A:
         model, reward = "sdxl", None

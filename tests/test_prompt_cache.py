@@ -67,3 +67,14 @@ def test_a_finished_cache_is_not_overwritten_by_a_second_writer(tmp_path):
     embeds, _ = pipelines.CachedTextEncoder(tmp_path / "cache")(["a"])
     assert torch.equal(embeds, encode_with(encoder, dtype)(["a"])[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_the_cache_is_keyed_by_everything_that_changes_the_embeddings(tmp_path, monkeypatch):
+    """Another model, weights, T5 length or prompt set never reads a cache written for this one."""
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path))
+    key = dict(model="flux", prompts=["a", "b"], max_sequence_length=512, source="/weights/FLUX.1-dev")
+    here = pipelines.prompt_cache_dir(**key)
+    assert here.parent == tmp_path and here == pipelines.prompt_cache_dir(**key)
+    for change in (dict(model="sd3"), dict(prompts=["a", "c"]), dict(prompts=["a"]), dict(max_sequence_length=256),
+                   dict(source="/weights/other")):
+        assert pipelines.prompt_cache_dir(**{**key, **change}) != here, change
