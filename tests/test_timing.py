@@ -25,6 +25,65 @@ def test_full_fine_tune_backward_costs_two_forwards_and_lora_far_less():
     assert grad_l / fwd_l < grad / fwd  # no weight gradients for the frozen base
 
 
+def test_the_forward_flops_are_every_linear_layer_and_attention_call_counted_by_hand(monkeypatch):
+    """An independent count of one forward of the tiny FLUX: 2 x in x out per row through each Linear layer (forward
+    hooks), 4 x L_q x L_k x head_dim per head for each attention call (QK^T and PV), and nothing else (FLUX has no
+    other matrix products). The FLOP counter must see every one of them, attention included, and no more."""
+    import torch
+    import torch.nn.functional as F
+    policy = diffusers_models.build_tiny_flux(lora_rank=0)
+    by_hand = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: by_hand.append(2 * inp[0].numel() * m.out_features))
+             for m in policy.net.modules() if isinstance(m, torch.nn.Linear)]
+    original = F.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        q = args[0] if args else kwargs["query"]
+        k = args[1] if len(args) > 1 else kwargs["key"]
+        by_hand.append(4 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    with torch.no_grad():
+        policy.velocity(policy.initial_noise(1), 0.5, policy.encode_prompts(["a photo of red"]))
+    for h in hooks:
+        h.remove()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", original)
+    fwd, _ = timing.count_flops(policy)
+    assert fwd == sum(by_hand)
+
+
+def test_the_table_is_the_stated_arithmetic_over_the_steady_iterations():
+    """TFLOP / it = NFE_no_grad x forward + NFE_grad x (forward + backward); MFU = that / (s / it x the device's dense
+    bf16 peak); medians over the iterations the worker kept (it drops the first, the warm-up)."""
+    result = dict(method="DGPO", device="NVIDIA H200", params=12e9, trainable=2e7, resolution=512, tokens=1024,
+                  lora_rank=32, iterations_measured=3, peak_gib=30.0, flops_fwd=1e12, flops_grad=3e12,
+                  seconds=[2.0, 1.0, 8.0], warmup_seconds=40.0, fwd_seconds=[1.0, 0.5, 5.0],
+                  bwd_seconds=[0.6, 0.3, 2.0], nfe_no_grad=[10, 10, 10], nfe_grad=[5, 5, 5], memory_plan=None)
+    row = next(line for line in timing.table([result], "flux-dev", None) if line.startswith("| DGPO"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:12] == ["10 / 5", "2.00", "1.00", "0.60", "80.0%", "20.0%", "25.00",
+                           f"{25e12 / 2.0 / 989.4e12:.1%}", "30.0 GiB"]
+    assert timing.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
+def test_the_worker_measures_every_iteration_after_the_first_on_the_depth_asked_for(tmp_path):
+    """What the table's medians are taken over: each iteration after the warm-up one, with its own forward and
+    backward clocks (never more than the iteration), on a transformer of the depth asked for (the full-depth rows)."""
+    import json
+    import subprocess
+    from diffusers import FluxTransformer2DModel
+    proc = subprocess.run([sys.executable, "benchmarks/timing.py", "--config", "tiny", "--depth", "2", "1",
+                           "--worker", "DGPO", str(tmp_path)], cwd=timing.ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["iterations_measured"] == len(r["seconds"]) == len(r["fwd_seconds"]) == 2  # 3 run, the first dropped
+    assert all(0 < f + b <= s for f, b, s in zip(r["fwd_seconds"], r["bwd_seconds"], r["seconds"]))
+    base = FluxTransformer2DModel(**{**timing.CONFIGS["tiny"]["transformer"], "num_layers": 2, "num_single_layers": 1})
+    assert r["lora_rank"] > 0 and r["params"] == sum(p.numel() for p in base.parameters()) + r["trainable"]
+
+
 @pytest.mark.slow
 def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys):
     sys.argv = ["timing.py", "--config", "tiny", "--methods", "Flow-GRPO", "--out", str(tmp_path / "t.md")]
