@@ -32,7 +32,9 @@ AUTO_ORDER = ("flash", "efficient")  # what `auto` tries, in this order; cuDNN o
 # Agreement with the fp32 math kernel: relative L2 error of the output and of each input gradient. bf16 rounding
 # alone gives ~4e-3 (8 bits of mantissa); a broken kernel gives NaN or O(1).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-CANNOT_TAKE = "RuntimeError: No available kernel"  # how a check starts for inputs the kernel does not take (flash, fp32)
+# How a check starts when no kernel allowed takes the inputs (flash and fp32, say): CUDA builds of PyTorch say "No
+# available kernel. Aborting execution.", its CPU path "No viable backend for scaled_dot_product_attention ..."
+CANNOT_TAKE = ("RuntimeError: No available kernel", "RuntimeError: No viable backend")
 
 
 def _name(dtype: torch.dtype) -> str:
