@@ -11,8 +11,9 @@ flash and memory-efficient attention passed every case (pytorch/pytorch#196678 r
   fp32 reward models).
 - Before the first training step `configure` runs the chosen kernel (with `auto`, each kernel it turns on) once, forward
   and backward, on random tensors of the model's head size, head count, sequence length and compute dtype, against the
-  math kernel in fp32; a kernel that takes fp32 inputs is run in fp32 too, since the reward models call it in fp32. A kernel that errors, returns NaN or disagrees stops the run with one line that names a kernel
-  that passed the same check.
+  math kernel in fp32; a kernel that takes fp32 inputs is run in fp32 too, since the reward models call it in fp32. A
+  kernel that errors, returns NaN or disagrees stops the run with one line that names a kernel that passed the same
+  check.
 - On the CPU nothing changes (PyTorch's own choice; cuDNN does not exist there) unless a backend is named.
 """
 
