@@ -124,8 +124,9 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
         enable(set(passing))
         name = passing[0]
         also = "".join(f", {n} for what {name} cannot take" for n in passing[1:])
+        off = "".join(f"; {n} off: {why}" for n, why in failures.items() if why is not None)
         log(f"attention: {name}{also} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
-            f"{shape.seq_len} tokens, {' and '.join(_name(d) for d in dtypes)}, forward and backward)")
+            f"{shape.seq_len} tokens, {' and '.join(_name(d) for d in dtypes)}, forward and backward){off}")
         return name
     where = f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, {_name(dtype)})"
     tried = "; ".join(f"{n}: {why}" for n, why in failures.items())

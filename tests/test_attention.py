@@ -164,6 +164,7 @@ def test_a_kernel_the_fp32_reward_models_would_use_is_checked_in_fp32_too(monkey
     verdicts["efficient", torch.float32] = "non-finite dv"  # right in bf16, wrong in fp32: math serves fp32 instead
     assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=said.append) == "flash"
     assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert said[-1].endswith("; efficient off: in float32 (the reward models' dtype): non-finite dv")  # and why
     verdicts["flash", torch.bfloat16] = "non-finite dq"  # no kernel left for bf16 that is right in both dtypes
     with pytest.raises(SystemExit, match=r"efficient: in float32 \(the reward models' dtype\): non-finite dv\. "
                                          r"Use --attention-backend cudnn"):
