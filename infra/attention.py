@@ -130,8 +130,8 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
         return name
     where = f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, {_name(dtype)})"
     tried = "; ".join(f"{n}: {why}" for n, why in failures.items())
-    working = [n for n in BACKENDS if n not in failures and verdict(n) is None]
+    working = next((n for n in BACKENDS if n not in failures and verdict(n) is None), None)  # the first will do
     if working:
-        raise SystemExit(f"attention kernel check failed on {where}: {tried}. Use --attention-backend {working[0]}, "
+        raise SystemExit(f"attention kernel check failed on {where}: {tried}. Use --attention-backend {working}, "
                          f"which passes the same check")
     raise SystemExit(f"attention kernel check failed on {where}: {tried}; no other kernel passes it either")
