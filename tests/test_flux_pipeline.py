@@ -57,6 +57,20 @@ def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline
         assert (saved / "transformer" / "config.json").is_file()
 
 
+def record_pipeline_loads(monkeypatch) -> list:
+    """FluxPipeline.from_pretrained, wrapped: (its keyword arguments, the pipeline it returned) for every call."""
+    from diffusers import FluxPipeline
+    loads = []
+    original = FluxPipeline.from_pretrained.__func__
+
+    def load(cls, *args, **kwargs):
+        loads.append((kwargs, original(cls, *args, **kwargs)))
+        return loads[-1][1]
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(load))
+    return loads
+
+
 def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, prompt_files, tmp_path, monkeypatch):
     from diffusers import FluxPipeline
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
@@ -76,13 +90,11 @@ def test_prompt_embeddings_are_the_pipelines_own_and_are_cached(pipeline_dir, pr
         task.policy.encode_prompts(["a dog"])
     assert any("embedded, cached" in line for line in logs)
     logs.clear()
-    loads = []
-    original = FluxPipeline.from_pretrained.__func__
-    monkeypatch.setattr(FluxPipeline, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: loads.append(k) or original(cls, *a, **k)))
+    loads = record_pipeline_loads(monkeypatch)
     second = tasks.load_task(args, keep_reference=False, log=logs.append)  # second time: from the cache
     assert any("prompts from" in line for line in logs)
-    assert loads[0]["text_encoder"] is None and loads[0]["text_encoder_2"] is None  # T5 and CLIP not even loaded
+    flags = loads[0][0]
+    assert flags["text_encoder"] is None and flags["text_encoder_2"] is None  # T5 and CLIP not even loaded
     torch.testing.assert_close(second.policy.encode_prompts(prompts)["prompt_embeds"], embeds)
 
 
@@ -92,16 +104,12 @@ def test_under_bf16_the_base_loads_in_bf16_and_the_text_encoders_are_let_go(lora
     """--mixed-precision bf16 loads the pipeline in bf16 (FLUX.1-dev: 24 GB, not 48): LoRA keeps the frozen base in
     bf16 and trains fp32 adapters, full fine-tuning trains fp32 master weights. Once the prompts are embedded the
     pipeline drops its text encoders (T5-XXL alone is 9.5 GB)."""
-    from diffusers import FluxPipeline
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
-    pipes = []
-    original = FluxPipeline.from_pretrained.__func__
-    monkeypatch.setattr(FluxPipeline, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: pipes.append(original(cls, *a, **k)) or pipes[-1]))
+    loads = record_pipeline_loads(monkeypatch)
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, "--lora-rank",
                                                                 lora_rank, "--mixed-precision", "bf16"))
     policy = tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
-    assert len(pipes) == 1 and pipes[0].text_encoder is None and pipes[0].text_encoder_2 is None
+    assert len(loads) == 1 and loads[0][1].text_encoder is None and loads[0][1].text_encoder_2 is None
     trainable = {p.dtype for p in policy.net.parameters() if p.requires_grad}
     frozen = {p.dtype for p in policy.net.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == ({torch.bfloat16} if lora_rank != "0" else set())
