@@ -59,6 +59,15 @@ class CachedTextEncoder:
         files = None
         for i in range(0, len(prompts), batch):
             embeds, pooled = (t.detach().cpu().contiguous() for t in encode(prompts[i:i + batch]))
+            finite = embeds.isfinite().flatten(1).all(1) & pooled.isfinite().flatten(1).all(1)
+            if not finite.all():  # a cache is read by every later run: never write a broken one
+                shutil.rmtree(tmp, ignore_errors=True)
+                bad = [p for p, ok in zip(prompts[i:i + batch], finite.tolist()) if not ok]
+                raise SystemExit(f"the text encoders returned non-finite embeddings for {len(bad)} of the prompts "
+                                 f"{i + 1}-{i + len(embeds)} (the first: {bad[0]!r}); nothing was cached. Likely "
+                                 f"causes: a text encoder overflowing in its dtype ({embeds.dtype}; T5 is prone to "
+                                 f"overflow in fp16: use --mixed-precision bf16), or the attention kernel (try "
+                                 f"--attention-backend math)")
             if files is None:  # the shapes are known after the first batch
                 meta = {"prompts": prompts, "dtype": str(embeds.dtype).removeprefix("torch."),
                         "embeds_shape": [len(prompts), *embeds.shape[1:]],
@@ -106,11 +115,13 @@ def local_main_process_first():
     return contextlib.nullcontext()
 
 
-def prompt_cache_dir(model: str, prompts: list[str], max_sequence_length: int, source: str) -> Path:
-    """$FLOWRL_CACHE/<model>-prompt-embeds-<hash>/, keyed by the weights' source, the sequence length and the
-    prompt set."""
+def prompt_cache_dir(model: str, prompts: list[str], max_sequence_length: int, source: str,
+                     dtype: torch.dtype) -> Path:
+    """$FLOWRL_CACHE/<model>-prompt-embeds-<hash>/, keyed by the weights' source, the sequence length, the prompt
+    set and the dtype the text encoders ran in (T5-XXL's embeddings in fp16 are not its embeddings in bf16)."""
     key = {"model": model, "source": source, "max_sequence_length": max_sequence_length,
-           "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+           "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+           "dtype": str(dtype).removeprefix("torch.")}
     return cached_model_path(f"{model}-prompt-embeds", key).with_suffix("")
 
 
@@ -148,7 +159,7 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
     offline = source.exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     prompts = list(dict.fromkeys(train + evals + ([""] if args.model == "sd3" else [])))
     cache = prompt_cache_dir(args.model, prompts, args.max_sequence_length,
-                             str(source.resolve()) if source.exists() else args.pretrained)
+                             str(source.resolve()) if source.exists() else args.pretrained, dtype)
     encoders = TEXT_ENCODERS[args.model]
 
     def load(with_text_encoders: bool):

@@ -70,11 +70,32 @@ def test_a_finished_cache_is_not_overwritten_by_a_second_writer(tmp_path):
 
 
 def test_the_cache_is_keyed_by_everything_that_changes_the_embeddings(tmp_path, monkeypatch):
-    """Another model, weights, T5 length or prompt set never reads a cache written for this one."""
+    """Another model, weights, T5 length, prompt set or text-encoder dtype never reads a cache written for this one."""
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path))
-    key = dict(model="flux", prompts=["a", "b"], max_sequence_length=512, source="/weights/FLUX.1-dev")
+    key = dict(model="flux", prompts=["a", "b"], max_sequence_length=512, source="/weights/FLUX.1-dev",
+               dtype=torch.bfloat16)
     here = pipelines.prompt_cache_dir(**key)
     assert here.parent == tmp_path and here == pipelines.prompt_cache_dir(**key)
     for change in (dict(model="sd3"), dict(prompts=["a", "c"]), dict(prompts=["a"]), dict(max_sequence_length=256),
-                   dict(source="/weights/other")):
+                   dict(source="/weights/other"), dict(dtype=torch.float16), dict(dtype=torch.float32)):
         assert pipelines.prompt_cache_dir(**{**key, **change}) != here, change
+
+
+@pytest.mark.parametrize("which", ["embeds", "pooled"])
+def test_non_finite_embeddings_are_never_cached(tmp_path, which):
+    """A text encoder that overflows (T5 in fp16) gives inf / NaN for some prompts: the run stops with one line naming
+    the first such prompt, and no cache (nor its temporary directory) is left for a later run to read."""
+    encoder, dtype = fake_encoder()
+
+    def encode(prompts):
+        embeds, pooled = encode_with(encoder, dtype)(prompts)
+        broken = embeds if which == "embeds" else pooled
+        for row, p in enumerate(prompts):
+            if p == "prompt 6":
+                broken[row, -1] = float("inf") if which == "embeds" else float("nan")
+        return embeds, pooled
+
+    prompts = [f"prompt {i}" for i in range(8)]
+    with pytest.raises(SystemExit, match=r"non-finite embeddings for 1 of the prompts 5-8 \(the first: 'prompt 6'\)"):
+        pipelines.CachedTextEncoder.write(tmp_path / "cache", prompts, encode, batch=4)
+    assert list(tmp_path.iterdir()) == []
