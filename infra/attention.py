@@ -14,6 +14,8 @@ flash and memory-efficient attention passed every case (pytorch/pytorch#196678 r
   math kernel in fp32; a kernel that takes fp32 inputs is run in fp32 too, since the reward models call it in fp32. A
   kernel that errors, returns NaN or disagrees stops the run with one line that names a kernel that passed the same
   check.
+- Earlier still, as the run starts (`preselect`), a GPU gets the kernels asked for, unchecked: the text encoders
+  embed the prompts before the transformer exists to be checked, and under `auto` they too never run on cuDNN.
 - On the CPU nothing changes (PyTorch's own choice; cuDNN does not exist there) unless a backend is named.
 """
 
@@ -91,6 +93,13 @@ def enable(names: set[str]):
     torch.backends.cuda.enable_mem_efficient_sdp("efficient" in names)
     torch.backends.cuda.enable_cudnn_sdp("cudnn" in names)
     torch.backends.cuda.enable_math_sdp(True)
+
+
+def preselect(requested: str, device):
+    """On a GPU, before any model runs: the kernels `requested` allows (`auto`: flash and memory-efficient, never
+    cuDNN), math as the fallback, before `configure` can check them at the model's shapes. Nothing on the CPU."""
+    if requested in CHOICES and torch.device(device).type == "cuda":
+        enable(set(AUTO_ORDER) if requested == "auto" else {requested})
 
 
 def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtype, device, log=print) -> Optional[str]:

@@ -195,3 +195,28 @@ def test_a_run_with_a_named_kernel_checks_it_before_training(tmp_path, broken_fl
     with pytest.raises(SystemExit, match="flash: non-finite output"):
         flow_grpo.main(flags + ["--attention-backend", "flash"])
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "final").exists()
+
+
+def test_preselect_keeps_cudnn_off_before_the_check_on_a_gpu_only():
+    """The text encoders run before the transformer can be checked: on a GPU they get the kernels asked for (never
+    cuDNN under auto) from the start; the CPU keeps PyTorch's choice."""
+    attention.enable({"flash", "efficient", "cudnn"})
+    attention.preselect("auto", "cpu")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    attention.preselect("auto", "cuda")
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    attention.preselect("cudnn", torch.device("cuda", 0))
+    assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_a_run_preselects_the_kernels_before_the_model_loads(tmp_path, monkeypatch):
+    """Run() preselects the asked-for kernels before the script loads its model (and with it the text encoders)."""
+    import flow_grpo
+    order = []
+    monkeypatch.setattr(attention, "preselect", lambda requested, device: order.append(("preselect", requested)))
+    load = flow_grpo.load_task
+    monkeypatch.setattr(flow_grpo, "load_task", lambda *a, **k: order.append(("load",)) or load(*a, **k))
+    flow_grpo.main(["--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0", "--eval-samples-per-prompt",
+                    "2", "--attention-backend", "math"])
+    assert order == [("preselect", "math"), ("load",)]
