@@ -116,6 +116,8 @@ class Run:
                                        kwargs_handlers=[InitProcessGroupKwargs(
                                            timeout=timedelta(minutes=args.dist_timeout_minutes))])
         args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
+        from infra import attention  # on a GPU: the kernels asked for (never cuDNN under auto) before any model runs;
+        attention.preselect(args.attention_backend, self.accelerator.device)  # start() checks them at its shape
         world = self.accelerator.num_processes
         if args.prompts_per_iteration % world:
             raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole "
@@ -398,12 +400,15 @@ class Run:
 
     def end_iteration(self, iteration: int, task: Task, rewards: torch.Tensor, losses: dict, **extra):
         """Log one iteration: reward statistics of the (gathered) rewards (groups, G), this iteration's NFE
-        without and with gradient, its time, the loss statistics, any extra metric, and an evaluation every
-        `--eval-every` iterations."""
+        without and with gradient (every process's, as the rewards are), its time, the loss statistics, any extra
+        metric, and an evaluation every `--eval-every` iterations."""
         nfe = task.policy.nfe
+        calls = torch.tensor([nfe["no_grad"] - self._nfe0["no_grad"], nfe["grad"] - self._nfe0["grad"]])
+        if self.accelerator.num_processes > 1:
+            calls = self.accelerator.reduce(calls.to(self.device), reduction="sum").cpu()
         metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
                    "reward/group_std": rewards.std(dim=-1).mean(),
-                   "nfe/rollout": nfe["no_grad"] - self._nfe0["no_grad"], "nfe/train": nfe["grad"] - self._nfe0["grad"],
+                   "nfe/rollout": int(calls[0]), "nfe/train": int(calls[1]),
                    "time/iteration_seconds": time.time() - self._t0,
                    **{f"loss/{k}": v for k, v in losses.items()}, **extra}
         every = self.args.eval_every

@@ -84,8 +84,17 @@ def test_each_process_rolls_out_from_its_own_noise(two_process_run, name):
 
 
 @pytest.mark.parametrize("name", ["flow_grpo", "dgpo", "neighbor_grpo", "g2rpo", "pro_grpo"])
-def test_every_script_completes_a_two_process_iteration(two_process_run, name):
+def test_every_script_completes_a_two_process_iteration(two_process_run, name, tmp_path):
+    """... and the two processes share the iteration's prompts between them: its model calls, counted over both
+    processes in the iteration's line and in the totals, are those of the same iteration on one process."""
+    import importlib
     summary = json.loads((two_process_run / name / "summary.json").read_text())
     assert summary["num_processes"] == 2
-    rows = (two_process_run / name / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in (two_process_run / name / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and summary["nfe_train"] > 0
+    assert (rows[0]["nfe/rollout"], rows[0]["nfe/train"]) == (summary["nfe_rollout"], summary["nfe_train"])
+    one = importlib.import_module(name).main(["--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0",
+                                              "--checkpoint-every", "0", "--save-weights", "false",
+                                              "--eval-samples-per-prompt", "8"])  # the flags of dist_check.py
+    assert one["num_processes"] == 1
+    assert (summary["nfe_rollout"], summary["nfe_train"]) == (one["nfe_rollout"], one["nfe_train"])
