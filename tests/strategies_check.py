@@ -96,6 +96,10 @@ def main(strategy: str, out: Path, pipeline: Path):
     # LoRA: frozen base, trainable adapters, the reference through disabled adapters, the EMA, DGPO's all-reduce
     dgpo.main([*tiny, "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "0", "--ema-start", "1",
                "--output-dir", str(out / "dgpo_lora")])
+    # with the evaluation EMA (every 8 optimizer steps: 2 iterations never update it): final/ must hold the EMA,
+    # gathered from the shards after it is swapped in, not the trained weights gathered before
+    dgpo.main([*tiny, "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "0", "--eval-ema", "true",
+               "--output-dir", str(out / "dgpo_lora_eval_ema")])
     # the same with regional torch.compile (--compile): compiled blocks inside DDP, FSDP2's per-block shards, DeepSpeed
     from torch._dynamo.utils import counters
     counters.clear()

@@ -118,6 +118,21 @@ def test_sharded_lora_trained_and_loads_in_diffusers(runs, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_final_weights_are_the_evaluation_ema_under_each_strategy(runs, strategy):
+    """The evaluation EMA starts at the initial weights and updates every 8 optimizer steps, so after 2 it still holds
+    them: LoRA's B = 0. final/ must hold it (it is what was evaluated), while training moved the adapters. Under
+    FSDP the gathered state is a copy and under DeepSpeed it holds the optimizer's masters: the weights gathered
+    before the EMA was swapped in are the trained ones."""
+    from diffusers import FluxPipeline
+    run = runs[strategy] / "dgpo_lora_eval_ema"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["weights_are_the_evaluation_ema"] and summary["trainable_tensors_changed"] > 0
+    state = FluxPipeline.lora_state_dict(run / "final")
+    b = [v for k, v in state.items() if "lora_B" in k]
+    assert b and all(v.abs().max() == 0 for v in b)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_compiled_blocks_train_as_eager_ones_under_each_strategy(runs, strategy):
     """--compile under DDP, FSDP2 (each block its own shard, its all-gather hooks around the compiled block) and
     DeepSpeed: every process ran compiled graphs without a graph break, and the run matches the eager one."""
