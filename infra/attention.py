@@ -11,9 +11,9 @@ flash and memory-efficient attention passed every case (pytorch/pytorch#196678 r
   fp32 reward models).
 - Before the first training step `configure` runs the chosen kernel (with `auto`, each kernel it turns on) once, forward
   and backward, on random tensors of the model's head size, head count, sequence length and compute dtype, against the
-  math kernel in fp32; a kernel that takes fp32 inputs is run in fp32 too, since the reward models call it in fp32. A
-  kernel that errors, returns NaN or disagrees stops the run with one line that names a kernel that passed the same
-  check.
+  math kernel in fp32; a kernel that takes fp32 inputs is run in fp32 too, since the reward models call it in fp32,
+  at the model's shape and at each learned reward's own (CLIP-H: 16 heads x 80 over 257 tokens). A kernel that errors,
+  returns NaN or disagrees stops the run with one line that names a kernel that passed the same check.
 - Earlier still, as the run starts (`preselect`), a GPU gets the kernels asked for, unchecked: the text encoders
   embed the prompts before the transformer exists to be checked, and under `auto` they too never run on cuDNN.
 - On the CPU nothing changes (PyTorch's own choice; cuDNN does not exist there) unless a backend is named.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionShape:
     """What a model's attention calls look like: heads, head size, and the joint (image + text) sequence length."""
     heads: int
@@ -102,10 +102,12 @@ def preselect(requested: str, device):
         enable(set(AUTO_ORDER) if requested == "auto" else {requested})
 
 
-def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtype, device, log=print) -> Optional[str]:
+def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtype, device, log=print,
+              reward_shapes: Sequence[AttentionShape] = ()) -> Optional[str]:
     """Choose, check and enable the attention kernel for a model with attention calls of `shape` computed in `dtype`
-    (the autocast dtype under mixed precision). Returns the kernel in use (None: PyTorch's default, on the CPU with
-    `auto` or for a model without attention). Raises SystemExit with one line when the chosen kernel fails."""
+    (the autocast dtype under mixed precision), and reward models with calls of `reward_shapes` in fp32. Returns the
+    kernel in use (None: PyTorch's default, on the CPU with `auto` or for a model without attention). Raises
+    SystemExit with one line when the chosen kernel fails."""
     if requested not in CHOICES:
         raise SystemExit(f"--attention-backend must be one of {', '.join(CHOICES)}; got {requested!r}")
     on_gpu = torch.device(device).type == "cuda"
@@ -114,17 +116,20 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
     # auto: every kernel of AUTO_ORDER that passes its own check stays on, the first preferred (memory-efficient
     # serves the fp32 calls flash cannot take); cuDNN only when asked for by name
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
-    # The reward models run in fp32 whatever the policy's dtype, on the same process-wide kernels: a kernel that takes
-    # fp32 inputs (memory-efficient does; flash and cuDNN do not, and leave them to the next kernel or math) is checked
-    # in fp32 as well
+    # The reward models run in fp32 whatever the policy's dtype, on the same process-wide kernels, at shapes of their
+    # own: a kernel that takes fp32 inputs (memory-efficient does; flash and cuDNN do not, and leave them to the next
+    # kernel or math) is checked in fp32 as well, at the policy's shape and at each of theirs
     dtypes = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
+    rewards = [s for s in dict.fromkeys(reward_shapes) if s != shape]  # the policy's shape is checked in fp32 anyway
+    in_fp32 = ([] if dtype == torch.float32 else [(shape, "(the reward models' dtype)")]) + [
+        (s, f"at a reward model's {s.heads} heads x {s.head_dim}, {s.seq_len} tokens") for s in rewards]
 
     def verdict(name):
         why = check_backend(name, shape, dtype, device)
-        if why is None and dtype != torch.float32:
-            why32 = check_backend(name, shape, torch.float32, device)
+        for other, what in in_fp32:
+            why32 = None if why else check_backend(name, other, torch.float32, device)
             if why32 is not None and not why32.startswith(CANNOT_TAKE):
-                why = f"in float32 (the reward models' dtype): {why32}"
+                why = f"in float32 {what}: {why32}"
         return why
 
     failures = {name: verdict(name) for name in candidates}
@@ -135,7 +140,8 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
         also = "".join(f", {n} for what {name} cannot take" for n in passing[1:])
         off = "".join(f"; {n} off: {why}" for n, why in failures.items() if why is not None)
         log(f"attention: {name}{also} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
-            f"{shape.seq_len} tokens, {' and '.join(_name(d) for d in dtypes)}, forward and backward){off}")
+            f"{shape.seq_len} tokens, {' and '.join(_name(d) for d in dtypes)}, forward and backward"
+            f"{''.join(f'; {s.heads} x {s.head_dim}, {s.seq_len} tokens in float32' for s in rewards)}){off}")
         return name
     where = f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, {_name(dtype)})"
     tried = "; ".join(f"{n}: {why}" for n, why in failures.items())

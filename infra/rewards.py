@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import toy_mode_reward
+from infra.attention import AttentionShape
 
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
           "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0),
@@ -80,6 +81,16 @@ class CLIPScorer(nn.Module):
         self.logit_scaled, self.divide = logit_scaled, divide
         self.image_size = model.config.vision_config.image_size
 
+    def attention_shapes(self) -> list[AttentionShape]:
+        """The attention calls of its two towers (fp32): the image's patches and class token, the text's 77 tokens;
+        for infra/attention.py's kernel check. CLIP-L/14: 16 heads x 64 over 257 tokens; CLIP-H/14 (PickScore) 16 x
+        80."""
+        vision, text = self.model.config.vision_config, self.model.config.text_config
+        return [AttentionShape(vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads,
+                               (vision.image_size // vision.patch_size) ** 2 + 1),
+                AttentionShape(text.num_attention_heads, text.hidden_size // text.num_attention_heads,
+                               text.max_position_embeddings)]
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device, dtype = self.model.logit_scale.device, self.model.visual_projection.weight.dtype
@@ -104,6 +115,14 @@ class HPSScorer(nn.Module):
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
         self.image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else \
             model.visual.image_size
+
+    def attention_shapes(self) -> list[AttentionShape]:
+        """open_clip's towers (torch's MultiheadAttention, fp32): ViT-H-14 is 16 heads x 80 over 257 tokens, its text
+        16 x 64 over 77."""
+        image, text = self.model.visual.transformer.resblocks[0].attn, self.model.transformer.resblocks[0].attn
+        grid = self.model.visual.grid_size
+        return [AttentionShape(image.num_heads, image.head_dim, grid[0] * grid[1] + 1),
+                AttentionShape(text.num_heads, text.head_dim, self.model.context_length)]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -210,4 +229,22 @@ def get_reward(spec: str, device="cpu", root: Optional[str] = None) -> Callable:
             raise ValueError(f"unknown reward {name!r}; available: {', '.join(reward_names())}")
     if len(parts) == 1 and parts[0][0] == 1.0:
         return parts[0][1]
-    return lambda samples, prompts: sum(w * fn(samples, prompts).float().to(samples.device) for w, fn in parts)
+    return WeightedReward(parts)
+
+
+class WeightedReward:
+    """`sum_i w_i r_i(samples, prompts)`: several rewards summed before the advantages."""
+
+    def __init__(self, parts: list[tuple[float, Callable]]):
+        self.parts = parts
+
+    def __call__(self, samples, prompts):
+        return sum(w * fn(samples, prompts).float().to(samples.device) for w, fn in self.parts)
+
+    def attention_shapes(self) -> list[AttentionShape]:
+        return [shape for _, fn in self.parts for shape in attention_shapes(fn)]
+
+
+def attention_shapes(reward: Callable) -> list[AttentionShape]:
+    """The attention calls a reward makes (none for a programmatic reward), for the kernel check."""
+    return list(dict.fromkeys(reward.attention_shapes())) if hasattr(reward, "attention_shapes") else []

@@ -220,8 +220,9 @@ class Run:
         from infra import attention
         mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
         dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
+        from infra.rewards import attention_shapes
         attention.configure(self.args.attention_backend, task.policy.attention_shape(), dtype, self.device,
-                            self.print)
+                            self.print, reward_shapes=attention_shapes(task.reward_fn))
         self._attention_checked = True
 
     def fit_memory(self, task: Task, **unit):

@@ -220,3 +220,58 @@ def test_a_run_preselects_the_kernels_before_the_model_loads(tmp_path, monkeypat
     flow_grpo.main(["--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0", "--eval-samples-per-prompt",
                     "2", "--attention-backend", "math"])
     assert order == [("preselect", "math"), ("load",)]
+
+
+def test_the_reward_models_shapes_are_checked_in_fp32_too(monkeypatch):
+    """A kernel right at the policy's shape may still be wrong at a reward model's (CLIP-H: 16 heads x 80, 257
+    tokens): a kernel that takes fp32 is checked there too, and stays off if it fails (math serves those calls)."""
+    clip_h = attention.AttentionShape(heads=16, head_dim=80, seq_len=257)
+    cannot = "RuntimeError: No available kernel. Aborting execution."
+    broken = {("efficient", clip_h, torch.float32)}
+    asked = []
+
+    def check(name, shape, dtype, device):
+        asked.append((name, shape, dtype))
+        if (name, shape, dtype) in broken:
+            return "non-finite dq"
+        return cannot if name == "flash" and dtype == torch.float32 else None
+
+    monkeypatch.setattr(attention, "check_backend", check)
+    said = []
+    shapes = [clip_h, clip_h, SHAPE]  # repeated: checked once
+    assert attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=said.append, reward_shapes=shapes) == "flash"
+    assert asked.count(("efficient", clip_h, torch.float32)) == 1 and ("flash", clip_h, torch.float32) in asked
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert said[-1].endswith("; efficient off: in float32 at a reward model's 16 heads x 80, 257 tokens: "
+                             "non-finite dq")
+    broken.clear()
+    asked.clear()
+    attention.configure("auto", SHAPE, torch.bfloat16, "cuda", log=said.append, reward_shapes=shapes)
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert "bfloat16 and float32, forward and backward; 16 x 80, 257 tokens in float32)" in said[-1]
+    assert asked.count(("efficient", SHAPE, torch.float32)) == 1  # a reward at the policy's shape: checked once
+    asked.clear()  # an fp32 policy: its own shape is not checked twice, the reward model's is
+    attention.configure("efficient", SHAPE, torch.float32, "cuda", log=said.append, reward_shapes=shapes)
+    assert asked == [("efficient", SHAPE, torch.float32), ("efficient", clip_h, torch.float32)]
+
+
+def test_a_run_checks_its_reward_models_shapes(tmp_path, monkeypatch):
+    """Run hands the reward's attention shapes to the check."""
+    import flow_grpo
+    from infra import rewards
+    got = {}
+    configure = attention.configure
+
+    def recording(*a, reward_shapes=(), **k):
+        got["reward_shapes"] = list(reward_shapes)
+        return configure(*a, reward_shapes=reward_shapes, **k)
+
+    clip_h = attention.AttentionShape(heads=16, head_dim=80, seq_len=257)
+    reward = rewards.WeightedReward([(1.0, rewards.mean_color_reward)])
+    reward.attention_shapes = lambda: [clip_h]
+    monkeypatch.setattr(attention, "configure", recording)
+    monkeypatch.setattr(rewards, "get_reward", lambda *a, **k: reward)
+    monkeypatch.setattr(tasks, "get_reward", lambda *a, **k: reward)
+    flow_grpo.main(["--model", "tiny-flux", "--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0",
+                    "--eval-samples-per-prompt", "1", "--save-weights", "false"])
+    assert got["reward_shapes"] == [clip_h]
