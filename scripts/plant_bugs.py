@@ -156,7 +156,8 @@ BUGS = [
      "    with torch.random.fork_rng(devices=[]):", "    if True:",
      "tests/test_policies.py::test_the_pretrained_toy_base_depends_on_its_config_alone"),
     ("memory-efficient attention not checked in the reward models' fp32", "infra/attention.py",
-     "        if why is None and dtype != torch.float32:", "        if False:",
+     "    in_fp32 = ([] if dtype == torch.float32 else [(shape, \"(the reward models' dtype)\")]) + [",
+     "    in_fp32 = [] + [",
      "tests/test_attention.py::test_a_kernel_the_fp32_reward_models_would_use_is_checked_in_fp32_too"),
     # A ninth round (35 planted in the benchmark's bookkeeping, the run's logging and the distributed step).
     ("the benchmark's ratios against the baseline inverted", "benchmarks/benchmark.py",
@@ -169,6 +170,9 @@ BUGS = [
     ("the prompt cache keyed without the encoders' dtype", "infra/pipelines.py",
      '           "dtype": str(dtype).removeprefix("torch.")}', '           }',
      "tests/test_prompt_cache.py::test_the_cache_is_keyed_by_everything_that_changes_the_embeddings"),
+    ("the reward models' own attention shapes never checked", "infra/attention.py",
+     '{s.seq_len} tokens") for s in rewards]', '{s.seq_len} tokens") for s in []]',
+     "tests/test_attention.py::test_the_reward_models_shapes_are_checked_in_fp32_too"),
 ]
 
 
