@@ -127,8 +127,10 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
     def verdict(name):
         why = check_backend(name, shape, dtype, device)
         for other, what in in_fp32:
-            why32 = None if why else check_backend(name, other, torch.float32, device)
-            if why32 is not None and not why32.startswith(CANNOT_TAKE):
+            if why is not None:
+                break
+            why32 = check_backend(name, other, torch.float32, device)
+            if why32 is not None and not why32.startswith(CANNOT_TAKE):  # "cannot take fp32": math serves those calls
                 why = f"in float32 {what}: {why32}"
         return why
 

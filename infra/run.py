@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from common import NonFiniteError, Policy, check_finite, parse_toy_prompt
+from infra import attention
+from infra.rewards import attention_shapes
 from infra.tasks import Task, evaluate, sample_grid
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "checkpoints", "samples.png",
@@ -116,8 +118,8 @@ class Run:
                                        kwargs_handlers=[InitProcessGroupKwargs(
                                            timeout=timedelta(minutes=args.dist_timeout_minutes))])
         args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
-        from infra import attention  # on a GPU: the kernels asked for (never cuDNN under auto) before any model runs;
-        attention.preselect(args.attention_backend, self.accelerator.device)  # start() checks them at its shape
+        # on a GPU: the kernels asked for (never cuDNN under auto) before any model runs; start() checks them
+        attention.preselect(args.attention_backend, self.accelerator.device)
         world = self.accelerator.num_processes
         if args.prompts_per_iteration % world:
             raise SystemExit(f"--prompts-per-iteration {args.prompts_per_iteration} is the batch of the whole "
@@ -217,10 +219,8 @@ class Run:
         """The attention kernel, chosen and checked once (infra/attention.py), before the first model call."""
         if self._attention_checked:
             return
-        from infra import attention
         mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
         dtype = mp or next(task.policy._unwrapped().parameters()).dtype  # what the attention inputs are in
-        from infra.rewards import attention_shapes
         attention.configure(self.args.attention_backend, task.policy.attention_shape(), dtype, self.device,
                             self.print, reward_shapes=attention_shapes(task.reward_fn))
         self._attention_checked = True

@@ -270,7 +270,6 @@ def test_a_run_checks_its_reward_models_shapes(tmp_path, monkeypatch):
     reward = rewards.WeightedReward([(1.0, rewards.mean_color_reward)])
     reward.attention_shapes = lambda: [clip_h]
     monkeypatch.setattr(attention, "configure", recording)
-    monkeypatch.setattr(rewards, "get_reward", lambda *a, **k: reward)
     monkeypatch.setattr(tasks, "get_reward", lambda *a, **k: reward)
     flow_grpo.main(["--model", "tiny-flux", "--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0",
                     "--eval-samples-per-prompt", "1", "--save-weights", "false"])
