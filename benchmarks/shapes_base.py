@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import CommonArgs  # noqa: E402
 from infra.shapes import all_prompts  # noqa: E402
 from infra.tasks import evaluate, load_task, sample_grid  # noqa: E402
 
 
-def main():
+def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description="Pretrain (once; cached) and evaluate the shapes base model.")
@@ -27,11 +27,10 @@ def main():
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--eval-samples-per-prompt", type=int, default=4)
     parser.add_argument("--eval-seed", type=int, default=12345)
-    cli = parser.parse_args()
-    args = SimpleNamespace(model="shapes", lora_rank=0, lora_alpha=None, reward=None, seed=0, shift=None,
-                           eval_steps=cli.eval_steps, eval_solver="euler", eval_batch_size=256,
-                           eval_samples_per_prompt=cli.eval_samples_per_prompt, eval_seed=cli.eval_seed,
-                           reward_dir=None, train_prompts=None, eval_prompts=None, gradient_checkpointing=False)
+    cli = parser.parse_args(argv)
+    # every other flag at the scripts' own default (a hand-made namespace missed the flags added since: --compile)
+    args = CommonArgs(model="shapes", lora_rank=0, eval_steps=cli.eval_steps, eval_batch_size=256,
+                      eval_samples_per_prompt=cli.eval_samples_per_prompt, eval_seed=cli.eval_seed)
     task = load_task(args, keep_reference=False)
     out = Path(cli.output_dir)
     sample_grid(task, args, out / "samples.png")
@@ -47,6 +46,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "scores.json").write_text(json.dumps(results, indent=2))
     print(f"samples: {out / 'samples.png'}; scores: {out / 'scores.json'}")
+    return results
 
 
 if __name__ == "__main__":

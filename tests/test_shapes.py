@@ -4,7 +4,10 @@ iteration of every script on it."""
 import importlib
 import json
 import random
+import re
+import sys
 from collections import deque
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +254,27 @@ def test_one_iteration_on_shapes(script, tiny_base, tmp_path, capture_policy):
     policy = capture_policy["policy"]
     trained = [n for n, p in policy.net.named_parameters() if p.requires_grad]
     assert trained and all("lora" in n for n in trained)  # the shapes presets train LoRA adapters
+
+
+def test_the_base_model_benchmark_scores_every_category_on_its_train_and_held_out_prompts(tiny_base, tmp_path,
+                                                                                           capsys):
+    """`python benchmarks/shapes_base.py` (docs/benchmarks.md's base-model table) on the 2-step base: every category
+    scored on its train and held-out prompts apart (single objects are all trained), and the grid drawn. It crashed
+    once on a flag it did not set (`--compile`): it now takes the scripts' own defaults."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import shapes_base
+    out = tmp_path / "base"
+    results = shapes_base.main(["--output-dir", str(out), "--eval-steps", "2", "--eval-samples-per-prompt", "1"])
+    assert sorted(results) == ["counting/held-out", "counting/train", "position/held-out", "position/train",
+                               "single/train", "two_objects/held-out", "two_objects/train"]
+    assert json.loads((out / "scores.json").read_text()) == results
+    assert (out / "samples.png").is_file()
+    for scores in results.values():
+        assert set(scores) == {"reward", "accuracy", "quality"} and 0 <= scores["reward"] <= 1
+    _, held_out = shapes.split_prompts(TINY_BASE["eval_fraction"], TINY_BASE["split_seed"])
+    printed = [re.match(r"(\S+)\s+(\S+)\s+\(\s*(\d+) prompts\)", line)
+               for line in capsys.readouterr().out.splitlines()]
+    counts = {f"{m[1]}/{m[2]}": int(m[3]) for m in printed if m}
+    for category, prompts in shapes.all_prompts().items():
+        held = sum(p in held_out for p in prompts)
+        assert counts[f"{category}/train"] == len(prompts) - held and counts.get(f"{category}/held-out", 0) == held
