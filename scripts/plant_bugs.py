@@ -3,7 +3,7 @@
     python scripts/plant_bugs.py            # each bug planted: every row must say "caught"
     python scripts/plant_bugs.py --clean    # the same tests on the unchanged copy: every row must say "passes"
 
-Each row is one line of the algorithm code changed to a wrong formula that still runs (a sign, a sigma index, a
+Each row is one line of the code changed to a wrong formula that still runs (a sign, a sigma index, a
 flag ignored), and the test written for it (issue 19: these got through the suite before those tests existed).
 Prints a markdown table; exits non-zero if a bug got through (or, with --clean, if a test failed on correct code).
 """
@@ -173,6 +173,23 @@ BUGS = [
     ("the reward models' own attention shapes never checked", "infra/attention.py",
      '{s.seq_len} tokens") for s in rewards]', '{s.seq_len} tokens") for s in []]',
      "tests/test_attention.py::test_the_reward_models_shapes_are_checked_in_fp32_too"),
+    ("the GPU smoke ignores what scripts/check_run.py says", "scripts/gpu_smoke.sh",
+     '"${NAMES[@]/#/$OUT/}" || failed=1', '"${NAMES[@]/#/$OUT/}" || true',
+     "tests/test_gpu_scripts.py::"
+     "test_the_smoke_fails_on_a_nan_a_crash_or_weights_that_never_moved_and_names_those_runs"),
+    ("the shapes base pretrains toward x0 - eps", "infra/shapes.py",
+     "loss = F.mse_loss(v, eps - x0)", "loss = F.mse_loss(v, x0 - eps)",
+     "tests/test_shapes.py::test_pretraining_is_flux_flow_matching_on_rendered_train_prompts"),
+    ("the shapes text encoder drops its position embeddings", "infra/shapes.py",
+     "embeds = self.words(ids) + self.positions", "embeds = self.words(ids)",
+     "tests/test_shapes.py::test_the_order_of_the_words_reaches_the_transformer"),
+    ("--fit-memory counts an input shared by every block once per block", "infra/memory.py",
+     "            inputs.update(mine)", "            inputs.update({k + i: v for k, v in mine.items()})",
+     "tests/test_fit_memory.py::test_the_blocks_inputs_are_counted_once_each_and_the_estimates_are_the_docstrings"),
+    ("the toy picture's reward curve drawn upside down", "infra/plots.py",
+     "pts = [(x0 + i / (len(rewards) - 1) * PANEL, 20 + (1 - min(max(r, 0), 1)) * PANEL)",
+     "pts = [(x0 + i / (len(rewards) - 1) * PANEL, 20 + min(max(r, 0), 1) * PANEL)",
+     "tests/test_plots.py::test_the_toy_picture_draws_the_curve_upright_and_before_left_of_after"),
 ]
 
 

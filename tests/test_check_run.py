@@ -55,4 +55,5 @@ def test_each_kind_of_broken_run_fails(real_run, tmp_path, breakage, capsys):
     ok, what = check_run.check(run)
     assert not ok and what
     assert check_run.main([str(real_run), str(run)]) == 1
+    assert check_run.main([str(run), str(real_run)]) == 1  # a failure is not forgotten behind a good run
     assert "FAILED" in capsys.readouterr().out

@@ -73,6 +73,49 @@ def test_probe_leaves_no_graph_and_no_hook_behind():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
+def test_the_blocks_inputs_are_counted_once_each_and_the_estimates_are_the_docstrings():
+    """A storage handed to several blocks (FLUX's rotary embedding and time embedding reach every block) is one
+    storage in memory: "inputs" counts the distinct storages of all blocks' inputs, found here by hooks of the
+    test's own. Checkpointing keeps those inputs, what the embeddings and the output layer save ("outside") and one
+    block's activations; a no-grad call's working set is the largest block's inputs plus its intermediates."""
+    policy = build_tiny_flux(lora_rank=4)
+    cond = policy.encode_prompts(["a photo of red"])
+    blocks = transformer_blocks(policy.net)
+    storages, per_block = {}, []
+
+    def record(module, args, kwargs):
+        mine = {}
+        stack = [args, kwargs]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                mine[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+            elif isinstance(v, (tuple, list)):
+                stack += list(v)
+            elif isinstance(v, dict):
+                stack += list(v.values())
+        per_block.append(mine)
+        storages.update(mine)
+    handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+    try:
+        with torch.no_grad():
+            policy._forward(policy.net, policy.initial_noise(1), torch.full((1,), 0.5), cond)
+    finally:
+        for h in handles:
+            h.remove()
+    shared = set.intersection(*(set(m) for m in per_block))
+    assert shared  # the rotary embedding, at least
+    saved = memory.saved_bytes(policy, policy.initial_noise(1), 0.5, cond, contextlib.nullcontext)
+    assert saved["inputs"] == sum(storages.values()) < sum(saved["block_inputs"])
+    assert saved["block_inputs"] == [sum(m.values()) for m in per_block]
+
+    fake = {"saved": 1000, "per_block": [50, 70, 60], "block_inputs": [30, 10, 40], "inputs": 45, "outside": 7}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memory, "per_sample_bytes", lambda *a: fake)
+        act = memory.measure(policy, cond, contextlib.nullcontext)
+    assert act == memory.ActivationBytes(grad=1000, checkpointed=45 + 70 + 7, no_grad=max(80, 80, 100))
+
+
 def test_the_reserve_counts_the_optimizer_and_each_ema():
     n = 1000
     assert memory.reserve_bytes(parse_args(g2rpo.Args, g2rpo.PRESETS, ["--model", "tiny-flux"]), n) == 12 * n

@@ -51,6 +51,15 @@ def test_split_holds_out_compositions_of_known_parts():
     assert shapes.split_prompts(seed=1) != (train, held_out)  # the seed chooses which combinations are held out
 
 
+def test_the_sample_grid_shows_two_prompts_per_category_held_out_ones_where_there_are_any():
+    config = shapes.SHAPES_BASE_CONFIG
+    _, held_out = shapes.split_prompts(config["eval_fraction"], config["split_seed"])
+    grid = shapes.grid_prompts()
+    by_category = {c: [p for p in grid if p in ps] for c, ps in shapes.all_prompts().items()}
+    assert len(grid) == 8 and all(len(ps) == 2 for ps in by_category.values())
+    assert all(p in held_out for c, ps in by_category.items() if c != "single" for p in ps)
+
+
 @pytest.mark.parametrize("prompt, parsed", [
     ("a red circle", ([("red", "circle", 1)], None)),
     ("three yellow triangles", ([("yellow", "triangle", 3)], None)),
@@ -81,6 +90,19 @@ def test_rendered_ground_truth_passes_every_check():
     result = shapes.check(images, prompts)
     assert result["score"].min() == 1 and result["accuracy"].min() == 1
     assert result["quality"].mean() > 0.95 and result["quality"].min() > 0.85
+
+
+def test_rendered_objects_never_touch():
+    """The renderer leaves `gap` (2) pixels between boxes: two touching objects of one colour would be one blob to
+    the checker, so a rendered "three red squares" would fail its own count."""
+    rng = random.Random(0)
+    for prompt in ["three red squares", "two blue circles", "a red square left of a green square"] * 100:
+        boxes = shapes.sample_layout(prompt, rng)
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                apart_x = max(b[2] - (a[2] + a[4]), a[2] - (b[2] + b[4]))  # empty columns between the boxes
+                apart_y = max(b[3] - (a[3] + a[4]), a[3] - (b[3] + b[4]))
+                assert max(apart_x, apart_y) >= 2, (prompt, boxes)
 
 
 def test_wrong_images_score_lower():
@@ -123,6 +145,14 @@ def test_counting_separates_touching_and_tiny_objects():
     assert shapes.check(merged[None], ["two blue squares"])["accuracy"] == 0
     speck = _image([("blue", "square", 1, 1, 8), ("blue", "square", 20, 20, 3)])  # 9 px < MIN_AREA
     assert shapes.check(speck[None], ["a blue square"])["accuracy"] == 1
+
+
+@pytest.mark.parametrize("w, h, shape", [(12, 9, "square"), (12, 8, "square"), (12, 7, None), (6, 12, None),
+                                        (14, 5, None)])
+def test_a_blob_over_one_and_a_half_times_as_long_as_wide_is_no_shape(w, h, shape):
+    blob = torch.zeros(32, 32, dtype=torch.bool)
+    blob[3:3 + h, 4:4 + w] = True
+    assert shapes.classify_shape(blob)[0] == shape
 
 
 def test_quality_falls_with_blur_noise_and_off_palette_colours():
@@ -193,6 +223,64 @@ def test_text_encoder_shapes_and_padding():
     embeds, pooled = enc(["a red circle", "a red circle left of a blue square"])
     assert embeds.shape == (2, shapes.MAX_WORDS, 16) and pooled.shape == (2, 16)
     assert torch.allclose(pooled[0], enc.words(enc.tokenize(["a red circle"]))[0, :3].mean(0))
+
+
+def test_the_order_of_the_words_reaches_the_transformer():
+    """FLUX's text ids are all zero (no RoPE on text tokens) and the pooled embedding is a mean, so only the encoder's
+    position embeddings tell "a red circle left of a blue square" from "a blue square left of a red circle"."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    net = FluxTransformer2DModel(**shapes.SHAPES_TRANSFORMER_CONFIG).eval()
+    enc = shapes.ShapesTextEncoder(shapes.SHAPES_TRANSFORMER_CONFIG["joint_attention_dim"])
+    with torch.no_grad():
+        enc.positions.normal_()  # as after pretraining: the 0.02 init would leave the difference near rounding
+    embeds, pooled = enc(["a red circle left of a blue square", "a blue square left of a red circle"])
+    x = torch.randn(1, 64, 48).expand(2, -1, -1)
+    with torch.no_grad():
+        v = net(hidden_states=x, timestep=torch.full((2,), 0.5), pooled_projections=pooled,
+                encoder_hidden_states=embeds, txt_ids=torch.zeros(shapes.MAX_WORDS, 3),
+                img_ids=diffusers_models.flux_image_ids(8), return_dict=False)[0]
+    assert torch.allclose(pooled[0], pooled[1], atol=1e-6)  # the same words
+    assert (v[0] - v[1]).abs().max() > 1e-3  # 6e-3 here; without the positions, rounding (1e-6)
+
+
+def test_pretraining_is_flux_flow_matching_on_rendered_train_prompts(monkeypatch):
+    """One step of the base model's pretraining, recorded: x_s = (1 - s) x0 + s eps with x0 the packed codec latents
+    of the images rendered for the step's prompts (train prompts only), velocity target eps - x0, and
+    s ~ logit-normal(0, 1) (SD3 sec. 3.1): logit(s) of 512 draws has mean ~0 and std ~1 (uniform s: std 1.81)."""
+    rendered, calls = [], []
+    render = shapes.render
+    monkeypatch.setattr(shapes, "render", lambda p, rng: rendered.append((p, render(p, rng))) or rendered[-1][1])
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        def mse_loss(self, v, target):
+            calls.append(target)
+            return F.mse_loss(v, target)
+
+    monkeypatch.setattr(shapes, "F", Recording())
+    from diffusers import FluxTransformer2DModel
+    seen = []
+    forward = FluxTransformer2DModel.forward
+    monkeypatch.setattr(FluxTransformer2DModel, "forward",
+                        lambda self, **kw: seen.append(kw) or forward(self, **kw))
+    config = dict(shapes.SHAPES_BASE_CONFIG, steps=1, batch=512)
+    transformer = FluxTransformer2DModel(**config["transformer"])
+    shapes._pretrain(transformer, shapes.ShapesTextEncoder(64), config, log=lambda m: None)
+    train, _ = shapes.split_prompts(config["eval_fraction"], config["split_seed"])
+    prompts = [p for p, _ in rendered]
+    assert len(prompts) == 512 and set(prompts) <= set(train)
+    assert len({c for p in prompts for c, ps in shapes.all_prompts().items() if p in ps}) == 4  # all categories
+    x0 = diffusers_models.flux_pack(shapes.PixelCodec(2).encode(torch.stack([img for _, img in rendered])))
+    (kw,), (target,) = seen, calls
+    s = kw["timestep"][:, None, None]
+    eps = (kw["hidden_states"] - (1 - s) * x0) / s
+    assert torch.allclose(target, eps - x0, atol=1e-4)
+    assert eps.std().item() == pytest.approx(1, abs=0.01) and eps.mean().abs().item() < 0.01  # the noise is N(0, 1)
+    logit = torch.logit(kw["timestep"].double())
+    assert abs(logit.mean().item()) < 0.15 and logit.std().item() == pytest.approx(1, abs=0.1)
 
 
 def test_base_model_is_cached(tiny_base, monkeypatch, tmp_path):
