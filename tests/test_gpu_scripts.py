@@ -2,10 +2,11 @@
 must work the first time), rehearsed on the CPU at diffusers' tiny widths: the smoke, the timing table of every
 method, the full-depth rows, and the report that collects them; and a part that fails makes the whole check fail.
 
-The fast tests run scripts/gpu_smoke.sh and gpu_check.sh with a stand-in interpreter (`fake_python`): it answers
+The first three tests run scripts/gpu_smoke.sh and gpu_check.sh with a stand-in interpreter (`fake_python`): it answers
 for the training scripts and the timing benchmark with the outputs the test asks for (a good run, a NaN, a crash),
 and hands everything else (the device query, the tiny pipelines, scripts/check_run.py, the report) to Python. So
-the judging and the exit status of both scripts are tested in seconds, apart from what the runs compute."""
+the judging and the exit status of both scripts are tested in seconds (10-20 s a test; the failing smoke in the
+fast tier), apart from what the runs compute."""
 
 import json
 import os
@@ -58,7 +59,7 @@ def smoke(out: Path, env: dict):
                           text=True, timeout=300)
 
 
-@pytest.mark.slow  # 10-20 s each: the smoke's judging stays in the fast tier (below)
+@pytest.mark.slow
 def test_the_smoke_runs_every_script_in_bf16_on_the_tiny_flux_and_both_pipelines_and_passes_good_runs(tmp_path):
     proc = smoke(tmp_path / "smoke", fake_python(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
