@@ -190,6 +190,16 @@ BUGS = [
      "pts = [(x0 + i / (len(rewards) - 1) * PANEL, 20 + (1 - min(max(r, 0), 1)) * PANEL)",
      "pts = [(x0 + i / (len(rewards) - 1) * PANEL, 20 + min(max(r, 0), 1) * PANEL)",
      "tests/test_plots.py::test_the_toy_picture_draws_the_curve_upright_and_before_left_of_after"),
+    ("DGPO's reference velocity with CFG", "dgpo.py",
+     "    with torch.no_grad(), policy.reference(), policy.without_cfg():\n        v_ref",
+     "    with torch.no_grad(), policy.reference():\n        v_ref",
+     "tests/test_dgpo.py::test_every_training_call_is_cfg_free_the_reference_and_theta_minus_too"),
+    ("Neighbor GRPO's tau from the farthest candidate, not the mean", "neighbor_grpo.py",
+     "tau[j] = args.temperature * d.mean(-1, keepdim=True)", "tau[j] = args.temperature * d.amax(-1, keepdim=True)",
+     "tests/test_neighbor_grpo.py::test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_to_n"),
+    ("G2RPO clips each granularity's advantage before the sum", "g2rpo.py",
+     'group_advantages(rewards, std="group", clip=float("inf"))', 'group_advantages(rewards, std="group", clip=clip)',
+     "tests/test_g2rpo.py::test_mixed_advantages_are_the_sum_of_per_granularity_z_scores"),
 ]
 
 

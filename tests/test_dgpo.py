@@ -238,6 +238,36 @@ def test_the_evaluation_ema_is_flow_grpos_ema_module_wrapper():
     assert not torch.allclose(ema.shadow[0], net.weight)
 
 
+def test_every_training_call_is_cfg_free_the_reference_and_theta_minus_too():
+    """DGPO trains CFG-free (official train_sd3_dgpo.py: the conditional velocity alone) while its rollouts sample
+    with CFG 4.5 (SD3). On a policy with CFG on, every velocity `dgpo_pass` computes (the policy's, the frozen
+    reference's and theta_minus's, with the KL and the dsm clip on) must be the conditional one: the reference's
+    denoising loss is the baseline the policy's is compared with, so a reference with CFG would shift every
+    l_i - l_ref,i by a term of its own."""
+    from conftest import GaussianPolicy
+
+    class WithCFG(GaussianPolicy):
+        cfg_scale = 4.5
+
+        def __init__(self):
+            super().__init__()
+            self.reference_net = torch.nn.Linear(1, 1)
+            self.calls = []
+
+        def _forward(self, net, x, sigma, cond):
+            self.calls.append(("reference" if net is self.reference_net else "policy", self.cfg_active()))
+            return super()._forward(net, x, sigma, cond)
+
+    policy = WithCFG()
+    theta_minus = common.EMA(policy.trainable_parameters(), 0.3)
+    x0, eps = torch.randn(4, 2), torch.randn(4, 2)
+    dgpo.dgpo_pass(policy, x0, eps, torch.tensor(0.7), {}, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                   torch.tensor([0, 0, 1, 1]), 2, beta=10.0, all_reduce=None, kl_beta=0.01, clip_dsm=True,
+                   clip_range=0.05, theta_minus=theta_minus)
+    assert sorted(policy.calls) == [("policy", False), ("policy", False), ("reference", False)]
+    assert policy.cfg_active()  # outside the training pass, CFG is on again
+
+
 def test_the_kl_term_pulls_the_policy_toward_the_reference():
     """DGPO's KL beta_kl mean((v - v_ref)^2): with zero advantages the group loss has no gradient, and one SGD step on
     the KL must bring v closer to v_ref. Flipping its sign pushes v away."""

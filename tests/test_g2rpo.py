@@ -68,10 +68,17 @@ def test_completion_equals_the_official_loop_at_every_granularity(num_steps, shi
 
 
 def test_mixed_advantages_are_the_sum_of_per_granularity_z_scores():
-    r = torch.rand(3, 4, 12)
+    r = torch.rand(3, 4, 12, generator=torch.Generator().manual_seed(0))
     expected = sum(common.group_advantages(r[j], std="group", clip=1e9) for j in range(3))
     torch.testing.assert_close(g2rpo.mixed_advantages(r, clip=1e9), expected)
-    assert g2rpo.mixed_advantages(r * 100, clip=2.0).abs().max() <= 2.0
+    # the clip acts on the sum, not on each granularity's z-score: sample 0 alone scores at the coarse granularity
+    # (z = 11 / sqrt(12) = 3.18) and is one of the many low at the fine one (z = -0.29): 2.89, clipped to 2 (clipping
+    # each first would give 2 - 0.29)
+    outlier = torch.zeros(2, 1, 12)
+    outlier[0, 0, 0], outlier[1, 0, 1] = 1.0, 1.0
+    assert g2rpo.mixed_advantages(outlier, clip=2.0)[0, 0].item() == pytest.approx(2.0)
+    torch.testing.assert_close(g2rpo.mixed_advantages(outlier, clip=2.0),
+                               sum(common.group_advantages(outlier[j], clip=1e9) for j in range(2)).clamp(-2, 2))
 
 
 def test_singular_rollout_branches_share_x_k_and_completion_is_deterministic(monkeypatch):

@@ -166,8 +166,9 @@ def test_the_clipped_objective_is_ppos_pessimistic_bound():
 def test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_to_n(tmp_path, monkeypatch):
     """The loop's indexing, checked against the rollout it stored. With Euler rollouts the anchor recomputed at t_j (one
     Euler step of the pre-update weights from its stored x_{j-1}) IS one of its group's stored x_j; the candidates it
-    is compared with are that group's G states at t_j, under that group's advantages; K = N draws every j in 1..N.
-    Micro-batches of 2 (group, anchor) rows exercise the row -> group arithmetic."""
+    is compared with are that group's G states at t_j, under that group's advantages, at the temperature
+    docs/choices.md states; K = N draws every j in 1..N. Micro-batches of 2 (group, anchor) rows exercise the
+    row -> group arithmetic."""
     N, P, G, B = 4, 3, 4, 2
     trajectories, advantages, calls = [], [], []
     sample_ode, quasi_norm = ng.sample_ode, ng.quasi_norm_advantages
@@ -175,17 +176,22 @@ def test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_
     monkeypatch.setattr(ng, "sample_ode", lambda *a, **k: trajectories.append(sample_ode(*a, **k)) or trajectories[-1])
     monkeypatch.setattr(ng, "quasi_norm_advantages", lambda *a: advantages.append(quasi_norm(*a)) or advantages[-1])
     monkeypatch.setattr(ng, "surrogate_log_policy", lambda anchor, candidates, tau:
-                        calls.append([anchor.detach(), candidates]) or surrogate(anchor, candidates, tau))
+                        calls.append([anchor.detach(), candidates, tau]) or surrogate(anchor, candidates, tau))
     monkeypatch.setattr(ng, "neighbor_grpo_loss", lambda log_pi, old, adv, clip:
                         calls[-1].append(adv) or loss(log_pi, old, adv, clip))
     ng.main(["--iterations", "1", "--num-steps", str(N), "--num-train-timesteps", str(N), "--updates-per-iteration",
              "1", "--group-size", str(G), "--num-anchors", str(B), "--prompts-per-iteration", str(P),
-             "--rollout-solver", "euler", "--train-micro-batch-size", "2", "--output-dir", str(tmp_path),
+             "--rollout-solver", "euler", "--train-micro-batch-size", "2", "--temperature", "0.7",
+             "--output-dir", str(tmp_path),
              "--log-every", "0", "--save-weights", "false", "--checkpoint-every", "0"])
     states = torch.stack(trajectories[0]).view(N + 1, P, G, 2)
     assert len(calls) == N * P * B // 2
     seen = []
-    for anchor, candidates, adv in calls:
+    for anchor, candidates, tau, adv in calls:
+        # tau: --temperature x the anchor's mean squared distance (averaged over dims) to its candidates, under the
+        # pre-update weights (one optimizer step here: the anchor recomputed with gradient is the pre-update one)
+        d = (candidates - anchor).pow(2).mean(-1)
+        torch.testing.assert_close(tau.flatten(), 0.7 * d.mean(-1))
         for r in range(len(candidates)):
             (j, p), = [(j, p) for j in range(N + 1) for p in range(P) if torch.equal(candidates[r], states[j, p])]
             seen.append(j)
