@@ -142,7 +142,6 @@ def test_the_loop_reweights_with_the_quasi_norm_p_it_is_given(tmp_path, monkeypa
     assert not torch.allclose(groups.norm(dim=-1), torch.ones(len(groups)), rtol=1e-2, atol=1e-2)  # not p = 2
 
 
-
 def test_the_clipped_objective_is_ppos_pessimistic_bound():
     """Away from ratio 1: loss = -mean over anchors of sum_i min(A_i rho_i, A_i clip(rho_i)). A candidate whose ratio
     already left [1 - eps, 1 + eps] in the direction its advantage asks for gets no gradient; every other candidate
@@ -198,6 +197,7 @@ def test_every_anchor_meets_its_own_groups_candidates_and_advantages_at_times_1_
             torch.testing.assert_close(adv[r], advantages[0][p])
             assert (states[j, p] - anchor[r, 0]).norm(dim=-1).min() < 1e-5  # one of the group's own states at t_j
     assert sorted(set(seen)) == list(range(1, N + 1))
+
 
 @pytest.mark.slow
 def test_toy2d_neighbor_grpo_raises_eval_reward(tmp_path):
