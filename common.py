@@ -577,7 +577,7 @@ def arg(default, help: str, **kw):
 @dataclass
 class CommonArgs:
     """Flags shared by every script; each script subclasses this with its method's hyperparameters. Metadata
-    `choices` and `min` (inclusive) / `above` (exclusive) are checked when the flags are parsed."""
+    `choices`, `min` / `max` (inclusive) and `above` / `below` (exclusive) are checked when the flags are parsed."""
 
     # run
     model: str = arg("toy2d", "which model: toy2d, tiny-flux, shapes, flux (FLUX.1-dev), sd3 (SD3.5)")
@@ -645,7 +645,7 @@ class CommonArgs:
     learning_rate: float = arg(1e-3, "AdamW learning rate", min=0)
     weight_decay: float = arg(1e-4, "AdamW weight decay (1e-4 in every official code here: Flow-GRPO, DanceGRPO, "
                                     "DGPO, G2RPO)", min=0)
-    adam_beta2: float = arg(0.999, "AdamW beta2", min=0)
+    adam_beta2: float = arg(0.999, "AdamW beta2", min=0, below=1)
     max_grad_norm: float = arg(1.0, "gradient clipping norm", above=0)
     # evaluation
     eval_every: int = arg(0, "also evaluate every N iterations (0: only before and after training)", min=0)

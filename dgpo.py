@@ -52,7 +52,7 @@ class Args(CommonArgs):
     ema_start: int = arg(0, "iterations during which theta_minus = theta; after them rollouts use the EMA "
                             "(paper/code: 200 for OCR/PickScore, 500 for GenEval)", min=0)
     ema_decay: float = arg(0.3, "EMA decay mu of theta_minus: mu * ema + (1 - mu) * theta after every "
-                                "optimizer step (paper 0.3; the code ramps min(0.3, 0.001 * step))", min=0)
+                                "optimizer step (paper 0.3; the code ramps min(0.3, 0.001 * step))", min=0, max=1)
     # the group preference loss
     beta: float = arg(100.0, "beta of Eq. 17 (100; 10 for PickScore); the sigmoid sees beta * S_g / G, as the code",
                       above=0)

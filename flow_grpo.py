@@ -59,7 +59,7 @@ class Args(CommonArgs):
                              choices=("final", "x0_hat"))
     # which transitions train
     timestep_fraction: float = arg(0.99, "train int(pool * fraction) transitions per sample, pool = N (or N - 1 with "
-                                         "--ignore-last-step); 0.99 of 10: all but the last", above=0)
+                                         "--ignore-last-step); 0.99 of 10: all but the last", above=0, max=1)
     ignore_last_step: bool = arg(False, "never train the last transition: draw from the first N - 1 (DanceGRPO's "
                                         "--ignore_last)")
     shuffle_timesteps: bool = arg(False, "each sample trains its own random transitions (DanceGRPO) "

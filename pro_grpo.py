@@ -49,7 +49,7 @@ class Args(CommonArgs):
                            choices=("flow_grpo", "dance_grpo"))
     noise_level: float = arg(0.7, "Flow-GRPO's a (0.7 SD3)", min=0)
     timestep_fraction: float = arg(0.99, "train the first int(N * fraction) transitions (0.99: all but the last)",
-                                   above=0)
+                                   above=0, max=1)
     # GRPO / PPO on the survivors
     adv_std: str = arg("group", "advantage std: 'group' = z-score within each group's survivors (paper), or 'global'",
                        choices=("group", "global"))

@@ -88,7 +88,8 @@ def _flag(name: str) -> str:
 
 
 def check(field: dataclasses.Field, value):
-    """The field's own rules (metadata `choices`, `min`, `above`, `unused`), as a one-line ValueError."""
+    """The field's own rules (metadata `choices`, `min` / `max` (inclusive), `above` / `below` (exclusive),
+    `unused`), as a one-line ValueError."""
     flag = _flag(field.name)
     if field.metadata.get("unused") and value != field.default:  # a shared flag this script has no use for
         raise ValueError(f"{flag} is not used here: {field.metadata['unused']}")
@@ -102,6 +103,11 @@ def check(field: dataclasses.Field, value):
         raise ValueError(f"{flag} must be at least {low}; got {value}")
     if above is not None and value <= above:
         raise ValueError(f"{flag} must be above {above}; got {value}")
+    high, below = field.metadata.get("max"), field.metadata.get("below")
+    if high is not None and value > high:
+        raise ValueError(f"{flag} must be at most {high}; got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{flag} must be below {below}; got {value}")
 
 
 def check_together(args):

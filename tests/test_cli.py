@@ -16,6 +16,7 @@ import pytest
 import dgpo
 import flow_grpo
 from infra.args import parse_args
+from infra.run import OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--log-every", "0", "--eval-samples-per-prompt", "4"]
@@ -88,6 +89,36 @@ def test_every_bad_value_is_one_line_naming_the_flag(argv, message):
     assert message in text and "\n" not in text, text
 
 
+@pytest.mark.parametrize("script,flag,bad,message,edge", [
+    # each would otherwise fail later with a traceback (sqrt of a negative, torch's "Invalid beta parameter") or run
+    # silently wrong (an EMA that diverges, a fraction of transitions above all of them)
+    ("neighbor_grpo", "--perturb-sigma", "1.2", "--perturb-sigma must be at most 1; got 1.2", "1"),
+    ("dgpo", "--ema-decay", "1.5", "--ema-decay must be at most 1; got 1.5", "1"),
+    ("flow_grpo", "--timestep-fraction", "2", "--timestep-fraction must be at most 1; got 2.0", "1"),
+    ("pro_grpo", "--timestep-fraction", "1.01", "--timestep-fraction must be at most 1; got 1.01", "1"),
+    ("g2rpo", "--adam-beta2", "1", "--adam-beta2 must be below 1; got 1.0", "0.9999"),
+])
+def test_bounded_values_are_checked_at_both_ends_of_their_range(script, flag, bad, message, edge):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        parse(flag, bad, module=module)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert getattr(parse(flag, edge, module=module), flag[2:].replace("-", "_")) == float(edge)  # the edge is in
+
+
+@pytest.mark.parametrize("script,model,preset", [
+    ("dgpo", "sd3", "dgpo-sd3"), ("flow_grpo", "sd3", "flow-grpo-sd3"), ("flow_grpo", "flux", "dancegrpo-flux"),
+    ("neighbor_grpo", "flux", "neighbor-grpo-flux"), ("g2rpo", "flux", "g2rpo-flux"),
+    ("pro_grpo", "sd3", "pro-grpo-sd3"),  # the paper's Pro-GRPO, not its Flash variant listed after it
+])
+def test_a_real_model_without_a_preset_flag_runs_its_paper_preset(tmp_path, script, model, preset):
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    args = parse("--model", model, "--pretrained", str(tmp_path), "--train-prompts", str(tmp_path / "prompts.txt"),
+                 module=__import__(script))
+    assert args.preset == preset and args.model == model
+
+
 def test_a_bad_value_writes_nothing_and_as_a_command_prints_one_line(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "dgpo.py", "--group-size", "0", "--output-dir", str(out)],
@@ -130,6 +161,11 @@ def test_an_output_dir_that_holds_a_run_is_refused_unless_resumed_or_overwritten
     with pytest.raises(SystemExit, match="holds a run .*--resume-from-checkpoint latest.*--overwrite"):
         flow_grpo.main(flags)
     assert (out / "summary.json").read_text() == summary  # untouched
+    for name in OUTPUTS:  # any one thing a run writes marks the folder as a run's
+        held = tmp_path / f"holds-{name}"
+        (held / name).mkdir(parents=True)
+        with pytest.raises(SystemExit, match=f"holds a run \\({name}\\)"):
+            flow_grpo.main(["--output-dir", str(held), *QUICK])
     flow_grpo.main(flags + ["--overwrite", "--iterations", "2"])
     assert json.loads((out / "summary.json").read_text())["iterations"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # a fresh log, not appended to the old one
@@ -145,7 +181,13 @@ def test_resume_takes_the_runs_own_flags_and_refuses_ones_that_change_what_it_co
     assert "cannot resume" in str(e.value) and "--group-size (4 in the run, 16 now)" in str(e.value)
     with pytest.raises(SystemExit, match=r"--learning-rate \(0.001 in the run, 0.5 now\)"):
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out), "--learning-rate", "0.5"])
-    # the run's own flags apply: group 4 with no flag repeated, and it may run longer
+    (tmp_path / "cfg.yaml").write_text("learning_rate: 0.5\n")  # a config file changes what it computes too
+    with pytest.raises(SystemExit, match=r"--learning-rate \(0.001 in the run, 0.5 now\)"):
+        flow_grpo.main([str(tmp_path / "cfg.yaml"), "--resume-from-checkpoint", "latest", "--output-dir", str(out)])
+    # the run's own flags apply, none repeated: its 4 iterations (not the preset's 400) and its group of 4
+    s = flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out)])
+    assert s["iterations"] == 4
+    # and it may run longer
     s = flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out), "--iterations", "6"])
     assert s["iterations"] == 6 and json.loads((out / "config.json").read_text())["group_size"] == 4
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
