@@ -175,19 +175,33 @@ def test_config_file(tmp_path):
     assert a.iterations == 7 and a.noise_level == 0.5
 
 
-def test_bad_preset_and_model_are_clear_errors(tmp_path):
+def test_each_metrics_line_holds_the_statistics_of_that_iterations_rewards(tmp_path, monkeypatch):
+    """metrics.jsonl's reward/mean, reward/std (over the whole batch) and reward/group_std (the mean of the groups' own
+    stds: how much a group has to rank; it falls as a group agrees) are those of the (groups, G) rewards the
+    iteration trained on."""
+    from infra import run as run_module
+    seen, original = [], run_module.Run.end_iteration
+    monkeypatch.setattr(run_module.Run, "end_iteration", lambda self, it, task, rewards, *a, **k: seen.append(
+        rewards.clone()) or original(self, it, task, rewards, *a, **k))
+    run(tmp_path, "--iterations", "2", "--group-size", "4", "--prompts-per-iteration", "3",
+        "--eval-samples-per-prompt", "2")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(seen) == 2
+    for row, rewards in zip(rows, seen):
+        assert rewards.shape == (3, 4)
+        assert row["reward/mean"] == pytest.approx(rewards.mean().item(), rel=1e-6)
+        assert row["reward/std"] == pytest.approx(rewards.flatten().std().item(), rel=1e-6)
+        assert row["reward/group_std"] == pytest.approx(rewards.std(dim=1).mean().item(), rel=1e-6)
+        assert row["reward/group_std"] != pytest.approx(row["reward/std"], rel=1e-3)  # (the two differ here)
+
+
+def test_bad_preset_and_model_are_clear_errors():
     with pytest.raises(SystemExit, match="--preset takes one of"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])
     with pytest.raises(SystemExit, match="--model takes one of .*; got 'sdxl'"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "toy2d", "--model", "sdxl"])
     with pytest.raises(SystemExit, match="--model takes one of .*; got 'sdxl'"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sdxl"])
-    # a real model picks the script's paper preset for it (the weights and prompts are checked to exist)
-    (tmp_path / "model_index.json").write_text("{}")
-    (tmp_path / "train.txt").write_text("a photo\n")
-    weights = ["--pretrained", str(tmp_path), "--train-prompts", str(tmp_path / "train.txt")]
-    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "flux", *weights]).preset == "dancegrpo-flux"
-    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "sd3", *weights]).preset == "flow-grpo-sd3"
 
 
 @pytest.mark.slow

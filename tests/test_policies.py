@@ -39,7 +39,6 @@ def test_toy_reward_and_metric_values():
         common.toy_mode_reward(mu[[0]], ["a cat"])
 
 
-
 def test_evaluation_draws_its_fixed_noise_from_eval_seed_whatever_the_global_rng():
     """Before and after training are compared on the same samples' noise: the evaluation draws it from --eval-seed,
     not from the global generator that training advances."""
@@ -51,6 +50,25 @@ def test_evaluation_draws_its_fixed_noise_from_eval_seed_whatever_the_global_rng
     assert tasks.evaluate(task, args) == first
     args.eval_seed += 1
     assert tasks.evaluate(task, args) != first
+
+
+def test_evaluation_is_the_plain_ode_at_eval_steps_from_eval_seed_noise_whatever_its_batch():
+    """The protocol, computed independently: --eval-samples-per-prompt samples of each eval prompt, --eval-steps of
+    --eval-solver (not the rollouts' --num-steps), from --eval-seed noise; --eval-batch-size only splits the work,
+    each chunk with its own samples' noise."""
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-samples-per-prompt", "3", "--eval-steps", "4",
+                                                           "--num-steps", "9", "--eval-solver", "euler"])
+    task = tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+    policy = task.policy
+    prompts = [p for p in task.eval_prompts for _ in range(3)]
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(args.eval_seed))
+    with torch.no_grad():
+        x0 = common.sample_ode(policy, noise, policy.sigmas(4), policy.encode_prompts(prompts), solver="euler")
+    want = task.reward_fn(policy.decode(x0), prompts)
+    assert tasks.evaluate(task, args)["reward"] == pytest.approx(want.mean().item(), abs=1e-6)
+    args.eval_batch_size = 5  # chunks of 5, the last one 4
+    assert tasks.evaluate(task, args)["reward"] == pytest.approx(want.mean().item(), abs=1e-6)
+
 
 def test_toy_reference_is_frozen_copy(toy):
     x, cond = torch.randn(5, 2), toy.encode_prompts(["mode 1"] * 5)
