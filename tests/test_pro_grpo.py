@@ -68,7 +68,6 @@ def test_pruned_trajectories_cost_nothing_and_the_proxy_costs_no_model_call():
             assert torch.isclose(call, row, atol=1e-5).all(-1).any(), j
 
 
-
 def test_the_survivors_are_the_optimal_variance_subset_of_each_groups_proxy_rewards():
     """At the checkpoint each group keeps OVF's choice on its own proxy rewards: the survivors' initial noises are
     those of the trajectories optimal_variance_filter picks, group by group, in its order."""
@@ -83,6 +82,7 @@ def test_the_survivors_are_the_optimal_variance_subset_of_each_groups_proxy_rewa
         keep = pro_grpo.optimal_variance_filter(proxies[0][p], 3)
         assert keep.tolist() != [0, 1, 2]  # (not the first three: the test would not see an unfiltered funnel)
         torch.testing.assert_close(states[0][3 * p:3 * p + 3], drawn[0][8 * p + keep], rtol=0, atol=0)
+
 
 def test_rollout_batch_size_splits_the_model_calls_only():
     """--rollout-batch-size: chunks of 5 (not dividing any funnel size) give the unchunked rollout's survivors, states

@@ -78,8 +78,6 @@ def test_attention_shape_counts_image_patches_and_every_text_token(pipeline_dir,
     assert policy.attention_shape() == AttentionShape(heads=4, head_dim=8, seq_len=16 * 16 + 77 + 16)
 
 
-
-
 def test_ode_sampling_and_decoding_equal_the_pipelines_own(pipeline_dir, prompt_file, tmp_path):
     """StableDiffusion3Pipeline(latents=x, CFG 4.5, 6 steps) gives the same images as our Euler ODE and decode."""
     from diffusers import StableDiffusion3Pipeline
