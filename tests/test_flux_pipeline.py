@@ -103,7 +103,7 @@ def test_under_bf16_the_base_loads_in_bf16_and_the_text_encoders_are_let_go(lora
                                                                              tmp_path, monkeypatch):
     """--mixed-precision bf16 loads the pipeline in bf16 (FLUX.1-dev: 24 GB, not 48): LoRA keeps the frozen base in
     bf16 and trains fp32 adapters, full fine-tuning trains fp32 master weights. Once the prompts are embedded the
-    pipeline drops its text encoders (T5-XXL alone is 9.5 GB)."""
+    pipeline drops its text encoders (T5-XXL alone is 9.5 GB). The bf16 VAE decodes the sampler's fp32 states."""
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
     loads = record_pipeline_loads(monkeypatch)
     args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, "--lora-rank",
@@ -114,6 +114,9 @@ def test_under_bf16_the_base_loads_in_bf16_and_the_text_encoders_are_let_go(lora
     frozen = {p.dtype for p in policy.net.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == ({torch.bfloat16} if lora_rank != "0" else set())
     assert policy.vae.dtype == torch.bfloat16
+    images = policy.decode(torch.randn(2, *policy.sample_shape()))  # the sampler's fp32 states through a bf16 VAE
+    assert images.dtype == torch.float32 and images.shape == (2, 3, args.resolution, args.resolution)
+    assert images.isfinite().all() and images.min() >= 0 and images.max() <= 1
 
 
 @pytest.mark.parametrize("num_steps", [2, 6])
