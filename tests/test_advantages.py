@@ -58,6 +58,8 @@ def test_ppo_loss_matches_the_formula_and_its_gradient_has_the_sign_of_A():
     clipped_out = ((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))
     assert torch.equal(~active, clipped_out)
     assert stats["clipfrac"] == pytest.approx(((ratio - 1).abs() > eps).float().mean().item())
+    # Flow-GRPO's logged approx_kl: 0.5 mean((logp - logp_old)^2)
+    assert stats["approx_kl"] == pytest.approx(0.5 * (new.detach() - old).pow(2).mean().item(), rel=1e-6)
 
 
 def test_ppo_loss_at_ratio_one_is_the_policy_gradient():

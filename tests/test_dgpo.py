@@ -207,15 +207,56 @@ def test_the_dpm_flow_schedule_is_the_official_schedulers_and_the_preset_trains_
 
 
 def test_one_optimizer_step_and_one_theta_minus_update_per_iteration(tmp_path, monkeypatch):
-    """The official config steps once per epoch: gradients of all M timesteps (and micro-batches) add up first."""
-    steps, updates = [], []
+    """The official config steps once per epoch: gradients of all M timesteps (and micro-batches) add up first. Then
+    theta_minus takes the EMA of the weights that step produced (updated before the step, it would lag one step)."""
+    events = []
     original_step, original_update = dgpo.optimizer_step, common.EMA.update
-    monkeypatch.setattr(dgpo, "optimizer_step", lambda *a, **k: steps.append(1) or original_step(*a, **k))
-    monkeypatch.setattr(common.EMA, "update", lambda self, *a: updates.append(self.decay) or
+    monkeypatch.setattr(dgpo, "optimizer_step", lambda *a, **k: events.append("step") or original_step(*a, **k))
+    monkeypatch.setattr(common.EMA, "update", lambda self, *a: events.append(f"update {self.decay}") or
                         original_update(self, *a))
     dgpo.main(["--iterations", "3", "--num-train-timesteps", "4", "--train-micro-batch-groups", "2", "--eval-ema",
                "false", "--output-dir", str(tmp_path), "--log-every", "0", "--save-weights", "false"])
-    assert len(steps) == 3 and updates == [0.3] * 3
+    assert events == ["step", "update 0.3"] * 3
+
+
+def test_the_step_takes_the_gradient_of_the_mean_over_timesteps_of_the_whole_batchs_group_loss(tmp_path,
+                                                                                              monkeypatch):
+    """The backward weights (len(micro-batch) / (P G) / M): with M = 3 timesteps and micro-batches of 3 + 3 + 2
+    groups, the optimizer step sees the gradient of the mean over the M timesteps of dgpo_pass on the whole batch
+    (KL on), recomputed here from each pass's own inputs at the weights the step is about to change."""
+    passes, checked = [], []
+    original_pass = dgpo.dgpo_pass
+    monkeypatch.setattr(dgpo, "dgpo_pass", lambda *a: passes.append(a) or original_pass(*a))
+
+    def step(acc, policy, optimizer, max_grad_norm):
+        params = policy.trainable_parameters()
+        by_t = {}
+        for a in passes:
+            by_t.setdefault(float(a[3]), []).append(a)
+        total = 0
+        for t, parts in by_t.items():
+            x0, eps, adv, gi = (torch.cat([q[i] for q in parts]) for i in (1, 2, 5, 6))
+            cond = {k: torch.cat([q[4][k] for q in parts]) for k in parts[0][4]}
+            first = parts[0]
+            loss, _ = original_pass(first[0], x0, eps, first[3], cond, adv, gi, *first[7:])
+            total = total + loss / len(by_t)
+        assert len(by_t) == 3 and len(x0) == 8 * 16
+        for got, want in zip([p.grad for p in params], torch.autograd.grad(total, params)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+        checked.append(1)
+        optimizer.zero_grad()
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(dgpo, "optimizer_step", step)
+    flags = ["--iterations", "1", "--num-train-timesteps", "3", "--kl-beta", "0.01", "--eval-ema", "false",
+             "--eval-samples-per-prompt", "2", "--log-every", "0", "--save-weights", "false"]
+    dgpo.main(flags + ["--train-micro-batch-groups", "3", "--output-dir", str(tmp_path / "micro")])
+    assert checked == [1] and len(passes) == 3 * 3
+    times, eps = [float(a[3]) for a in passes], torch.cat([a[2] for a in passes])
+    passes.clear()
+    dgpo.main(flags + ["--output-dir", str(tmp_path / "whole")])  # the same timesteps and noise without micro-batches
+    assert [float(a[3]) for a in passes] == times[::3]
+    torch.testing.assert_close(torch.cat([a[2] for a in passes]), eps, rtol=0, atol=0)
 
 
 def test_the_evaluation_ema_is_flow_grpos_ema_module_wrapper():
@@ -269,8 +310,9 @@ def test_every_training_call_is_cfg_free_the_reference_and_theta_minus_too():
 
 
 def test_the_kl_term_pulls_the_policy_toward_the_reference():
-    """DGPO's KL beta_kl mean((v - v_ref)^2): with zero advantages the group loss has no gradient, and one SGD step on
-    the KL must bring v closer to v_ref. Flipping its sign pushes v away."""
+    """DGPO's KL beta_kl mean((v - v_ref)^2), averaged over the dimensions as the official code: with zero advantages
+    the group loss has no gradient, and one SGD step on the KL must bring v closer to v_ref. Flipping its sign pushes
+    v away."""
     policy = tasks.toy2d_policy(keep_reference=True)
     with torch.no_grad():
         for p in policy.net.parameters():
@@ -285,6 +327,13 @@ def test_the_kl_term_pulls_the_policy_toward_the_reference():
                               None, kl_beta=1.0, clip_dsm=False, clip_range=0.05, theta_minus=theta_minus)
 
     loss, st = loss_and_kl()
+    with torch.no_grad():  # the official kl_loss: the mean over samples AND dimensions
+        x_t = 0.3 * x0 + 0.7 * eps
+        v = policy.velocity(x_t, 0.7, cond)
+        with policy.reference():
+            v_ref = policy.velocity(x_t, 0.7, cond)
+    assert st["kl"] == pytest.approx((v - v_ref).pow(2).mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(st["kl"], rel=1e-5)  # zero advantages: the KL alone, at kl_beta 1
     loss.backward()
     with torch.no_grad():
         for p in policy.net.parameters():

@@ -195,6 +195,73 @@ def test_each_metrics_line_holds_the_statistics_of_that_iterations_rewards(tmp_p
         assert row["reward/group_std"] != pytest.approx(row["reward/std"], rel=1e-3)  # (the two differ here)
 
 
+def toy_update_inputs():
+    """A prepared toy policy (SGD, lr 0), and the inputs ppo_update takes: 2 groups of 4 rolled out with 4 SDE steps,
+    random advantages, each sample's own 2 of its 4 transitions (DanceGRPO's shuffle, fraction 0.6)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(cpu=True)
+    policy = tasks.toy2d_policy(keep_reference=False)
+    optimizer = policy.prepare(acc, torch.optim.SGD(policy.trainable_parameters(), lr=0.0))
+    cond, sigmas = policy.encode_prompts(["mode 1"] * 4 + ["mode 5"] * 4), policy.sigmas(4)
+    torch.manual_seed(0)
+    states, old_log_probs, _ = flow_grpo.sde_rollout(policy, policy.initial_noise(8), sigmas, cond, 0.7, "flow_grpo")
+    steps = flow_grpo.trained_steps(8, 4, 0.6, shuffle=True, generator=torch.Generator().manual_seed(1))
+    assert steps.shape == (8, 2)
+    with torch.no_grad():  # move off the rollout's weights, so the ratio is not 1 and the clip can act
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy, acc, optimizer, dict(states=states, old_log_probs=old_log_probs, advantages=torch.randn(8),
+                                        sigmas=sigmas, cond=cond, steps=steps)
+
+
+def update(policy, acc, optimizer, inputs, updates=1, micro_batch=0):
+    flow_grpo.ppo_update(policy, optimizer, acc, *inputs.values(), noise_level=0.7, variant="flow_grpo",
+                         clip_range=0.2, kl_beta=0.0, updates=updates, micro_batch=micro_batch, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 3])
+def test_an_update_step_takes_the_gradient_of_the_mean_loss_over_its_samples_and_their_trained_transitions(
+        monkeypatch, micro_batch):
+    """ppo_update weights each backward pass by len(micro-batch) / len(batch) / n_train: whatever the micro-batches
+    (3 + 3 + 2 of 8 here), the optimizer step sees the gradient of the mean PPO loss over the step's samples and
+    each one's trained transitions, computed here one transition of one sample at a time."""
+    policy, acc, optimizer, inputs = toy_update_inputs()
+    seen = []
+    monkeypatch.setattr(flow_grpo, "optimizer_step", lambda a, pol, opt, norm: seen.append(
+        [p.grad.clone() for p in policy.trainable_parameters()]) or opt.zero_grad() or torch.tensor(0.0))
+    update(policy, acc, optimizer, inputs, micro_batch=micro_batch)
+    states, old, adv, sigmas, cond, steps = inputs.values()
+    total = 0
+    for i in range(8):
+        for j in steps[i].tolist():
+            loss, _ = flow_grpo.sde_transition_loss(
+                policy, states[j, [i]], states[j + 1, [i]], sigmas[[j]], sigmas[[j + 1]], old[j, [i]], adv[[i]],
+                common.select(cond, [i]), 0.7, "flow_grpo", 0.2, 0.0)
+            total = total + loss / (8 * 2)
+    want = torch.autograd.grad(total, policy.trainable_parameters())
+    assert len(seen) == 1
+    for got, w in zip(seen[0], want):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-7)
+
+
+def test_the_optimizer_steps_of_an_update_split_the_samples_at_random(monkeypatch):
+    """--updates-per-iteration 2: each step trains a random half of the samples (Flow-GRPO shuffles the batch
+    before splitting it), every sample once per iteration; not always the first half first."""
+    policy, acc, optimizer, inputs = toy_update_inputs()
+    seen, halves = [], []
+    original = flow_grpo.sde_transition_loss
+    monkeypatch.setattr(flow_grpo, "sde_transition_loss", lambda *a: seen.extend(a[6].tolist()) or original(*a))
+    monkeypatch.setattr(flow_grpo, "optimizer_step", lambda a, pol, opt, norm: halves.append(
+        {inputs["advantages"].tolist().index(x) for x in seen}) or seen.clear() or torch.tensor(0.0))
+    for _ in range(4):
+        update(policy, acc, optimizer, inputs, updates=2)
+    assert all(len(h) == 4 and not h & halves[n ^ 1] for n, h in enumerate(halves[:2]))
+    assert {frozenset(h) for h in halves} != {frozenset(range(4)), frozenset(range(4, 8))}
+
+
 def test_bad_preset_and_model_are_clear_errors():
     with pytest.raises(SystemExit, match="--preset takes one of"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--preset", "nope"])

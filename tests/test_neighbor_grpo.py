@@ -142,6 +142,41 @@ def test_the_loop_reweights_with_the_quasi_norm_p_it_is_given(tmp_path, monkeypa
     assert not torch.allclose(groups.norm(dim=-1), torch.ones(len(groups)), rtol=1e-2, atol=1e-2)  # not p = 2
 
 
+def test_each_step_takes_the_gradient_of_the_mean_over_its_timesteps_and_anchors(tmp_path, monkeypatch):
+    """The backward weights (len(micro-batch) / (P B) / timesteps in the step): with K = 4 timesteps over 2 optimizer
+    steps and micro-batches of 5 anchors (of P B = 8 x 4), each step sees the gradient of the mean over its 2
+    timesteps of the mean over all anchors of the clipped objective, recomputed here pass by pass from each pass's
+    own inputs at the weights the step is about to change."""
+    calls, checked = [], []
+    recompute, surrogate, objective = ng.recompute_anchor, ng.surrogate_log_policy, ng.neighbor_grpo_loss
+    monkeypatch.setattr(ng, "recompute_anchor", lambda *a: (calls.append({"anchor": a[1:]})
+                                                            if torch.is_grad_enabled() else None) or recompute(*a))
+    monkeypatch.setattr(ng, "surrogate_log_policy", lambda *a: calls[-1].update(surrogate=a[1:]) or surrogate(*a))
+    monkeypatch.setattr(ng, "neighbor_grpo_loss", lambda *a: calls[-1].update(loss=a[1:]) or objective(*a))
+
+    def step(acc, policy, optimizer, max_grad_norm):
+        params = policy.trainable_parameters()
+        timesteps = {c["anchor"][-1] for c in calls}
+        total = 0
+        for c in calls:
+            anchor = recompute(policy, *c["anchor"])
+            loss, _ = objective(surrogate(anchor.unsqueeze(1), *c["surrogate"]), *c["loss"])
+            total = total + loss * len(c["anchor"][-2]) / (8 * 4) / len(timesteps)
+        assert len(timesteps) == 2 and sum(len(c["anchor"][-2]) for c in calls) == 2 * 8 * 4
+        for got, want in zip([p.grad for p in params], torch.autograd.grad(total, params)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+        checked.append(1)
+        calls.clear()
+        optimizer.zero_grad()
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(ng, "optimizer_step", step)
+    ng.main(["--iterations", "1", "--num-anchors", "4", "--num-train-timesteps", "4", "--updates-per-iteration", "2",
+             "--train-micro-batch-size", "5", "--eval-samples-per-prompt", "2", "--output-dir", str(tmp_path),
+             "--log-every", "0", "--save-weights", "false"])
+    assert checked == [1, 1]
+
+
 def test_the_clipped_objective_is_ppos_pessimistic_bound():
     """Away from ratio 1: loss = -mean over anchors of sum_i min(A_i rho_i, A_i clip(rho_i)). A candidate whose ratio
     already left [1 - eps, 1 + eps] in the direction its advantage asks for gets no gradient; every other candidate
