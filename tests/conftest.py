@@ -45,6 +45,16 @@ class GaussianPolicy(common.Policy):
         return x
 
 
+def cpu_accelerator():
+    """A single-process Accelerator on the CPU, with the precision and accumulation state an earlier test left in
+    this process forgotten first (accelerate keeps it process-wide; infra/run.py's Run does the same)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(cpu=True)
+
+
 @pytest.fixture
 def gaussian_policy():
     return GaussianPolicy()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import assert_trained
+from conftest import assert_trained, cpu_accelerator
 import flow_grpo
 from infra import diffusers_models, tasks
 from infra.args import parse_args
@@ -198,11 +198,7 @@ def test_each_metrics_line_holds_the_statistics_of_that_iterations_rewards(tmp_p
 def toy_update_inputs():
     """A prepared toy policy (SGD, lr 0), and the inputs ppo_update takes: 2 groups of 4 rolled out with 4 SDE steps,
     random advantages, each sample's own 2 of its 4 transitions (DanceGRPO's shuffle, fraction 0.6)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    acc = Accelerator(cpu=True)
+    acc = cpu_accelerator()
     policy = tasks.toy2d_policy(keep_reference=False)
     optimizer = policy.prepare(acc, torch.optim.SGD(policy.trainable_parameters(), lr=0.0))
     cond, sigmas = policy.encode_prompts(["mode 1"] * 4 + ["mode 5"] * 4), policy.sigmas(4)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+from conftest import cpu_accelerator
 from infra import distributed, rewards
 from infra import tasks
 import dgpo
@@ -68,8 +69,7 @@ def test_a_nan_reward_stops_the_run_and_leaves_the_last_checkpoint_intact(tmp_pa
 def test_a_nan_gradient_stops_before_the_optimizer_step():
     net = torch.nn.Linear(2, 1)
     policy = common.Policy(net)
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
+    acc = cpu_accelerator()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1.0)
     before = [p.detach().clone() for p in net.parameters()]
     net(torch.tensor([[float("nan"), 1.0]])).sum().backward()

@@ -1,18 +1,19 @@
 """infra/distributed.py's optimizer step, on one process: every step applies its own loss's gradient (the last step's
 is gone), clipped to --max-grad-norm, and returns that gradient's norm before clipping. The multi-process side
-(one all-reduce per step under DDP, DeepSpeed's boundary) is in tests/test_distributed.py and test_strategies.py."""
+(one all-reduce per step under DDP, DeepSpeed's boundary) is in tests/test_distributed.py and test_strategies.py;
+a NaN gradient norm stopping the step, in test_nonfinite.py."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import cpu_accelerator
 from infra import distributed
 
 
 def test_each_step_applies_its_own_clipped_gradient_and_returns_its_norm_before_clipping():
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
+    acc = cpu_accelerator()
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
     net, opt = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
