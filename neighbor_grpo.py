@@ -46,8 +46,7 @@ from infra.tasks import load_task
 @dataclass
 class Args(CommonArgs):
     # neighbourhood rollout
-    perturb_sigma: float = arg(0.3, "sigma of the initial-noise perturbation (paper's optimum 0.3)", min=0,
-                                max=1)
+    perturb_sigma: float = arg(0.3, "sigma of the initial-noise perturbation (paper's optimum 0.3)", min=0, max=1)
     rollout_solver: str = arg("dpm2m", "rollout ODE solver: 'dpm2m' (paper: DPM++) or 'euler'", choices=("dpm2m",
                               "euler"))
     # surrogate policy
