@@ -4,8 +4,8 @@ Precedence: the dataclass defaults < the preset (`--preset`, else the file's `pr
 `--model`) < the config file (its keys are the flag names, e.g. `learning_rate: 3e-4` or `learning-rate: 3e-4`) <
 the flags. Resuming (`--resume-from-checkpoint`) starts from the run's own config.json instead, and refuses flags
 that would change what the run computes. Every value is checked here, before anything is written: a bad one stops
-with one line naming the flag and what it takes. `--help` shows the flags with the values the chosen preset gives
-them, and every preset.
+with one line naming the flag and what it takes. `--help` shows the flags with their ranges and the values the
+chosen preset gives them, and every preset.
 """
 
 from __future__ import annotations
@@ -108,6 +108,23 @@ def check(field: dataclasses.Field, value):
         raise ValueError(f"{flag} must be at most {high}; got {value}")
     if below is not None and value >= below:
         raise ValueError(f"{flag} must be below {below}; got {value}")
+
+
+def value_range(field: dataclasses.Field) -> str:
+    """What --help says the field takes beyond its help text: its bounds ('x > 0', '0 <= x <= 1') and any choices
+    the help text does not already name; '' when none."""
+    m = field.metadata
+    low = f"{m['min']} <=" if m.get("min") is not None else f"{m['above']} <" if m.get("above") is not None else ""
+    high = f"<= {m['max']}" if m.get("max") is not None else f"< {m['below']}" if m.get("below") is not None else ""
+    if low and high:
+        return f"{low} x {high}"
+    if low:  # one-sided: 'x >= 1' reads better than '1 <= x'
+        bound, sign = low.split()
+        return f"x {sign.replace('<', '>')} {bound}"
+    if high:
+        return f"x {high}"
+    missing = [str(c) for c in m.get("choices") or () if str(c) not in m.get("help", "")]
+    return f"one of {', '.join(map(str, m['choices']))}" if missing else ""
 
 
 def check_together(args):
@@ -302,7 +319,8 @@ def print_help(args_cls, presets: dict, preset: str, given: dict, prog: str):
             kind, _ = _kind(f)
             negation = f" / --no-{f.name.replace('_', '-')}" if kind == "bool" else f" {kind.upper()}"
             head = f"  {_flag(f.name)}{negation}"
-            text = f"{f.metadata.get('help', '')} [{values[f.name]!r}]"
+            bounds = value_range(f)
+            text = f"{f.metadata.get('help', '')}{f'; {bounds}' if bounds else ''} [{values[f.name]!r}]"
             out += [head] + textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
         return out
 

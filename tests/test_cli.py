@@ -15,6 +15,7 @@ import pytest
 
 import dgpo
 import flow_grpo
+import neighbor_grpo
 from infra.args import parse_args
 from infra.run import OUTPUTS
 
@@ -238,6 +239,19 @@ def test_help_shows_hyphen_flags_the_presets_values_and_every_preset(capsys):
     with pytest.raises(SystemExit):
         parse("--preset", "dgpo-sd3", "--help")
     assert "[10.0]" in capsys.readouterr().out  # the paper preset's beta
+
+
+def test_help_shows_each_flags_range_as_the_parser_checks_it(capsys):
+    with pytest.raises(SystemExit):
+        parse("--help", module=neighbor_grpo)
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "(paper's optimum 0.3); 0 <= x <= 1 [0.3]" in text  # --perturb-sigma: min and max
+    assert "AdamW beta2; 0 <= x < 1 [0.999]" in text  # min and below
+    assert "gradient clipping norm; x > 0 [1.0]" in text  # above alone
+    assert "(a group needs 2 to have an advantage); x >= 2 [16]" in text  # min alone
+    assert "also log to 'tensorboard' or 'wandb' through accelerate's trackers; one of none, tensorboard, wandb" in text
+    assert "'efficient', 'cudnn' or 'math'; checked against math before training ['auto']" in text  # named already
+    assert "--seed INT seed; each process adds its rank for rollout noise [0]" in text  # no bounds, nothing added
 
 
 def test_a_toy_run_draws_its_picture_and_says_what_its_numbers_mean(tmp_path, capsys):
