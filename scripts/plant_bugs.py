@@ -2,6 +2,7 @@
 
     python scripts/plant_bugs.py            # each bug planted: every row must say "caught"
     python scripts/plant_bugs.py --clean    # the same tests on the unchanged copy: every row must say "passes"
+    python scripts/plant_bugs.py --only DGPO   # only the rows whose name contains "DGPO"
 
 Each row is one line of the code changed to a wrong formula that still runs (a sign, a sigma index, a
 flag ignored), and the test written for it (issue 19: these got through the suite before those tests existed).
@@ -230,17 +231,55 @@ BUGS = [
      "img = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]",
      "img = self.vae.decode(latents, return_dict=False)[0]",
      "tests/test_flux_pipeline.py::test_under_bf16_the_base_loads_in_bf16_and_the_text_encoders_are_let_go"),
+    # Round 13 (how each backward pass is weighted and what an optimizer step sees): these got through the
+    # algorithm tests.
+    ("Flow-GRPO's backward without the 1 / n_train", "flow_grpo.py",
+     "accelerator.backward(loss * len(mb) / len(batch) / n_train)", "accelerator.backward(loss * len(mb) / len(batch))",
+     "tests/test_flow_grpo.py::"
+     "test_an_update_step_takes_the_gradient_of_the_mean_loss_over_its_samples_and_their_trained_transitions"),
+    ("Flow-GRPO weights uneven micro-batches alike", "flow_grpo.py",
+     "accelerator.backward(loss * len(mb) / len(batch) / n_train)", "accelerator.backward(loss / len(micro) / n_train)",
+     "tests/test_flow_grpo.py::"
+     "test_an_update_step_takes_the_gradient_of_the_mean_loss_over_its_samples_and_their_trained_transitions"),
+    ("Flow-GRPO's optimizer steps split the samples in order", "flow_grpo.py",
+     "for batch in torch.randperm(batch_size, device=steps.device).chunk(updates):",
+     "for batch in torch.arange(batch_size, device=steps.device).chunk(updates):",
+     "tests/test_flow_grpo.py::test_the_optimizer_steps_of_an_update_split_the_samples_at_random"),
+    ("Flow-GRPO's logged approx_kl without its 0.5", "flow_grpo.py",
+     '"approx_kl": 0.5 * (log_ratio.detach() ** 2).mean().item()}',
+     '"approx_kl": (log_ratio.detach() ** 2).mean().item()}',
+     "tests/test_advantages.py::test_ppo_loss_matches_the_formula_and_its_gradient_has_the_sign_of_A"),
+    ("DGPO's backward without the 1 / M", "dgpo.py",
+     "acc.backward(loss * len(mb) / (P * G) / len(timesteps))", "acc.backward(loss * len(mb) / (P * G))",
+     "tests/test_dgpo.py::test_the_step_takes_the_gradient_of_the_mean_over_timesteps_of_the_whole_batchs_group_loss"),
+    ("DGPO draws a new group noise for every micro-batch", "dgpo.py",
+     "if mb[0] == 0:  # a new timestep", "if mb[0] >= 0:  # a new timestep",
+     "tests/test_dgpo.py::test_the_step_takes_the_gradient_of_the_mean_over_timesteps_of_the_whole_batchs_group_loss"),
+    ("DGPO updates theta_minus before the optimizer step", "dgpo.py",
+     "        grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)\n        theta_minus.update()\n",
+     "        theta_minus.update()\n        grad_norm = optimizer_step(acc, policy, optimizer, args.max_grad_norm)\n",
+     "tests/test_dgpo.py::test_one_optimizer_step_and_one_theta_minus_update_per_iteration"),
+    ("DGPO's KL summed over dimensions", "dgpo.py",
+     "kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()", "kl = (v - v_ref).pow(2).flatten(1).sum(1).mean()",
+     "tests/test_dgpo.py::test_the_kl_term_pulls_the_policy_toward_the_reference"),
+    ("Neighbor GRPO's backward without the 1 / (timesteps in the step)", "neighbor_grpo.py",
+     "acc.backward(loss * len(mb) / (P * B) / len(chunk_j))", "acc.backward(loss * len(mb) / (P * B))",
+     "tests/test_neighbor_grpo.py::test_each_step_takes_the_gradient_of_the_mean_over_its_timesteps_and_anchors"),
 ]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clean", action="store_true", help="plant nothing: the tests must pass on the copy")
-    clean = parser.parse_args().clean
+    parser.add_argument("--only", default="", help="only the rows whose planted bug's name contains this text")
+    cli = parser.parse_args()
+    clean, bugs = cli.clean, [bug for bug in BUGS if cli.only in bug[0]]
+    if not bugs:
+        sys.exit(f"no planted bug's name contains {cli.only!r}")
     print("| planted bug | test | result |\n| --- | --- | --- |", flush=True)
     wrong = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for name, file, correct, planted, test in BUGS:
+        for name, file, correct, planted, test in bugs:
             tree = Path(tmp) / "tree"
             shutil.rmtree(tree, ignore_errors=True)
             shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv*", ".cache", "runs", "results",
