@@ -18,7 +18,8 @@ reward. What is measured, per training iteration (the first is a warm-up and is 
 - FLOPs: one sample's forward, and forward + backward with the run's trainable parameters (LoRA or all), counted
   by torch.utils.flop_counter with attention on the math backend (so its matmuls are counted); an iteration's
   FLOPs = NFE_no_grad x forward + NFE_grad x (forward + backward). MFU = FLOPs / (seconds x the device's peak
-  dense bf16 FLOP/s). The FLOPs are those of the unmerged model whatever the run's levers (--compile counts the
+  dense bf16 FLOP/s). These are the model's FLOPs: gradient checkpointing's recomputed forwards are not counted
+  (they cost time, not useful work), so a checkpointed row's MFU is lower than its hardware utilisation. The FLOPs are those of the unmerged model whatever the run's levers (--compile counts the
   same FLOPs as eager, tested; --merge-lora-rollouts is not on while counting): a lever that saves work shows as time
   saved, not as FLOPs lost.
 - warm-up: the first iteration's seconds, left out of the medians; compilation (--compile) lands there and in the
@@ -228,13 +229,30 @@ def worker(config: str, name: str, out: Path, depth: tuple[int, int] | None, ext
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
 
+@contextlib.contextmanager
+def without_checkpointing(module: torch.nn.Module):
+    """Gradient checkpointing off inside (diffusers' models test `self.gradient_checkpointing` at each call), as it
+    was after."""
+    flagged = [(m, m.gradient_checkpointing) for m in module.modules() if hasattr(m, "gradient_checkpointing")]
+    for m, _ in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, was in flagged:
+            m.gradient_checkpointing = was
+
+
 def count_flops(policy) -> tuple[float, float]:
-    """FLOPs of one sample's transformer forward, and of forward + backward with the trainable parameters."""
+    """FLOPs of one sample's transformer forward, and of forward + backward with the trainable parameters: the
+    model's FLOPs, as MFU counts them. A run with gradient checkpointing computes each block's forward once more in
+    the backward pass; that recomputation is not counted (it would make MFU hardware-FLOP utilisation, about 1.33x
+    higher for the same work, and let a checkpointed row look better than an uncheckpointed one)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     x = policy.initial_noise(1)
     cond = policy.encode_prompts(["a photo of red"])
-    with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused():
+    with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused(), without_checkpointing(policy._unwrapped()):
         with torch.no_grad(), FlopCounterMode(display=False) as fwd:
             policy.velocity(x, 0.5, cond)
         with FlopCounterMode(display=False) as grad:

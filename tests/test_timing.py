@@ -53,6 +53,24 @@ def test_the_forward_flops_are_every_linear_layer_and_attention_call_counted_by_
     assert fwd == sum(by_hand)
 
 
+def test_mfu_counts_the_models_flops_not_gradient_checkpointings_recomputation():
+    """The full-depth rows run with --gradient-checkpointing: its recomputed forwards are time, not model FLOPs.
+    count_flops gives a checkpointed policy the plain one's FLOPs and leaves checkpointing on, whose backward, counted
+    as it trains, does recompute (about a third more FLOPs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    for rank in (0, 4):
+        plain = timing.count_flops(diffusers_models.build_tiny_flux(lora_rank=rank, seed=0))
+        policy = diffusers_models.build_tiny_flux(lora_rank=rank, seed=0)
+        policy.enable_gradient_checkpointing()
+        assert timing.count_flops(policy) == plain
+        x, cond = policy.initial_noise(1), policy.encode_prompts(["a photo of red"])
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as training:
+            policy.velocity(x, 0.5, cond).square().mean().backward()
+        assert training.get_total_flops() > 1.2 * plain[1]
+        assert all(m.gradient_checkpointing for m in policy.net.modules() if hasattr(m, "gradient_checkpointing"))
+
+
 def test_the_table_is_the_stated_arithmetic_over_the_steady_iterations():
     """TFLOP / it = NFE_no_grad x forward + NFE_grad x (forward + backward); MFU = that / (s / it x the device's dense
     bf16 peak); medians over the iterations the worker kept (it drops the first, the warm-up)."""
