@@ -102,7 +102,10 @@ CONFIGS = {
 CONFIGS["tiny"]["methods"] = CONFIGS["mid"]["methods"]
 SHARED_FLAGS = ["--model", "timing-flux", "--eval-samples-per-prompt", "1", "--eval-steps", "2", "--log-every", "0",
                 "--checkpoint-every", "0", "--no-save-weights"]
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}  # dense, SXM parts
+# Dense bf16 peaks (NVIDIA's data sheets, half the "with sparsity" figure); the first name the device's contains wins,
+# so the PCIe and NVL H100s, slower than the SXM part ("NVIDIA H100 80GB HBM3"), come before it
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0,
+                    "L40S": 362.0}
 
 
 def peak_tflops(device_name: str) -> float | None:

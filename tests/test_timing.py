@@ -85,6 +85,13 @@ def test_the_table_is_the_stated_arithmetic_over_the_steady_iterations():
     assert timing.median([3.0, 1.0, 2.0, 10.0]) == 2.5
 
 
+@pytest.mark.parametrize("device, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4),
+                                          ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                                          ("NVIDIA A100-SXM4-80GB", 312.0), ("cpu", None)])
+def test_each_devices_mfu_is_against_its_own_dense_bf16_peak(device, peak):
+    assert timing.peak_tflops(device) == peak
+
+
 def test_the_worker_measures_every_iteration_after_the_first_on_the_depth_asked_for(tmp_path):
     """What the table's medians are taken over: each iteration after the warm-up one, with its own forward and
     backward clocks (never more than the iteration), on a transformer of the depth asked for (the full-depth rows)."""
