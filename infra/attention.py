@@ -12,10 +12,13 @@ flash and memory-efficient attention passed every case (pytorch/pytorch#196678 r
 - Before the first training step `configure` runs the chosen kernel (with `auto`, each kernel it turns on) once, forward
   and backward, on random tensors of the model's head size, head count, sequence length and compute dtype, against the
   math kernel in fp32; a kernel that takes fp32 inputs is run in fp32 too, since the reward models call it in fp32,
-  at the model's shape and at each learned reward's own (CLIP-H: 16 heads x 80 over 257 tokens). A kernel that errors,
-  returns NaN or disagrees stops the run with one line that names a kernel that passed the same check.
-- Earlier still, as the run starts (`preselect`), a GPU gets the kernels asked for, unchecked: the text encoders
-  embed the prompts before the transformer exists to be checked, and under `auto` they too never run on cuDNN.
+  at the model's shape and at each learned reward's own (CLIP-H: 16 heads x 80 over 257 tokens; the text towers'
+  16 x 64 over 77 under their causal mask). A kernel that errors, returns NaN or disagrees stops the run with one
+  line that names a kernel that passed the same check.
+- Earlier still, as the run starts (`preselect`), a GPU gets the kernels asked for: the text encoders embed the
+  prompts before the transformer exists to be checked, and under `auto` they too never run on cuDNN. Before they
+  embed, `check_text_encoders` checks those kernels at the encoders' shapes with their masks (CLIP's causal one,
+  T5's position bias) in their dtype; one that fails is off while they embed (math serves those calls).
 - On the CPU nothing changes (PyTorch's own choice; cuDNN does not exist there) unless a backend is named.
 """
 
@@ -45,12 +48,27 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _masked(shape) -> str:
+    return f" ({shape.mask} mask)" if shape.mask else ""
+
+
+MASKS = ("", "causal", "bias")
+
+
 @dataclass(frozen=True)
 class AttentionShape:
-    """What a model's attention calls look like: heads, head size, and the joint (image + text) sequence length."""
+    """What a model's attention calls look like: heads, head size, the sequence length (FLUX and SD3: image + text
+    tokens), and the mask they pass: none (the transformers, the image towers), "causal" (CLIP's text towers, an
+    additive causal mask) or "bias" (T5's additive position bias, one per head). A kernel may be right without a mask
+    and wrong with one: the masked calls take other code paths, or another kernel altogether."""
     heads: int
     head_dim: int
     seq_len: int
+    mask: str = ""
+
+    def __str__(self):
+        return f"{self.heads} heads x {self.head_dim}, {self.seq_len} tokens" + (f", {self.mask} mask" if self.mask
+                                                                                 else "")
 
 
 def check_backend(name: str, shape: AttentionShape, dtype: torch.dtype, device, seed: int = 0) -> Optional[str]:
@@ -60,11 +78,17 @@ def check_backend(name: str, shape: AttentionShape, dtype: torch.dtype, device, 
     q, k, v = (torch.randn(1, shape.heads, shape.seq_len, shape.head_dim, generator=g).to(device, dtype)
                for _ in range(3))
     grad_out = torch.randn(1, shape.heads, shape.seq_len, shape.head_dim, generator=g).to(device, dtype)
+    assert shape.mask in MASKS, shape.mask
+    mask = None  # additive, in the inputs' dtype, as CLIP's and T5's attention pass it
+    if shape.mask == "causal":
+        mask = torch.full((shape.seq_len, shape.seq_len), float("-inf")).triu(1).view(1, 1, shape.seq_len, -1)
+    elif shape.mask == "bias":
+        mask = torch.randn(1, shape.heads, shape.seq_len, shape.seq_len, generator=g)
 
     def run(backend, dt):
         inputs = [t.detach().to(dt).requires_grad_(True) for t in (q, k, v)]
         with sdpa_kernel([backend]):
-            out = F.scaled_dot_product_attention(*inputs)
+            out = F.scaled_dot_product_attention(*inputs, attn_mask=None if mask is None else mask.to(device, dt))
         out.backward(grad_out.to(dt))
         return [out.detach().float()] + [t.grad.float() for t in inputs]
 
@@ -102,6 +126,33 @@ def preselect(requested: str, device):
         enable(set(AUTO_ORDER) if requested == "auto" else {requested})
 
 
+def check_text_encoders(requested: str, shapes: Sequence[AttentionShape], dtype: torch.dtype, device,
+                        log=print) -> list[str]:
+    """Before a pipeline's text encoders embed the prompts: each kernel `preselect` turned on is checked (as
+    `check_backend`) at each encoder's attention shape and mask (CLIP: causal; T5: its position bias) in the encoders'
+    dtype. One that fails is turned off while they embed, math serving those calls, and the line says so; one that
+    cannot take the inputs (flash, with a mask, on a GPU) leaves them to the next. `configure` sets the kernels again
+    for the transformer afterwards. Returns the kernels left on (besides math); nothing is checked on the CPU under
+    `auto`, where PyTorch chooses."""
+    if requested not in CHOICES or (requested == "auto" and torch.device(device).type != "cuda"):
+        return []
+    candidates = AUTO_ORDER if requested == "auto" else (requested,)
+    shapes = list(dict.fromkeys(shapes))
+    off = {}
+    for name in candidates:
+        for shape in shapes:
+            why = check_backend(name, shape, dtype, device)
+            if why is not None and not why.startswith(CANNOT_TAKE):
+                off[name] = f"{why} at {shape}"
+                break
+    passing = [n for n in candidates if n not in off]
+    enable(set(passing))
+    log(f"text encoders' attention: {', '.join(passing) or 'math'} (checked against the math kernel at "
+        f"{'; '.join(map(str, shapes))}, {_name(dtype)})"
+        + "".join(f"; {n} off while they embed: {why}" for n, why in off.items()))
+    return passing
+
+
 def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtype, device, log=print,
               reward_shapes: Sequence[AttentionShape] = ()) -> Optional[str]:
     """Choose, check and enable the attention kernel for a model with attention calls of `shape` computed in `dtype`
@@ -122,7 +173,7 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
     dtypes = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
     rewards = [s for s in dict.fromkeys(reward_shapes) if s != shape]  # the policy's shape is checked in fp32 anyway
     in_fp32 = ([] if dtype == torch.float32 else [(shape, "(the reward models' dtype)")]) + [
-        (s, f"at a reward model's {s.heads} heads x {s.head_dim}, {s.seq_len} tokens") for s in rewards]
+        (s, f"at a reward model's {s}") for s in rewards]
 
     def verdict(name):
         why = check_backend(name, shape, dtype, device)
@@ -143,7 +194,8 @@ def configure(requested: str, shape: Optional[AttentionShape], dtype: torch.dtyp
         off = "".join(f"; {n} off: {why}" for n, why in failures.items() if why is not None)
         log(f"attention: {name}{also} (checked against the math kernel: {shape.heads} heads x {shape.head_dim}, "
             f"{shape.seq_len} tokens, {' and '.join(_name(d) for d in dtypes)}, forward and backward"
-            f"{''.join(f'; {s.heads} x {s.head_dim}, {s.seq_len} tokens in float32' for s in rewards)}){off}")
+            f"{''.join(f'; {s.heads} x {s.head_dim}, {s.seq_len} tokens{_masked(s)} in float32' for s in rewards)})"
+            f"{off}")
         return name
     where = f"{torch.device(device)} ({shape.heads} heads x {shape.head_dim}, {shape.seq_len} tokens, {_name(dtype)})"
     tried = "; ".join(f"{n}: {why}" for n, why in failures.items())

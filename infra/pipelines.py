@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from infra import attention
+from infra.attention import AttentionShape
 from infra.pretrained import cached_model_path
 from infra.diffusers_models import FluxPolicy, SD3Policy
 
@@ -141,6 +143,16 @@ def pipeline_encoder(pipe, model: str, max_sequence_length: int, device):
     return encode
 
 
+def text_encoder_shape(encoder, max_sequence_length: int) -> AttentionShape:
+    """The attention calls of a pipeline's text encoder, for infra/attention.py's check: T5 (it has `d_kv`) over
+    `max_sequence_length` tokens with its additive position bias; CLIP over its 77 positions, causal."""
+    cfg = encoder.config
+    if hasattr(cfg, "d_kv"):
+        return AttentionShape(cfg.num_heads, cfg.d_kv, max_sequence_length, mask="bias")
+    return AttentionShape(cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads,
+                          cfg.max_position_embeddings, mask="causal")
+
+
 def build_pipeline_policy(args, train: list[str], evals: list[str], keep_reference: bool, device="cpu",
                           log=print):
     """FLUX.1-dev (`--model flux`) or SD3.5 (`--model sd3`) from `--pretrained` (a diffusers directory, or a hub
@@ -179,6 +191,9 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
             pipe = load(with_text_encoders=True)
             for name in encoders:
                 getattr(pipe, name).to(device)
+            attention.check_text_encoders(args.attention_backend, [text_encoder_shape(getattr(pipe, name),
+                                                                                      args.max_sequence_length)
+                                                                   for name in encoders], dtype, device, log)
             CachedTextEncoder.write(cache, prompts, pipeline_encoder(pipe, args.model, args.max_sequence_length,
                                                                      device))
             log(f"prompt embeddings: {len(prompts)} prompts embedded, cached in {cache}")

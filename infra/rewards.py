@@ -82,14 +82,14 @@ class CLIPScorer(nn.Module):
         self.image_size = model.config.vision_config.image_size
 
     def attention_shapes(self) -> list[AttentionShape]:
-        """The attention calls of its two towers (fp32): the image's patches and class token, the text's 77 tokens;
-        for infra/attention.py's kernel check. CLIP-L/14: 16 heads x 64 over 257 tokens; CLIP-H/14 (PickScore) 16 x
+        """The attention calls of its two towers (fp32): the image's patches and class token, the text's 77 tokens
+        under a causal mask; for infra/attention.py's kernel check. CLIP-L/14: 16 heads x 64 over 257 tokens; CLIP-H/14 (PickScore) 16 x
         80."""
         vision, text = self.model.config.vision_config, self.model.config.text_config
         return [AttentionShape(vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads,
                                (vision.image_size // vision.patch_size) ** 2 + 1),
                 AttentionShape(text.num_attention_heads, text.hidden_size // text.num_attention_heads,
-                               text.max_position_embeddings)]
+                               text.max_position_embeddings, mask="causal")]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -118,11 +118,11 @@ class HPSScorer(nn.Module):
 
     def attention_shapes(self) -> list[AttentionShape]:
         """open_clip's towers (torch's MultiheadAttention, fp32): ViT-H-14 is 16 heads x 80 over 257 tokens, its text
-        16 x 64 over 77."""
+        16 x 64 over 77 under a causal mask."""
         image, text = self.model.visual.transformer.resblocks[0].attn, self.model.transformer.resblocks[0].attn
         grid = self.model.visual.grid_size
         return [AttentionShape(image.num_heads, image.head_dim, grid[0] * grid[1] + 1),
-                AttentionShape(text.num_heads, text.head_dim, self.model.context_length)]
+                AttentionShape(text.num_heads, text.head_dim, self.model.context_length, mask="causal")]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -172,7 +172,7 @@ BUGS = [
      '           "dtype": str(dtype).removeprefix("torch.")}', '           }',
      "tests/test_prompt_cache.py::test_the_cache_is_keyed_by_everything_that_changes_the_embeddings"),
     ("the reward models' own attention shapes never checked", "infra/attention.py",
-     '{s.seq_len} tokens") for s in rewards]', '{s.seq_len} tokens") for s in []]',
+     '(s, f"at a reward model\'s {s}") for s in rewards]', '(s, f"at a reward model\'s {s}") for s in []]',
      "tests/test_attention.py::test_the_reward_models_shapes_are_checked_in_fp32_too"),
     ("the GPU smoke ignores what scripts/check_run.py says", "scripts/gpu_smoke.sh",
      '"${NAMES[@]/#/$OUT/}" || failed=1', '"${NAMES[@]/#/$OUT/}" || true',

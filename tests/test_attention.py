@@ -274,3 +274,115 @@ def test_a_run_checks_its_reward_models_shapes(tmp_path, monkeypatch):
     flow_grpo.main(["--model", "tiny-flux", "--iterations", "1", "--output-dir", str(tmp_path), "--log-every", "0",
                     "--eval-samples-per-prompt", "1", "--save-weights", "false"])
     assert got["reward_shapes"] == [clip_h]
+
+
+# ------------------------------------------------------------------------------------------------ masked calls
+CAUSAL = attention.AttentionShape(heads=2, head_dim=16, seq_len=40, mask="causal")
+BIAS = attention.AttentionShape(heads=2, head_dim=16, seq_len=40, mask="bias")
+
+
+def _mask_ignored(monkeypatch):
+    """Flash attention that drops the mask it is given wherever it is the only kernel allowed: right on unmasked
+    calls, wrong on every masked one."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        only_flash = torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+        return original(*args, **{**kwargs, "attn_mask": None}) if only_flash else original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_calls_are_checked_with_their_mask(monkeypatch, dtype):
+    """CLIP's text towers pass a causal mask, T5 its position bias: the check passes those masks to both kernels, so a
+    kernel that mishandles them fails where an unmasked check would pass."""
+    for shape in (CAUSAL, BIAS):
+        assert attention.check_backend("flash", shape, dtype, "cpu") is None
+    _mask_ignored(monkeypatch)
+    assert attention.check_backend("flash", SHAPE, dtype, "cpu") is None
+    for shape in (CAUSAL, BIAS):
+        assert attention.check_backend("flash", shape, dtype, "cpu").startswith("output differs from the math kernel")
+    assert str(BIAS) == "2 heads x 16, 40 tokens, bias mask" and str(SHAPE) == "2 heads x 16, 40 tokens"
+
+
+def test_the_text_encoders_kernels_are_checked_and_a_failing_one_is_off_while_they_embed(monkeypatch):
+    """On a GPU (the check's verdicts stand in for the kernels): every kernel preselect turned on is checked at every
+    encoder's shape in their dtype; a failing one is turned off (math serves), one that cannot take masked inputs
+    (flash on a GPU) stays on for the rest. Under auto on the CPU nothing is checked."""
+    t5 = attention.AttentionShape(heads=64, head_dim=64, seq_len=512, mask="bias")
+    asked, verdicts = [], {}
+    monkeypatch.setattr(attention, "check_backend", lambda name, shape, dtype, device: asked.append(
+        (name, shape, dtype)) or verdicts.get((name, shape)))
+    said = []
+    assert attention.check_text_encoders("auto", [CAUSAL, t5], torch.bfloat16, "cpu", log=said.append) == []
+    assert asked == [] and said == []
+    assert attention.check_text_encoders("auto", [CAUSAL, t5, CAUSAL], torch.bfloat16, "cuda", log=said.append) == \
+        ["flash", "efficient"]
+    assert asked == [(n, s, torch.bfloat16) for n in ("flash", "efficient") for s in (CAUSAL, t5)]
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert said[-1] == ("text encoders' attention: flash, efficient (checked against the math kernel at 2 heads x 16, "
+                        "40 tokens, causal mask; 64 heads x 64, 512 tokens, bias mask, bfloat16)")
+    verdicts.update({("flash", CAUSAL): "RuntimeError: No available kernel. Aborting execution.",
+                     ("efficient", t5): "non-finite output"})
+    assert attention.check_text_encoders("auto", [CAUSAL, t5], torch.bfloat16, "cuda", log=said.append) == ["flash"]
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert said[-1].endswith("; efficient off while they embed: non-finite output at 64 heads x 64, 512 tokens, bias "
+                             "mask")
+
+
+def test_a_named_kernel_that_mishandles_masks_does_not_embed_the_prompts(monkeypatch):
+    """With a kernel named (checked on the CPU too) that drops masks: it is off while the encoders embed."""
+    _mask_ignored(monkeypatch)
+    said = []
+    assert attention.check_text_encoders("flash", [BIAS], torch.float32, "cpu", log=said.append) == []
+    assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert "flash off while they embed: output differs from the math kernel" in said[-1]
+
+
+def test_a_pipeline_checks_its_text_encoders_kernels_at_the_calls_they_make_before_they_embed(tmp_path, monkeypatch):
+    """The tiny FLUX pipeline on disk, `--attention-backend flash`, and a flash kernel that drops the mask it is given
+    whenever it is on (PyTorch takes flash first): its T5 would embed without the position bias. The check, handed the
+    encoders' shapes (those of every call they then make, mask included), turns flash off before they embed, and the
+    cached embeddings are the pipeline's own."""
+    import flow_grpo
+    from diffusers import FluxPipeline
+    from infra.args import parse_args
+    from tiny_pipelines import save_tiny_flux_pipeline
+    pipeline_dir = save_tiny_flux_pipeline(tmp_path / "flux")
+    prompts = ["a photo of red", "a photo of blue"]
+    (tmp_path / "train.txt").write_text("\n".join(prompts) + "\n")
+    pipe = FluxPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    want, _, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
+
+    original, calls = F.scaled_dot_product_attention, []
+
+    def flash_first(q, k, v, attn_mask=None, **kw):
+        kind = "" if attn_mask is None and not kw.get("is_causal") else \
+            "bias" if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.shape[1] > 1 else "causal"
+        calls.append(attention.AttentionShape(q.shape[1], q.shape[-1], q.shape[-2], kind))
+        return original(q, k, v, attn_mask=None if torch.backends.cuda.flash_sdp_enabled() else attn_mask, **kw)
+
+    checked = []
+    check = attention.check_text_encoders
+    monkeypatch.setattr(attention, "check_text_encoders", lambda requested, shapes, *a, **k: checked.append(
+        (requested, list(shapes), len(calls))) or check(requested, shapes, *a, **k))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", flash_first)
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, [
+        "--preset", "tiny-flux", "--model", "flux", "--pretrained", str(pipeline_dir), "--max-sequence-length", "16",
+        "--train-prompts", str(tmp_path / "train.txt"), "--reward", "mean_color", "--attention-backend", "flash",
+        "--output-dir", str(tmp_path / "run")])
+    attention.enable({"flash"})  # what preselect leaves on a GPU
+    said = []
+    task = tasks.load_task(args, keep_reference=False, log=said.append)
+    (requested, shapes, calls_before), = checked
+    assert requested == "flash" and shapes == [attention.AttentionShape(2, 16, 77, "causal"),
+                                               attention.AttentionShape(4, 8, 16, "bias")]  # CLIP-L, then T5
+    encoding = calls[calls_before:]
+    assert encoding and all(any((c.heads, c.head_dim, c.mask) == (s.heads, s.head_dim, s.mask) and
+                                c.seq_len <= s.seq_len for s in shapes) for c in encoding)
+    assert {c.mask for c in encoding} == {"causal", "bias"}
+    assert any("flash off while they embed: output differs from the math kernel" in line for line in said)
+    torch.testing.assert_close(task.policy.encode_prompts(prompts)["prompt_embeds"], want)

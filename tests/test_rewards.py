@@ -147,12 +147,13 @@ def test_hps_score_equals_open_clips_own_preprocessing_and_features():
     assert ours.shape == (3,) and ours.abs().max() <= 1
     # the kernel check's shapes: width 32 in heads of 16 over 7 x 7 patches + the class token; the text's 77 tokens
     from infra.attention import AttentionShape
-    assert scorer.attention_shapes() == [AttentionShape(2, 16, 50), AttentionShape(2, 16, 77)]
+    assert scorer.attention_shapes() == [AttentionShape(2, 16, 50), AttentionShape(2, 16, 77, mask="causal")]
 
 
 def test_clip_rewards_report_the_attention_calls_they_make(tmp_path, monkeypatch):
     """The kernel check runs at the shapes a reward model's attention really takes: recorded from the calls of a
-    forward (the text tower pads to the longest prompt, so its calls are at most the 77 tokens checked)."""
+    forward (the text tower pads to the longest prompt, so its calls are at most the 77 tokens checked), with the
+    mask they pass (the text tower's is causal, the image tower's none)."""
     import torch.nn.functional as F
     from infra.attention import AttentionShape
     model, tokenizer = tiny_clip(tmp_path)
@@ -160,17 +161,19 @@ def test_clip_rewards_report_the_attention_calls_they_make(tmp_path, monkeypatch
     seen, sdpa = set(), F.scaled_dot_product_attention
 
     def recording(q, *a, **k):
-        seen.add((q.shape[1], q.shape[-1], q.shape[-2]))
+        masked = k.get("attn_mask") is not None or bool(k.get("is_causal"))
+        seen.add((q.shape[1], q.shape[-1], q.shape[-2], "causal" if masked else ""))
         return sdpa(q, *a, **k)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     scorer(torch.rand(2, 3, 64, 64), ["a red cat", "a dog"])
     image, text = scorer.attention_shapes()
     assert image == AttentionShape(heads=2, head_dim=16, seq_len=(224 // 32) ** 2 + 1)
-    assert (image.heads, image.head_dim, image.seq_len) in seen
-    text_calls = seen - {(image.heads, image.head_dim, image.seq_len)}
-    assert text_calls and all((h, d) == (text.heads, text.head_dim) and n <= text.seq_len == 77
-                              for h, d, n in text_calls)
+    assert (image.heads, image.head_dim, image.seq_len, "") in seen
+    text_calls = seen - {(image.heads, image.head_dim, image.seq_len, "")}
+    assert text_calls and all((h, d, m) == (text.heads, text.head_dim, text.mask) and n <= text.seq_len == 77
+                              for h, d, n, m in text_calls)
+    assert text.mask == "causal"
     # a weighted sum reports its learned parts' calls, once each; a programmatic reward none
     both = rewards.WeightedReward([(1.0, scorer), (0.5, scorer), (1.0, rewards.mean_color_reward)])
     assert rewards.attention_shapes(both) == [image, text]
