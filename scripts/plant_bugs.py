@@ -265,6 +265,18 @@ BUGS = [
     ("Neighbor GRPO's backward without the 1 / (timesteps in the step)", "neighbor_grpo.py",
      "acc.backward(loss * len(mb) / (P * B) / len(chunk_j))", "acc.backward(loss * len(mb) / (P * B))",
      "tests/test_neighbor_grpo.py::test_each_step_takes_the_gradient_of_the_mean_over_its_timesteps_and_anchors"),
+    # 2026-12-07: MFU without the recomputation, the attention check with masks, and the text encoders' kernels
+    ("MFU counts gradient checkpointing's recomputed forwards", "benchmarks/timing.py",
+     "with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused(), without_checkpointing(policy._unwrapped()):",
+     "with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused():",
+     "tests/test_timing.py::test_mfu_counts_the_models_flops_not_gradient_checkpointings_recomputation"),
+    ("the attention check leaves the mask out", "infra/attention.py",
+     "attn_mask=None if mask is None else mask.to(device, dt))", "attn_mask=None)",
+     "tests/test_attention.py::test_masked_calls_are_checked_with_their_mask"),
+    ("a kernel failing at the text encoders stays on while they embed", "infra/attention.py",
+     "    enable(set(passing))\n    log(f\"text encoders'", "    enable(set(candidates))\n    log(f\"text encoders'",
+     "tests/test_attention.py::"
+     "test_a_pipeline_checks_its_text_encoders_kernels_at_the_calls_they_make_before_they_embed"),
 ]
 
 
