@@ -32,7 +32,7 @@ import torch
 
 from common import (CommonArgs, arg, check_finite, euler_step, group_advantages, sample_ode, sde_step_with_logprob,
                     select)
-from infra.args import parse_args
+from infra.args import int_list, parse_args
 from infra.distributed import optimizer_step
 from infra.run import Run
 from infra.tasks import load_task
@@ -46,6 +46,9 @@ class Args(CommonArgs):
     noise_level: float = arg(0.7, "a of the one SDE step (Flow-GRPO formula)", above=0)
     adv_clip: float = arg(5.0, "clip of A_mix", above=0)
     clip_range: float = arg(1e-4, "PPO ratio clip eps", above=0)
+
+    def __post_init__(self):  # a bad schedule stops as the flags are parsed, with one line
+        parse_schedule(self)
 
 
 PRESETS = {
@@ -147,12 +150,17 @@ def singular_rollout(policy, prompts, sigmas, branch_steps, granularities, G: in
 
 
 def parse_schedule(args):
-    grans = [int(g) for g in args.granularities.split(",")]
-    steps = [int(k) for k in args.branch_steps.split(",")] if args.branch_steps else list(range(args.num_steps // 2))
-    if any(g < 1 for g in grans):
-        raise SystemExit(f"--granularities must be positive integers, got {args.granularities}")
-    if any(not 0 <= k < args.num_steps for k in steps):
-        raise SystemExit(f"--branch-steps must lie in [0, {args.num_steps}), got {args.branch_steps}")
+    """(M, Lambda): the branch steps and the granularities; a ValueError names the flag at fault."""
+    grans = int_list(args.granularities, "--granularities")
+    steps = int_list(args.branch_steps, "--branch-steps") if args.branch_steps else list(range(args.num_steps // 2))
+    if any(g < 1 for g in grans) or len(set(grans)) < len(grans):
+        raise ValueError(f"--granularities takes distinct positive integers; got {args.granularities!r}")
+    if any(not 0 <= k < args.num_steps for k in steps) or len(set(steps)) < len(steps):
+        raise ValueError(f"--branch-steps takes distinct steps in [0, {args.num_steps}) (--num-steps "
+                         f"{args.num_steps}); got {args.branch_steps!r}")
+    if not steps:
+        raise ValueError(f"--num-steps {args.num_steps} has no first half to branch in: give --branch-steps or more "
+                         f"steps")
     return steps, grans
 
 

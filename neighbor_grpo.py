@@ -67,6 +67,16 @@ class Args(CommonArgs):
                                            "one matrix product per layer instead of three; one more copy of the "
                                            "adapted weights' memory); unmeasured on a GPU, so off by default")
 
+    def __post_init__(self):  # checked as the flags are parsed: one line naming the flags at fault
+        if self.num_anchors > self.group_size:
+            raise ValueError(f"--num-anchors {self.num_anchors} must be at most --group-size {self.group_size}")
+        if self.num_train_timesteps > self.num_steps:
+            raise ValueError(f"--num-train-timesteps {self.num_train_timesteps} must be at most --num-steps "
+                             f"{self.num_steps}")
+        if self.updates_per_iteration > self.num_train_timesteps:
+            raise ValueError(f"--updates-per-iteration {self.updates_per_iteration} must be at most "
+                             f"--num-train-timesteps {self.num_train_timesteps} (each step trains its own timesteps)")
+
 
 PRESETS = {
     # The toy: G 16 neighbours x 8 prompts, 10 DPM++ steps, p 0.8, and every candidate an anchor at every step
@@ -167,10 +177,6 @@ def recompute_anchor(policy, states, sigmas, cond, rows, j):
 def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
     G, B, K = args.group_size, args.num_anchors, args.num_train_timesteps
-    if not 1 <= B <= G or not 1 <= K <= args.num_steps or args.updates_per_iteration > K:
-        raise SystemExit(f"need 1 <= num_anchors <= group_size, 1 <= num_train_timesteps <= num_steps and "
-                         f"updates_per_iteration <= num_train_timesteps (got B={B}, G={G}, K={K}, "
-                         f"N={args.num_steps}, U={args.updates_per_iteration})")
 
     # TRY NOT TO MODIFY: accelerator, seeding, model, optimizer
     run = Run(args, "neighbor_grpo")

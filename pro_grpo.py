@@ -31,7 +31,7 @@ import torch
 
 from common import (EMA, CommonArgs, arg, check_finite, gathered_group_advantages, mean_stats, sde_step_with_logprob,
                     select)
-from infra.args import parse_args
+from infra.args import int_list, parse_args
 from infra.distributed import accumulating, optimizer_step
 from infra.run import Run
 from infra.tasks import load_task
@@ -61,6 +61,9 @@ class Args(CommonArgs):
     train_micro_batch_size: int = arg(0, "samples per forward/backward (0: the whole minibatch); memory only", min=0)
     eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (the Flow-GRPO base's "
                                "train.ema: decay 0.9, every 8 optimizer steps)")
+
+    def __post_init__(self):  # a bad funnel stops as the flags are parsed, with one line
+        parse_funnel(self)
 
 
 PRESETS = {
@@ -175,14 +178,17 @@ def funnel_nfe(num_steps: int, group_sizes: list[int], prune_steps: list[int]) -
 
 
 def parse_funnel(args):
-    sizes = [int(g) for g in args.group_sizes.split(",")]
-    steps = [int(j) for j in args.prune_steps.split(",")] if args.prune_steps else []
+    """(group sizes G_max, ..., G_final; the pruning steps); a ValueError names the flag at fault."""
+    sizes = int_list(args.group_sizes, "--group-sizes")
+    steps = int_list(args.prune_steps, "--prune-steps") if args.prune_steps else []
     if len(sizes) != len(steps) + 1:
-        raise SystemExit(f"--group-sizes {args.group_sizes} needs one more entry than --prune-steps {args.prune_steps}")
+        raise ValueError(f"--group-sizes {args.group_sizes!r} needs one more entry than --prune-steps "
+                         f"{args.prune_steps!r}")
     if any(b > a for a, b in zip(sizes, sizes[1:])) or sizes[-1] < 2:
-        raise SystemExit(f"--group-sizes must not increase and must end at >= 2, got {args.group_sizes}")
+        raise ValueError(f"--group-sizes must not increase and must end at 2 or more; got {args.group_sizes!r}")
     if steps != sorted(set(steps)) or (steps and (steps[0] < 0 or steps[-1] >= args.num_steps)):
-        raise SystemExit(f"--prune-steps must be increasing steps in [0, {args.num_steps}), got {args.prune_steps}")
+        raise ValueError(f"--prune-steps takes increasing steps in [0, {args.num_steps}) (--num-steps "
+                         f"{args.num_steps}); got {args.prune_steps!r}")
     return sizes, steps
 
 

@@ -83,6 +83,14 @@ def convert(field: dataclasses.Field, value, flag: str):
     return str(value)
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers ('0,1,2'), as a ValueError naming `flag` if it is not one."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers such as '1,2'; got {text!r}") from None
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

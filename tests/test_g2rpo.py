@@ -135,10 +135,20 @@ def test_tiny_flux_trains_its_lora(tmp_path):
     assert s["nfe_train"] == 2 * 2 * 3  # 6 steps: branch at k = 0, 1, 2
 
 
-def test_bad_schedules_are_clear_errors():
-    for flags in (["--granularities", "0,1"], ["--branch-steps", "3,12"]):
-        with pytest.raises(SystemExit):
-            g2rpo.parse_schedule(parse_args(g2rpo.Args, g2rpo.PRESETS, flags))
+@pytest.mark.parametrize("flags, message", [
+    (["--granularities", "0,1"], "--granularities takes distinct positive integers; got '0,1'"),
+    (["--granularities", "1,1"], "--granularities takes distinct positive integers; got '1,1'"),
+    (["--granularities", "1,a"], "--granularities takes comma-separated integers such as '1,2'; got '1,a'"),
+    (["--branch-steps", "3,12"], "--branch-steps takes distinct steps in [0, 10) (--num-steps 10); got '3,12'"),
+    (["--branch-steps", "0,,1"], "--branch-steps takes comma-separated integers such as '1,2'; got '0,,1'"),
+    (["--num-steps", "1"], "--num-steps 1 has no first half to branch in: give --branch-steps or more steps"),
+])
+def test_a_bad_schedule_stops_at_parse_time_with_one_line(flags, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(g2rpo.Args, g2rpo.PRESETS, flags, prog="g2rpo.py")
+    assert str(e.value) == f"g2rpo.py: {message}"
+    assert g2rpo.parse_schedule(parse_args(g2rpo.Args, g2rpo.PRESETS, ["--branch-steps", "3,1", "--granularities",
+                                                                        "2,1"])) == ([3, 1], [2, 1])
 
 
 def test_the_ratio_is_exactly_one_at_the_first_update_of_an_iteration(tmp_path, monkeypatch):

@@ -248,6 +248,15 @@ def test_tiny_flux_trains_its_lora(tmp_path):
     assert s["nfe_train"] == 2 * 2 * 2 * 2  # 2 iterations x 2 groups x B 2 x K 2
 
 
-def test_bad_sizes_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="num_anchors"):
-        ng.main(["--num-anchors", "20", "--output-dir", str(tmp_path)])
+@pytest.mark.parametrize("flags, message", [
+    (["--num-anchors", "20"], "--num-anchors 20 must be at most --group-size 16"),
+    (["--num-train-timesteps", "11"], "--num-train-timesteps 11 must be at most --num-steps 10"),
+    (["--updates-per-iteration", "5", "--num-train-timesteps", "4"], "--updates-per-iteration 5 must be at most "
+                                                                     "--num-train-timesteps 4 (each step trains its "
+                                                                     "own timesteps)"),
+])
+def test_bad_sizes_stop_before_anything_is_written_with_one_line(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as e:
+        ng.main(flags + ["--output-dir", str(tmp_path / "run")])
+    assert str(e.value) == f"neighbor_grpo.py: {message}"
+    assert not (tmp_path / "run").exists()

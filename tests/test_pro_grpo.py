@@ -124,11 +124,23 @@ def test_no_expansion_no_pruning_is_the_baseline(tmp_path):
         torch.testing.assert_close(wa[k], wb[k])
 
 
-def test_bad_funnels_are_clear_errors():
-    for flags in (["--group-sizes", "8,16", "--prune-steps", "5"], ["--group-sizes", "16,8", "--prune-steps", "12"],
-                  ["--group-sizes", "16,8,4", "--prune-steps", "5"]):
-        with pytest.raises(SystemExit):
-            pro_grpo.parse_funnel(parse_args(pro_grpo.Args, pro_grpo.PRESETS, flags))
+@pytest.mark.parametrize("flags, message", [
+    (["--group-sizes", "8,16", "--prune-steps", "5"], "--group-sizes must not increase and must end at 2 or more; "
+                                                      "got '8,16'"),
+    (["--group-sizes", "16,8", "--prune-steps", "12"], "--prune-steps takes increasing steps in [0, 10) (--num-steps "
+                                                       "10); got '12'"),
+    (["--group-sizes", "16,8,4", "--prune-steps", "5"], "--group-sizes '16,8,4' needs one more entry than "
+                                                        "--prune-steps '5'"),
+    (["--group-sizes", "16,8", "--prune-steps", "five"], "--prune-steps takes comma-separated integers such as '1,2'; "
+                                                         "got 'five'"),
+])
+def test_a_bad_funnel_stops_at_parse_time_with_one_line(flags, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(pro_grpo.Args, pro_grpo.PRESETS, flags, prog="pro_grpo.py")
+    assert str(e.value) == f"pro_grpo.py: {message}"
+    assert pro_grpo.parse_funnel(parse_args(pro_grpo.Args, pro_grpo.PRESETS, ["--group-sizes", "16,8,4",
+                                                                              "--prune-steps", "2,5"])) == \
+        ([16, 8, 4], [2, 5])
 
 
 @pytest.mark.slow
