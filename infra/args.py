@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from infra.rewards import reward_names
-from infra.tasks import CUSTOM_MODELS, MODELS
+from infra.tasks import CUSTOM_MODELS, MODELS, read_prompts
 
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 # What a resumed run may change: where things are, how often it logs and saves, memory, speed, and how long it runs.
@@ -169,6 +169,11 @@ def check_together(args):
     for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
         if value is not None and not Path(value).is_file():
             raise ValueError(f"{flag} {value}: no such file")
+        if value is not None:  # read now: a bad line would otherwise stop the run after the model loads or pretrains
+            try:
+                read_prompts(value)
+            except SystemExit as e:
+                raise ValueError(f"{flag}: {e}") from None
     if args.fit_memory and args.gradient_checkpointing:
         raise ValueError("--fit-memory turns gradient checkpointing on when memory needs it: drop "
                          "--gradient-checkpointing")

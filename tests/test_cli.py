@@ -90,6 +90,22 @@ def test_every_bad_value_is_one_line_naming_the_flag(argv, message):
     assert message in text and "\n" not in text, text
 
 
+def test_a_bad_prompt_file_stops_at_parse_time_not_after_the_model_loads(tmp_path):
+    """The shapes base pretrains for minutes and FLUX loads for minutes: a prompt file's format is checked with the
+    flags, each problem as one line."""
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n')
+    (tmp_path / "prompts.csv").write_text("a cat\n")
+    for flag, name, message in [
+            ("--train-prompts", "empty.txt", f"--train-prompts: prompt file {tmp_path / 'empty.txt'} has no prompts"),
+            ("--eval-prompts", "bad.jsonl", f"--eval-prompts: {tmp_path / 'bad.jsonl'}:2: each line of a .jsonl "
+                                            f"prompt file must be a JSON object with a \"prompt\" field"),
+            ("--train-prompts", "prompts.csv", "use .txt (one prompt per line) or .jsonl")]:
+        with pytest.raises(SystemExit) as e:
+            parse("--model", "shapes", flag, str(tmp_path / name))
+        assert message in str(e.value) and str(e.value).startswith("dgpo.py: ") and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("script,flag,bad,message,edge", [
     # each would otherwise fail later with a traceback (sqrt of a negative, torch's "Invalid beta parameter") or run
     # silently wrong (an EMA that diverges, a fraction of transitions above all of them)
