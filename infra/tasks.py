@@ -135,40 +135,44 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     return task
 
 
+DEFAULT_REWARDS = {"toy2d": "toy_mode", "tiny-flux": "mean_color", "shapes": "geneval", "flux": "pickscore",
+                   "sd3": "pickscore"}
+
+
 def _build(args, keep_reference: bool, device="cpu", log=print) -> Task:
     if args.model in CUSTOM_MODELS:
         return CUSTOM_MODELS[args.model](args, keep_reference, device, log)
+    if args.model not in DEFAULT_REWARDS:
+        raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
+    # The reward first: a missing reward model (or its package) stops the run before minutes of model loading
+    reward = get_reward(args.reward or DEFAULT_REWARDS[args.model], device, args.reward_dir)
     if args.model == "toy2d":
         prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
-        return Task(toy2d_policy(keep_reference, device, log), get_reward(args.reward or "toy_mode", device,
-                    args.reward_dir), prompts, prompts, {"on_manifold": toy_on_manifold})
+        return Task(toy2d_policy(keep_reference, device, log), reward, prompts, prompts,
+                    {"on_manifold": toy_on_manifold})
     if args.model == "tiny-flux":
         policy = build_tiny_flux(resolution=args.resolution, guidance_scale=args.guidance_scale,
                                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
                                  device=device, seed=args.seed)
         colors = list(COLORS)
-        reward = get_reward(args.reward or "mean_color", device, args.reward_dir)
-        return Task(policy, reward, [f"a photo of {c}" for c in colors[:8]],
-                    [f"a photo of {c}" for c in colors[8:]])
+        return Task(policy, reward, [f"a photo of {c}" for c in colors[:8]], [f"a photo of {c}" for c in colors[8:]])
     if args.model == "shapes":
         from infra import shapes
         policy = shapes.build_shapes_flux(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                    keep_reference=keep_reference, device=device, log=log)
         train, held_out = shapes.split_prompts(shapes.SHAPES_BASE_CONFIG["eval_fraction"],
                                                shapes.SHAPES_BASE_CONFIG["split_seed"])
-        return Task(policy, get_reward(args.reward or "geneval", device, args.reward_dir), train, held_out,
+        return Task(policy, reward, train, held_out,
                     {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
-    if args.model in ("flux", "sd3"):
-        from infra.pipelines import build_pipeline_policy
-        if not args.train_prompts:
-            raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
-                             f"--eval-prompts)")
-        train = read_prompts(args.train_prompts)
-        evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
-        policy = build_pipeline_policy(args, train, evals, keep_reference, device, log)
-        return Task(policy, get_reward(args.reward or "pickscore", device, args.reward_dir), train, evals)
-    raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
+    from infra.pipelines import build_pipeline_policy  # flux, sd3
+    if not args.train_prompts:
+        raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
+                         f"--eval-prompts)")
+    train = read_prompts(args.train_prompts)
+    evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
+    policy = build_pipeline_policy(args, train, evals, keep_reference, device, log)
+    return Task(policy, reward, train, evals)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4):

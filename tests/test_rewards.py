@@ -121,6 +121,28 @@ def test_missing_weights_or_packages_say_what_to_fetch(tmp_path, name, names_mis
     assert "pip install" in str(e.value) or "hf download" in str(e.value) or "environment" in str(e.value)
 
 
+@pytest.mark.parametrize("model", ["shapes", "sd3"])
+def test_a_missing_reward_model_stops_the_run_before_the_model_loads(tmp_path, monkeypatch, model):
+    """The shapes base pretrains for minutes on a first run, FLUX and SD3 load for minutes: the reward loads first."""
+    from infra import pipelines, shapes, tasks
+    from infra.args import parse_args
+    import dgpo
+
+    def too_early(*a, **k):
+        raise AssertionError("the model was built before the reward was found")
+
+    monkeypatch.setattr(shapes, "build_shapes_flux", too_early)
+    monkeypatch.setattr(pipelines, "build_pipeline_policy", too_early)
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    flags = ["--model", model, "--reward", "pickscore", "--reward-dir", str(tmp_path / "rewards")]
+    if model == "sd3":
+        flags += ["--pretrained", str(tmp_path), "--train-prompts", str(tmp_path / "prompts.txt")]
+    args = parse_args(dgpo.Args, dgpo.PRESETS, flags)
+    with pytest.raises(SystemExit, match="PickScore weights: .* not found"):
+        tasks.load_task(args, keep_reference=True)
+
+
 def test_hps_score_equals_open_clips_own_preprocessing_and_features():
     """HPSv2's own scoring (its `score`: open_clip's validation transform on the saved image, the model's
     normalised features, their dot product) computed with open_clip itself, against HPSScorer on the decoded
