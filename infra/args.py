@@ -33,6 +33,17 @@ RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", 
              "memory_budget_gib", "pretrained", "reward_dir", "train_prompts", "eval_prompts"}
 
 
+# The shared flags a built-in model has no use for: given another value than the default, they stop the run
+MODEL_IGNORES = {
+    "toy2d": {"flags": ("resolution", "lora_rank", "lora_alpha", "guidance_scale", "max_sequence_length"),
+              "why": "a 2D flow model, all of it trained: no images, no LoRA, no guidance, no text encoder"},
+    "tiny-flux": {"flags": ("max_sequence_length",), "why": "its hash text encoder has 8 tokens"},
+    "shapes": {"flags": ("resolution", "guidance_scale", "max_sequence_length"),
+               "why": "its base was pretrained on 32 px images, without a guidance embedding, with its own text "
+                      "encoder"},
+}
+
+
 class ArgumentError(SystemExit):
     """A bad command line: the run stops with this one line on stderr (exit status 1), before anything is written."""
 
@@ -151,6 +162,9 @@ def check_together(args):
                 float(weight or 1)
             except ValueError:
                 raise ValueError(f"--reward: the weight of {name} must be a number, got {weight!r}") from None
+    for name in MODEL_IGNORES.get(args.model, {}).get("flags", ()):  # a value the model would silently ignore
+        if getattr(args, name) != next(f.default for f in dataclasses.fields(args) if f.name == name):
+            raise ValueError(f"{_flag(name)} is not used by --model {args.model}: {MODEL_IGNORES[args.model]['why']}")
     fetch = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3.5-medium"}.get(args.model)
     if fetch:
         if not args.pretrained:
@@ -174,6 +188,9 @@ def check_together(args):
                 read_prompts(value)
             except SystemExit as e:
                 raise ValueError(f"{flag}: {e}") from None
+    if getattr(args, "merge_lora_rollouts", False) and args.lora_rank == 0 and args.model in MODELS:
+        raise ValueError(f"--merge-lora-rollouts needs LoRA adapters to merge: --model tiny-flux, shapes, flux or sd3 "
+                         f"with --lora-rank > 0 (got --model {args.model} --lora-rank 0)")
     if args.fit_memory and args.gradient_checkpointing:
         raise ValueError("--fit-memory turns gradient checkpointing on when memory needs it: drop "
                          "--gradient-checkpointing")

@@ -124,9 +124,9 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
         if not hasattr(task.policy, "compile_blocks"):
             raise SystemExit(f"--compile compiles a diffusers transformer's blocks; --model {args.model} has none")
         task.policy.compile_blocks()
-    if getattr(args, "merge_lora_rollouts", False) and not task.policy._has_adapters():
-        raise SystemExit(f"--merge-lora-rollouts needs LoRA adapters to merge: --model tiny-flux, flux or sd3 with "
-                         f"--lora-rank > 0 (got --model {args.model} --lora-rank {args.lora_rank})")
+    if getattr(args, "merge_lora_rollouts", False) and not task.policy._has_adapters():  # (built-in models: parse)
+        raise SystemExit(f"--merge-lora-rollouts needs LoRA adapters to merge; the policy of --model {args.model} "
+                         f"has none (--lora-rank {args.lora_rank})")
     if args.train_prompts:
         task.train_prompts = read_prompts(args.train_prompts)
     if args.eval_prompts:

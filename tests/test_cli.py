@@ -90,6 +90,22 @@ def test_every_bad_value_is_one_line_naming_the_flag(argv, message):
     assert message in text and "\n" not in text, text
 
 
+@pytest.mark.parametrize("model, flag, value", [
+    ("toy2d", "--lora-rank", "8"), ("toy2d", "--lora-alpha", "4"), ("toy2d", "--resolution", "64"),
+    ("toy2d", "--guidance-scale", "7"), ("toy2d", "--max-sequence-length", "77"),
+    ("tiny-flux", "--max-sequence-length", "77"),
+    ("shapes", "--resolution", "64"), ("shapes", "--guidance-scale", "7"), ("shapes", "--max-sequence-length", "77"),
+])
+def test_a_flag_the_model_has_no_use_for_is_refused_not_ignored(model, flag, value):
+    """Given another value than the default, each of these would change nothing (the toy has no images, shapes
+    generates 32 px from its own base): a user asking for it would get a run that silently is not what was asked."""
+    with pytest.raises(SystemExit) as e:
+        parse("--model", model, flag, value)
+    assert str(e.value).startswith(f"dgpo.py: {flag} is not used by --model {model}: ") and "\n" not in str(e.value)
+    parse("--model", model, flag, str(getattr(dgpo.Args, flag[2:].replace("-", "_"))))  # the default is no request
+    assert parse("--model", "tiny-flux", "--lora-rank", "8", "--guidance-scale", "7").lora_rank == 8  # used there
+
+
 def test_a_bad_prompt_file_stops_at_parse_time_not_after_the_model_loads(tmp_path):
     """The shapes base pretrains for minutes and FLUX loads for minutes: a prompt file's format is checked with the
     flags, each problem as one line."""

@@ -2,6 +2,7 @@
 LoRA merged into the base weights for rollouts (`--merge-lora-rollouts`). Each must give the eager, unmerged
 model's numbers, leave the weights exactly as they were, and refuse what it cannot do."""
 
+import dataclasses
 import json
 
 import pytest
@@ -82,12 +83,19 @@ def test_lora_merged_refuses_gradients_and_the_reference():
 
 
 @pytest.mark.parametrize("script", [dgpo, neighbor_grpo])
-def test_merge_lora_rollouts_needs_lora(script, tmp_path):
+def test_merge_lora_rollouts_needs_lora(script, tmp_path, monkeypatch):
+    """Refused with the flags for the built-in models (FLUX loads for minutes); a registered model whose policy has
+    no adapters is refused once it is built."""
     for flags, match in ((["--model", "toy2d"], "got --model toy2d --lora-rank 0"),
                          (["--model", "tiny-flux", "--lora-rank", "0"], "got --model tiny-flux --lora-rank 0")):
-        args = parse_args(script.Args, script.PRESETS, [*flags, "--merge-lora-rollouts"])
         with pytest.raises(SystemExit, match=match):
-            tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+            parse_args(script.Args, script.PRESETS, [*flags, "--merge-lora-rollouts"])
+    monkeypatch.setitem(tasks.CUSTOM_MODELS, "toy-custom", lambda args, keep, device, log: tasks._build(
+        dataclasses.replace(args, model="toy2d", lora_rank=0), keep, device, log))
+    args = parse_args(script.Args, script.PRESETS, ["--model", "toy-custom", "--preset", "toy2d", "--lora-rank", "8",
+                                                    "--merge-lora-rollouts"])
+    with pytest.raises(SystemExit, match="the policy of --model toy-custom has none"):
+        tasks.load_task(args, keep_reference=False, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("script", [dgpo, neighbor_grpo])
