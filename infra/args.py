@@ -165,6 +165,10 @@ def check_together(args):
     for name in MODEL_IGNORES.get(args.model, {}).get("flags", ()):  # a value the model would silently ignore
         if getattr(args, name) != next(f.default for f in dataclasses.fields(args) if f.name == name):
             raise ValueError(f"{_flag(name)} is not used by --model {args.model}: {MODEL_IGNORES[args.model]['why']}")
+    multiple = {"flux": 16, "sd3": 16, "tiny-flux": 2}.get(args.model)  # the VAE's factor (8; tiny: 1) x 2x2 patches
+    if multiple and args.resolution % multiple:
+        raise ValueError(f"--resolution takes a multiple of {multiple} for --model {args.model} (its VAE's factor "
+                         f"times the transformer's 2x2 patches); got {args.resolution}")
     fetch = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3.5-medium"}.get(args.model)
     if fetch:
         if not args.pretrained:
