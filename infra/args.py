@@ -184,6 +184,15 @@ def check_together(args):
                     "not a diffusers pipeline directory (no model_index.json)")
             advice = f"; fetch them once with: hf download {fetch} --local-dir {args.pretrained}" if fetch else ""
             raise ValueError(f"--pretrained {args.pretrained}: {what}{advice}")
+        family = {"flux": "Flux", "sd3": "StableDiffusion3"}.get(args.model)
+        if looks_like_a_path and family:  # FLUX's loader takes an SD3 directory and fails later, in its text encoder
+            try:
+                pipeline = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise ValueError(f"--pretrained {args.pretrained}: model_index.json is not a JSON object") from None
+            if pipeline and family not in pipeline:
+                raise ValueError(f"--pretrained {args.pretrained} holds a {pipeline} (its model_index.json), not the "
+                                 f"{family} pipeline --model {args.model} loads")
     for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
         if value is not None and not Path(value).is_file():
             raise ValueError(f"{flag} {value}: no such file")

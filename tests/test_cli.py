@@ -109,6 +109,23 @@ def test_a_flag_the_model_has_no_use_for_is_refused_not_ignored(model, flag, val
     assert parse("--model", "tiny-flux", "--lora-rank", "8", "--guidance-scale", "7").lora_rank == 8  # used there
 
 
+def test_a_pipeline_directory_of_the_other_model_is_refused_with_the_flags(tmp_path):
+    """FluxPipeline.from_pretrained takes an SD3 directory and fails only later, in its text encoder (a traceback
+    after the whole pipeline loaded): the directory's model_index.json names its pipeline class."""
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    for model, preset, held, wanted in [("flux", "dgpo-sd3", "StableDiffusion3Pipeline", "Flux"),
+                                        ("sd3", "dgpo-sd3", "FluxPipeline", "StableDiffusion3")]:
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": held}))
+        with pytest.raises(SystemExit) as e:
+            parse("--preset", preset, "--model", model, "--pretrained", str(tmp_path), "--train-prompts",
+                  str(tmp_path / "prompts.txt"))
+        assert str(e.value) == (f"dgpo.py: --pretrained {tmp_path} holds a {held} (its model_index.json), not the "
+                                f"{wanted} pipeline --model {model} loads")
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": wanted + "Pipeline"}))
+        assert parse("--preset", preset, "--model", model, "--pretrained", str(tmp_path), "--train-prompts",
+                     str(tmp_path / "prompts.txt")).model == model
+
+
 def test_a_bad_prompt_file_stops_at_parse_time_not_after_the_model_loads(tmp_path):
     """The shapes base pretrains for minutes and FLUX loads for minutes: a prompt file's format is checked with the
     flags, each problem as one line."""
