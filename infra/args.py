@@ -194,13 +194,14 @@ def check_together(args):
                 raise ValueError(f"--pretrained {args.pretrained} holds a {pipeline} (its model_index.json), not the "
                                  f"{family} pipeline --model {args.model} loads")
     for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
-        if value is not None and not Path(value).is_file():
+        if value is None:
+            continue
+        if not Path(value).is_file():
             raise ValueError(f"{flag} {value}: no such file")
-        if value is not None:  # read now: a bad line would otherwise stop the run after the model loads or pretrains
-            try:
-                read_prompts(value)
-            except SystemExit as e:
-                raise ValueError(f"{flag}: {e}") from None
+        try:  # read now: a bad line would otherwise stop the run after the model loads or pretrains
+            read_prompts(value)
+        except SystemExit as e:
+            raise ValueError(f"{flag}: {e}") from None
     if getattr(args, "merge_lora_rollouts", False) and args.lora_rank == 0 and args.model in MODELS:
         raise ValueError(f"--merge-lora-rollouts needs LoRA adapters to merge: --model tiny-flux, shapes, flux or sd3 "
                          f"with --lora-rank > 0 (got --model {args.model} --lora-rank 0)")
