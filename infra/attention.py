@@ -79,16 +79,17 @@ def check_backend(name: str, shape: AttentionShape, dtype: torch.dtype, device, 
                for _ in range(3))
     grad_out = torch.randn(1, shape.heads, shape.seq_len, shape.head_dim, generator=g).to(device, dtype)
     assert shape.mask in MASKS, shape.mask
-    mask = None  # additive, in the inputs' dtype, as CLIP's and T5's attention pass it
+    mask = None  # additive, as CLIP's and T5's attention pass it; rounded to `dtype` like q, k, v
     if shape.mask == "causal":
         mask = torch.full((shape.seq_len, shape.seq_len), float("-inf")).triu(1).view(1, 1, shape.seq_len, -1)
     elif shape.mask == "bias":
         mask = torch.randn(1, shape.heads, shape.seq_len, shape.seq_len, generator=g)
+    mask = None if mask is None else mask.to(device, dtype)
 
     def run(backend, dt):
         inputs = [t.detach().to(dt).requires_grad_(True) for t in (q, k, v)]
         with sdpa_kernel([backend]):
-            out = F.scaled_dot_product_attention(*inputs, attn_mask=None if mask is None else mask.to(device, dt))
+            out = F.scaled_dot_product_attention(*inputs, attn_mask=None if mask is None else mask.to(dt))
         out.backward(grad_out.to(dt))
         return [out.detach().float()] + [t.grad.float() for t in inputs]
 

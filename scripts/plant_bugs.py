@@ -271,7 +271,7 @@ BUGS = [
      "with sdpa_kernel(SDPBackend.MATH), policy.nfe_paused():",
      "tests/test_timing.py::test_mfu_counts_the_models_flops_not_gradient_checkpointings_recomputation"),
     ("the attention check leaves the mask out", "infra/attention.py",
-     "attn_mask=None if mask is None else mask.to(device, dt))", "attn_mask=None)",
+     "attn_mask=None if mask is None else mask.to(dt))", "attn_mask=None)",
      "tests/test_attention.py::test_masked_calls_are_checked_with_their_mask"),
     ("a kernel failing at the text encoders stays on while they embed", "infra/attention.py",
      "    enable(set(passing))\n    log(f\"text encoders'", "    enable(set(candidates))\n    log(f\"text encoders'",
