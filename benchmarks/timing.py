@@ -19,9 +19,9 @@ reward. What is measured, per training iteration (the first is a warm-up and is 
   by torch.utils.flop_counter with attention on the math backend (so its matmuls are counted); an iteration's
   FLOPs = NFE_no_grad x forward + NFE_grad x (forward + backward). MFU = FLOPs / (seconds x the device's peak
   dense bf16 FLOP/s). These are the model's FLOPs: gradient checkpointing's recomputed forwards are not counted
-  (they cost time, not useful work), so a checkpointed row's MFU is lower than its hardware utilisation. The FLOPs are those of the unmerged model whatever the run's levers (--compile counts the
-  same FLOPs as eager, tested; --merge-lora-rollouts is not on while counting): a lever that saves work shows as time
-  saved, not as FLOPs lost.
+  (they cost time, not useful work), so a checkpointed row's MFU is lower than its hardware utilisation. The FLOPs
+  are those of the unmerged model whatever the run's levers (--compile counts the same FLOPs as eager, tested;
+  --merge-lora-rollouts is not on while counting): a lever that saves work shows as time saved, not as FLOPs lost.
 - warm-up: the first iteration's seconds, left out of the medians; compilation (--compile) lands there and in the
   evaluation before training.
 

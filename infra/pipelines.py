@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 
 from infra import attention
-from infra.attention import AttentionShape
 from infra.pretrained import cached_model_path
 from infra.diffusers_models import FluxPolicy, SD3Policy
 
@@ -143,14 +142,14 @@ def pipeline_encoder(pipe, model: str, max_sequence_length: int, device):
     return encode
 
 
-def text_encoder_shape(encoder, max_sequence_length: int) -> AttentionShape:
+def text_encoder_shape(encoder, max_sequence_length: int) -> attention.AttentionShape:
     """The attention calls of a pipeline's text encoder, for infra/attention.py's check: T5 (it has `d_kv`) over
     `max_sequence_length` tokens with its additive position bias; CLIP over its 77 positions, causal."""
     cfg = encoder.config
     if hasattr(cfg, "d_kv"):
-        return AttentionShape(cfg.num_heads, cfg.d_kv, max_sequence_length, mask="bias")
-    return AttentionShape(cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads,
-                          cfg.max_position_embeddings, mask="causal")
+        return attention.AttentionShape(cfg.num_heads, cfg.d_kv, max_sequence_length, mask="bias")
+    return attention.AttentionShape(cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads,
+                                    cfg.max_position_embeddings, mask="causal")
 
 
 def build_pipeline_policy(args, train: list[str], evals: list[str], keep_reference: bool, device="cpu",

@@ -83,8 +83,8 @@ class CLIPScorer(nn.Module):
 
     def attention_shapes(self) -> list[AttentionShape]:
         """The attention calls of its two towers (fp32): the image's patches and class token, the text's 77 tokens
-        under a causal mask; for infra/attention.py's kernel check. CLIP-L/14: 16 heads x 64 over 257 tokens; CLIP-H/14 (PickScore) 16 x
-        80."""
+        under a causal mask; for infra/attention.py's kernel check. CLIP-L/14: 16 heads x 64 over 257 tokens;
+        CLIP-H/14 (PickScore) 16 x 80."""
         vision, text = self.model.config.vision_config, self.model.config.text_config
         return [AttentionShape(vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads,
                                (vision.image_size // vision.patch_size) ** 2 + 1),

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -115,7 +115,9 @@ def toy2d_policy(keep_reference: bool = True, device="cpu", log=print) -> Toy2DP
 def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     """The model named by `--model` with its default prompts, training reward and quality metrics.
     `--train-prompts` / `--eval-prompts` files replace the default prompt sets."""
-    task = _build(args, keep_reference, device, log)
+    train = read_prompts(args.train_prompts) if args.train_prompts else None
+    evals = read_prompts(args.eval_prompts) if args.eval_prompts else None
+    task = _build(args, keep_reference, device, log, train, evals)
     if args.gradient_checkpointing:
         if not hasattr(task.policy, "enable_gradient_checkpointing"):
             raise SystemExit(f"--gradient-checkpointing needs a diffusers transformer; --model {args.model} has none")
@@ -127,10 +129,10 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     if getattr(args, "merge_lora_rollouts", False) and not task.policy._has_adapters():  # (built-in models: parse)
         raise SystemExit(f"--merge-lora-rollouts needs LoRA adapters to merge; the policy of --model {args.model} "
                          f"has none (--lora-rank {args.lora_rank})")
-    if args.train_prompts:
-        task.train_prompts = read_prompts(args.train_prompts)
-    if args.eval_prompts:
-        task.eval_prompts = read_prompts(args.eval_prompts)
+    if train:
+        task.train_prompts = train
+    if evals:
+        task.eval_prompts = evals
     log(f"prompts: {len(task.train_prompts)} train, {len(task.eval_prompts)} eval")
     return task
 
@@ -139,7 +141,9 @@ DEFAULT_REWARDS = {"toy2d": "toy_mode", "tiny-flux": "mean_color", "shapes": "ge
                    "sd3": "pickscore"}
 
 
-def _build(args, keep_reference: bool, device="cpu", log=print) -> Task:
+def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[list[str]] = None,
+           evals: Optional[list[str]] = None) -> Task:
+    """The model's task; `train` / `evals` are the prompt files' prompts, which FLUX and SD3 embed as they load."""
     if args.model in CUSTOM_MODELS:
         return CUSTOM_MODELS[args.model](args, keep_reference, device, log)
     if args.model not in DEFAULT_REWARDS:
@@ -166,11 +170,10 @@ def _build(args, keep_reference: bool, device="cpu", log=print) -> Task:
                     {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
     from infra.pipelines import build_pipeline_policy  # flux, sd3
-    if not args.train_prompts:
+    if train is None:
         raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
                          f"--eval-prompts)")
-    train = read_prompts(args.train_prompts)
-    evals = read_prompts(args.eval_prompts) if args.eval_prompts else train
+    evals = evals or train
     policy = build_pipeline_policy(args, train, evals, keep_reference, device, log)
     return Task(policy, reward, train, evals)
 

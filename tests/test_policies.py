@@ -259,7 +259,7 @@ def test_the_pretrained_toy_base_depends_on_its_config_alone(tmp_path, monkeypat
 
 def test_unknown_model_and_real_models_give_clear_errors():
     class A:
-        model, reward = "sdxl", None
+        model, reward, train_prompts, eval_prompts = "sdxl", None, None, None
     with pytest.raises(ValueError, match="available: toy2d, tiny-flux"):
         tasks.load_task(A, keep_reference=False)
 
