@@ -335,12 +335,47 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
         if changed:
             raise ArgumentError(prog, f"cannot resume {args.output_dir}: its run differs in {', '.join(changed)}; "
                                       f"leave them out to resume as it ran, or start a new run in another --output-dir")
+    if resume:
+        _check_resume_point(args, prog)
     return args
+
+
+def _run_dir(resume: str, output_dir: Optional[str]) -> Optional[Path]:
+    """The directory of the run a `--resume-from-checkpoint` continues (<run>/checkpoints/checkpoint-N)."""
+    return Path(output_dir) if output_dir else (Path(resume).resolve().parent.parent if resume != "latest" else None)
+
+
+def _check_resume_point(args, prog: str):
+    """A resumed run trains from its checkpoint up to --iterations, so it must have iterations left. `latest` of a
+    finished run is refused: it would train the iterations after the last checkpoint again (minutes each on FLUX)
+    and replace the summary with the same numbers."""
+    from infra.run import checkpoints
+    run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)
+    if run_dir is None:
+        return
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoints(run_dir)
+        summary = run_dir / "summary.json"
+        done = json.loads(summary.read_text()).get("iterations") if summary.is_file() else None
+        if done is not None and done >= args.iterations:
+            last = f"the last checkpoint, {found[-1].name}" if found else "its last checkpoint"
+            raise ArgumentError(prog, f"{run_dir} finished its {done} iterations (summary.json, weights in "
+                                      f"{run_dir / 'final'}): nothing to resume. To train longer, resume with "
+                                      f"--iterations above {done} (it continues from {last}); to start over, "
+                                      f"--overwrite")
+        point = found[-1] if found else None
+    else:
+        point = Path(args.resume_from_checkpoint)
+    trained = int(point.name.split("-")[1]) if point and point.name.split("-")[-1].isdigit() else None
+    if trained is not None and trained > args.iterations:
+        raise ArgumentError(prog, f"{point} has trained {trained} iterations, more than --iterations "
+                                  f"{args.iterations}: a resumed run trains up to --iterations, so pass {trained} or "
+                                  f"more (or resume an earlier checkpoint)")
 
 
 def _saved_config(resume: str, output_dir: Optional[str], prog: str) -> Optional[dict]:
     """The config.json of the run a `--resume-from-checkpoint` points at (None if that run has none)."""
-    run_dir = Path(output_dir) if output_dir else (Path(resume).resolve().parent.parent if resume != "latest" else None)
+    run_dir = _run_dir(resume, output_dir)
     if run_dir is None or not (run_dir / "config.json").is_file():
         return None
     saved = json.loads((run_dir / "config.json").read_text())

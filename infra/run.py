@@ -70,6 +70,12 @@ class Interrupted(SystemExit):
         return self.message
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """A run's complete checkpoint directories, oldest first (a half-written one is still `.partial`)."""
+    found = [p for p in (Path(out) / "checkpoints").glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -294,9 +300,7 @@ class Run:
             self._previous_sigint = None
 
     def _checkpoints(self) -> list[Path]:
-        """This run's complete checkpoint directories, oldest first (a half-written one is still `.partial`)."""
-        found = [p for p in (self.out / "checkpoints").glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return checkpoints(self.out)
 
     def _resolve_checkpoint(self, resume: str) -> Path:
         if resume == "latest":

@@ -277,6 +277,13 @@ BUGS = [
      "    enable(set(passing))\n    log(f\"text encoders'", "    enable(set(candidates))\n    log(f\"text encoders'",
      "tests/test_attention.py::"
      "test_a_pipeline_checks_its_text_encoders_kernels_at_the_calls_they_make_before_they_embed"),
+    # 2026-12-07 (second): a resume with no iterations left
+    ("`latest` of a finished run trains its last iterations again", "infra/args.py",
+     "if done is not None and done >= args.iterations:", "if done is not None and done > args.iterations:",
+     "tests/test_checkpoints.py::test_a_resume_needs_iterations_left"),
+    ("a checkpoint past --iterations is resumed, and the summary claims fewer iterations", "infra/args.py",
+     "if trained is not None and trained > args.iterations:", "if trained is not None and trained < 0:",
+     "tests/test_checkpoints.py::test_a_resume_needs_iterations_left"),
 ]
 
 

@@ -75,6 +75,26 @@ def test_resume_errors_are_clear(tmp_path):
                         "--iterations", "1"])
 
 
+def test_a_resume_needs_iterations_left(tmp_path):
+    flags = ["--iterations", "5", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
+             "--save-weights", "false", "--output-dir", str(tmp_path)]
+    first = flow_grpo.main(flags)
+    # `latest` of a finished run would train iterations 4 and 5 again and write the same summary over it
+    with pytest.raises(SystemExit, match=r"finished its 5 iterations .*nothing to resume.*--iterations above 5 "
+                                         r"\(it continues from the last checkpoint, checkpoint-4\)"):
+        flow_grpo.main(flags + ["--resume-from-checkpoint", "latest"])
+    # a checkpoint past --iterations: the run would end at once, its summary claiming fewer iterations than trained
+    with pytest.raises(SystemExit, match=r"checkpoint-4 has trained 4 iterations, more than --iterations 3"):
+        flow_grpo.main(flags[2:] + ["--iterations", "3", "--resume-from-checkpoint",
+                                    str(tmp_path / "checkpoints" / "checkpoint-4")])
+    assert json.loads((tmp_path / "summary.json").read_text()) == first  # the refusals wrote nothing
+    # training longer continues from checkpoint-4
+    longer = flow_grpo.main(flags[2:] + ["--iterations", "6", "--resume-from-checkpoint", "latest"])
+    assert longer["iterations"] == 6
+    assert [json.loads(l)["iteration"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
+        range(6))
+
+
 def test_latest_is_the_highest_iteration_not_the_last_name_in_alphabetical_order(tmp_path):
     # checkpoint-10 sorts before checkpoint-9 as text: pruning and `latest` must read the number
     flow_grpo.main(["--iterations", "12", "--checkpoint-every", "1", "--checkpoints-total-limit", "3", "--log-every",
@@ -82,6 +102,7 @@ def test_latest_is_the_highest_iteration_not_the_last_name_in_alphabetical_order
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "checkpoint-10", "checkpoint-11", "checkpoint-9"]
     (tmp_path / "checkpoints" / "checkpoint-12.partial").mkdir()  # an interrupted save is never `latest`
+    (tmp_path / "summary.json").unlink()  # as if the run had been cut before its end (a finished run is refused)
     flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(tmp_path), "--iterations", "12"])
     assert [json.loads(l)["iteration"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
         range(12))
@@ -97,6 +118,7 @@ def test_a_resumed_run_counts_the_time_spent_before_its_checkpoint(tmp_path):
     saved["progress"].update(elapsed=1000.0, eval_seconds=400.0)
     torch.save(saved, state_file)
     (tmp_path / "samples.png").unlink()
+    (tmp_path / "summary.json").unlink()  # as if the run had been cut after checkpoint-2
     resumed = flow_grpo.main(flags + ["--resume-from-checkpoint", "latest"])
     assert resumed["wall_seconds"] >= 1000
     assert resumed["wall_seconds"] - resumed["train_seconds"] >= 400  # the evaluation time: 400 + the "after" one

@@ -237,7 +237,10 @@ def test_resume_takes_the_runs_own_flags_and_refuses_ones_that_change_what_it_co
     (tmp_path / "cfg.yaml").write_text("learning_rate: 0.5\n")  # a config file changes what it computes too
     with pytest.raises(SystemExit, match=r"--learning-rate \(0.001 in the run, 0.5 now\)"):
         flow_grpo.main([str(tmp_path / "cfg.yaml"), "--resume-from-checkpoint", "latest", "--output-dir", str(out)])
-    # the run's own flags apply, none repeated: its 4 iterations (not the preset's 400) and its group of 4
+    # the run's own flags apply, none repeated: its 4 iterations (not the preset's 400), which it finished
+    with pytest.raises(SystemExit, match="finished its 4 iterations"):
+        flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out)])
+    (out / "summary.json").unlink()  # as if it had been cut after checkpoint-2
     s = flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(out)])
     assert s["iterations"] == 4
     # and it may run longer
