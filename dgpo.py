@@ -86,9 +86,11 @@ PRESETS = {
     # negatives are pushed off the ring (eval reward 0.29, on-manifold 0.44 after 150 iterations).
     "toy2d": dict(model="toy2d", iterations=600, num_steps=10, group_size=16, prompts_per_iteration=8,
                   learning_rate=1e-3, beta=1.0, num_train_timesteps=4, t_min=0.4, ema_start=50, log_every=50),
+    # The FLUX code path with random weights. No evaluation EMA: it updates every 8 optimizer steps, so after 4 the
+    # "after" evaluation and final/ would be the base weights.
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
                       lora_rank=8, learning_rate=1e-3, num_train_timesteps=2, t_min=0.5, eval_steps=6,
-                      eval_samples_per_prompt=2, log_every=1),
+                      eval_samples_per_prompt=2, log_every=1, eval_ema=False),
     "shapes": dict(model="shapes", iterations=40, num_steps=10, group_size=8, prompts_per_iteration=8,
                    lora_rank=16, learning_rate=3e-4, beta=100.0, num_train_timesteps=4, t_min=0.6, ema_start=20,
                    eval_steps=20, eval_samples_per_prompt=2, log_every=5),

@@ -93,9 +93,11 @@ PRESETS = {
                             shuffle_timesteps=True, same_noise_per_group=True, adv_std="group",
                             updates_per_iteration=3, eval_ema=False, group_size=16, prompts_per_iteration=8,
                             learning_rate=1e-3, clip_range=0.2, log_every=50),
-    # The FLUX code path with random weights: a smoke test of packing, guidance, LoRA and VAE decoding.
+    # The FLUX code path with random weights: a smoke test of packing, guidance, LoRA and VAE decoding. No evaluation
+    # EMA: it updates every 8 optimizer steps, so after 4 the "after" evaluation and final/ would be the base weights.
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_size=4, prompts_per_iteration=2,
-                      lora_rank=8, learning_rate=1e-3, eval_steps=6, eval_samples_per_prompt=2, log_every=1),
+                      lora_rank=8, learning_rate=1e-3, eval_steps=6, eval_samples_per_prompt=2, log_every=1,
+                      eval_ema=False),
     # The shapes task (infra/shapes.py): Flow-GRPO's SDE (a = 0.7) on all 10 steps, LoRA r16 on the small FLUX.
     "shapes": dict(model="shapes", iterations=40, num_steps=10, noise_level=0.7, group_size=8,
                    prompts_per_iteration=8, lora_rank=16, learning_rate=3e-4, clip_range=1e-3,

@@ -71,9 +71,11 @@ PRESETS = {
     # with `flow_grpo.py --group-size 8` (the unpruned group of the same final size) at the same budget.
     "toy2d": dict(model="toy2d", iterations=400, num_steps=10, group_sizes="32,16,8", prune_steps="5,7",
                   prompts_per_iteration=8, learning_rate=1e-3, clip_range=0.2, log_every=50),
+    # The FLUX code path with random weights. No evaluation EMA: it updates every 8 optimizer steps, so after 4 the
+    # "after" evaluation and final/ would be the base weights.
     "tiny-flux": dict(model="tiny-flux", iterations=4, num_steps=6, group_sizes="8,4,2", prune_steps="3,4",
                       prompts_per_iteration=2, lora_rank=8, learning_rate=1e-3, eval_steps=6,
-                      eval_samples_per_prompt=2, log_every=1),
+                      eval_samples_per_prompt=2, log_every=1, eval_ema=False),
     # Stops at 20 iterations: later the reward rises slowly while the quality metric falls (seed 0, trained weights:
     # reward 0.390 -> 0.458 at 20, 0.473 at 40; quality 0.602 -> 0.582, 0.562; docs/benchmarks.md, reward hacking).
     "shapes": dict(model="shapes", iterations=20, num_steps=10, group_sizes="32,16,8", prune_steps="5,7",

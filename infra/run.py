@@ -485,6 +485,11 @@ class Run:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.print(f"summary: {self.out / 'summary.json'}\n" + json.dumps(summary, indent=2))
             self.print(self._reading(before, after))
+            ema = self.eval_ema
+            if ema is not None and ema.steps < ema.every:  # a short run: the EMA still holds the base weights
+                self.print(f"note: the evaluation EMA updates every {ema.every} optimizer steps and this run took "
+                           f"{ema.steps}, so the 'after' evaluation{' and final/' if self.args.save_weights else ''} "
+                           f"are the base weights; --eval-ema false evaluates and saves the trained ones")
         if self.args.report_to != "none":
             self.accelerator.end_training()
         self._restore_sigint()

@@ -429,3 +429,15 @@ def test_rollout_batch_size_splits_the_model_calls_only():
     assert batches == [3, 3, 2] * 6
     for whole, chunked in zip(*runs):
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)  # float summation order only
+
+
+def test_a_run_too_short_to_update_the_evaluation_ema_says_that_it_evaluated_and_saved_the_base_weights(tmp_path,
+                                                                                                      capsys):
+    """The EMA updates every 8 optimizer steps: after 3 iterations of 2 it still holds the base weights, which the
+    "after" evaluation and final/ then are. The run says so; after 4 iterations it does not."""
+    short = run(tmp_path / "short", "--iterations", "3")
+    assert short["eval_reward_after"] == short["eval_reward_before"]
+    assert "the evaluation EMA updates every 8 optimizer steps and this run took 6" in capsys.readouterr().out
+    longer = run(tmp_path / "long", "--iterations", "4")
+    assert longer["eval_reward_after"] != longer["eval_reward_before"]
+    assert "evaluation EMA" not in capsys.readouterr().out
