@@ -39,6 +39,20 @@ SD35_MEDIUM_TRANSFORMER_CONFIG = dict(sample_size=128, patch_size=2, in_channels
                                       qk_norm="rms_norm")
 
 
+def pipeline_class(name: str):
+    """`diffusers.<name>` (FluxPipeline, StableDiffusion3Pipeline). Its import imports transformers' image processors,
+    which warn that torchvision is missing and to install it: the CPU torch of requirements.txt has no torchvision on
+    the package index (docs/testing.md), and no image processor runs here. Those warnings are left out."""
+    import diffusers
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return getattr(diffusers, name)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def transformer_blocks(net) -> list[torch.nn.Module]:
     """The transformer's blocks in call order: FLUX's double- then single-stream blocks, SD3's joint blocks."""
     return [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(net, name, [])]
@@ -187,8 +201,7 @@ class DiffusersPolicy(Policy):
         directory.mkdir(parents=True, exist_ok=True)
         model = self._unwrapped()
         if self._has_adapters():  # with the adapter's config: without its alpha, diffusers assumes alpha = rank
-            import diffusers
-            getattr(diffusers, self.pipeline_class).save_lora_weights(
+            pipeline_class(self.pipeline_class).save_lora_weights(
                 directory, transformer_lora_layers=lora_state_dict(state),
                 transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
         else:  # save_pretrained would read the (sharded) module itself; write the gathered state dict instead

@@ -21,7 +21,7 @@ import torch
 
 from infra import attention
 from infra.pretrained import cached_model_path
-from infra.diffusers_models import FluxPolicy, SD3Policy
+from infra.diffusers_models import FluxPolicy, SD3Policy, pipeline_class
 
 
 class CachedTextEncoder:
@@ -159,7 +159,6 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
     (`CachedTextEncoder`) and are released; once the cache exists they are not even loaded. The transformer is held
     in the mixed-precision dtype (bf16) with fp32 LoRA adapters, or in fp32 for full fine-tuning (AdamW needs fp32
     master weights)."""
-    import diffusers
     pipeline_name, policy_class, fetch = PIPELINES[args.model]
     fetch = f"{fetch}, then --pretrained <dir>"
     # parse_args checked --pretrained: given, and a pipeline directory if it is a path (~ expanded: a config file's
@@ -175,7 +174,7 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
 
     def load(with_text_encoders: bool):
         try:
-            return getattr(diffusers, pipeline_name).from_pretrained(
+            return pipeline_class(pipeline_name).from_pretrained(
                 where, dtype=dtype, local_files_only=offline,
                 **({} if with_text_encoders else {name: None for name in encoders}))
         except (OSError, ValueError, EnvironmentError) as e:

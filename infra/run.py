@@ -117,6 +117,8 @@ class Run:
         from datetime import timedelta
 
         from accelerate.utils import InitProcessGroupKwargs
+        if not torch.cuda.is_available():  # DeepSpeed, which accelerate imports when installed, else warns that it
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # found no GPU: say that it is the CPU
         # trackers write under <output_dir> (tensorboard: <output_dir>/<algorithm>/)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
                                        log_with=None if args.report_to == "none" else args.report_to,

@@ -182,6 +182,20 @@ def test_a_bad_value_writes_nothing_and_as_a_command_prints_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_a_cpu_run_of_the_flux_code_path_prints_no_third_party_warnings(tmp_path):
+    """DeepSpeed (which accelerate imports) warned that it found no GPU, and transformers' image processors (which
+    diffusers' FLUX pipeline imports to save LoRA weights) told the user to install a torchvision that does not
+    exist for this CPU torch. A fresh process: both warn once per process."""
+    proc = subprocess.run([sys.executable, "flow_grpo.py", "--model", "tiny-flux", "--iterations", "1",
+                           "--log-every", "0", "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").exists()  # the pipeline class ran
+    printed = proc.stdout + proc.stderr
+    for noise in ("WARNING", "torchvision", "unable to detect"):
+        assert noise not in printed, printed[-3000:]
+
+
 def test_a_start_that_fails_after_parsing_leaves_no_output_folder(tmp_path, monkeypatch):
     from infra import tasks
     monkeypatch.setattr(dgpo, "load_task", lambda *a, **k: (_ for _ in ()).throw(SystemExit("weights missing")))
