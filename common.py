@@ -583,7 +583,7 @@ class CommonArgs:
     model: str = arg("toy2d", "which model: toy2d, tiny-flux, shapes, flux (FLUX.1-dev), sd3 (SD3.5)")
     preset: Optional[str] = arg(None, "named setting (listed below); default: the one named after --model")
     iterations: int = arg(100, "RL iterations (rollout + update)", min=1)
-    seed: int = arg(0, "seed; each process adds its rank for rollout noise")
+    seed: int = arg(0, "seed; each process adds its rank for rollout noise", min=0, max=2**31 - 1)
     output_dir: Optional[str] = arg(None, "where metrics.jsonl, summary.json and weights go (default: a new "
                                           "runs/<script>_<model>_s<seed>_<time>/); one that holds a run is refused "
                                           "unless resumed (--resume-from-checkpoint) or --overwrite")
@@ -653,4 +653,5 @@ class CommonArgs:
     eval_solver: str = arg("euler", "evaluation ODE solver: 'euler' or 'dpm2m'", choices=("euler", "dpm2m"))
     eval_samples_per_prompt: int = arg(64, "evaluation samples per eval prompt", min=1)
     eval_batch_size: int = arg(0, "model-call batch during evaluation (0: all at once)", min=0)
-    eval_seed: int = arg(12345, "seed of the fixed evaluation noise (distinct from training seeds)")
+    eval_seed: int = arg(12345, "seed of the fixed evaluation noise (distinct from training seeds)", min=0,
+                         max=2**63 - 1)

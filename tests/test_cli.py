@@ -196,6 +196,15 @@ def test_a_cpu_run_of_the_flux_code_path_prints_no_third_party_warnings(tmp_path
         assert noise not in printed, printed[-3000:]
 
 
+def test_an_output_dir_that_cannot_be_a_directory_stops_the_run_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(flow_grpo, "load_task", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit, match="a_file is a file, not a directory"):
+        flow_grpo.main(["--output-dir", str(tmp_path / "a_file"), *QUICK])
+    with pytest.raises(SystemExit, match="cannot create or write in .*a_file"):
+        flow_grpo.main(["--output-dir", str(tmp_path / "a_file" / "run"), *QUICK])
+
+
 def test_a_start_that_fails_after_parsing_leaves_no_output_folder(tmp_path, monkeypatch):
     from infra import tasks
     monkeypatch.setattr(dgpo, "load_task", lambda *a, **k: (_ for _ in ()).throw(SystemExit("weights missing")))
@@ -320,7 +329,8 @@ def test_help_shows_each_flags_range_as_the_parser_checks_it(capsys):
     assert "(a group needs 2 to have an advantage); x >= 2 [16]" in text  # min alone
     assert "also log to 'tensorboard' or 'wandb' through accelerate's trackers; one of none, tensorboard, wandb" in text
     assert "'efficient', 'cudnn' or 'math'; checked against math before training ['auto']" in text  # named already
-    assert "--seed INT seed; each process adds its rank for rollout noise [0]" in text  # no bounds, nothing added
+    assert "--seed INT seed; each process adds its rank for rollout noise; 0 <= x <= 2147483647 [0]" in text
+    assert "instead of the model's default set [None]" in text  # --train-prompts: no bounds, nothing added
 
 
 def test_a_toy_run_draws_its_picture_and_says_what_its_numbers_mean(tmp_path, capsys):
