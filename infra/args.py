@@ -20,8 +20,8 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from infra.rewards import reward_names
-from infra.tasks import CUSTOM_MODELS, MODELS, read_prompts
+from infra.rewards import LEARNED_REWARDS, POINT_REWARDS, PROMPT_PARSERS, reward_names
+from infra.tasks import CUSTOM_MODELS, DEFAULT_REWARDS, MODELS, default_prompts, read_prompts
 
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 # What a resumed run may change: where things are, how often it logs and saves, memory, speed, and how long it runs.
@@ -100,6 +100,32 @@ def int_list(text: str, flag: str) -> list[int]:
         return [int(item) for item in text.split(",")]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated integers such as '1,2'; got {text!r}") from None
+
+
+def check_reward_fits(args):
+    """A built-in reward scores what the model makes (toy2d: 2D points; the others: images) and reads its prompts
+    (toy_mode: 'mode 3', mean_color: '... orange', geneval: 'a red circle left of a blue square'). Checked here: a
+    mismatch otherwise fails with a traceback in the first reward call, after the model loads."""
+    if args.model not in DEFAULT_REWARDS:  # a registered model: its own rewards
+        return
+    names = [item.partition(":")[0].strip() for item in (args.reward or DEFAULT_REWARDS[args.model]).split(",")]
+    for name in names:
+        points = name in POINT_REWARDS
+        if (args.model == "toy2d") != points and (points or name in PROMPT_PARSERS or name in LEARNED_REWARDS):
+            made = "2D points" if args.model == "toy2d" else "images"
+            raise ValueError(f"--reward {name} cannot score the {made} --model {args.model} makes: use "
+                             f"{DEFAULT_REWARDS[args.model] if args.model == 'toy2d' else 'an image reward'}")
+    defaults = default_prompts(args.model)
+    for flag, path, prompts in (("--train-prompts", args.train_prompts, defaults and defaults[0]),
+                                ("--eval-prompts", args.eval_prompts, defaults and defaults[1])):
+        where = f"the prompts of {flag} {path}" if path else f"the {args.model} prompts"
+        prompts = read_prompts(path) if path else prompts or []
+        for name in (n for n in names if n in PROMPT_PARSERS):
+            try:
+                for prompt in prompts:
+                    PROMPT_PARSERS[name](prompt)
+            except ValueError as e:
+                raise ValueError(f"--reward {name} cannot score {where}: {e}") from None
 
 
 def _flag(name: str) -> str:
@@ -202,6 +228,7 @@ def check_together(args):
             read_prompts(value)
         except SystemExit as e:
             raise ValueError(f"{flag}: {e}") from None
+    check_reward_fits(args)
     if getattr(args, "merge_lora_rollouts", False) and args.lora_rank == 0 and args.model in MODELS:
         raise ValueError(f"--merge-lora-rollouts needs LoRA adapters to merge: --model tiny-flux, shapes, flux or sd3 "
                          f"with --lora-rank > 0 (got --model {args.model} --lora-rank 0)")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import toy_mode_reward
+from common import parse_toy_prompt, toy_mode_reward
 from infra.attention import AttentionShape
 
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
@@ -27,12 +27,17 @@ COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1
           "orange": (1.0, 0.5, 0.0), "purple": (0.5, 0.0, 0.5), "gray": (0.5, 0.5, 0.5), "pink": (1.0, 0.75, 0.8)}
 
 
+def prompt_color(prompt: str) -> tuple[float, float, float]:
+    """The RGB of the colour a mean_color prompt ends in ('a photo of orange')."""
+    words = prompt.split()
+    if not words or words[-1] not in COLORS:
+        raise ValueError(f"mean_color prompts end in one of {sorted(COLORS)}; got {prompt!r}")
+    return COLORS[words[-1]]
+
+
 def mean_color_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """tiny-flux: `1 - |mean RGB - colour named by the prompt| / sqrt(3)`, in [0, 1]. Prompts end in a colour."""
-    try:
-        target = torch.tensor([COLORS[p.split()[-1]] for p in prompts], device=images.device)
-    except KeyError as e:
-        raise ValueError(f"mean_color prompts must end in one of {sorted(COLORS)}; got {e.args[0]!r}") from None
+    target = torch.tensor([prompt_color(p) for p in prompts], device=images.device)
     return 1 - (images.float().mean(dim=(2, 3)) - target).norm(dim=-1) / math.sqrt(3)
 
 
@@ -199,6 +204,18 @@ LEARNED_REWARDS: dict[str, Callable] = {"hpsv2": load_hpsv21, "pickscore": load_
 
 REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward,
                                 "geneval": geneval_reward}  # the programmatic rewards: no weights to load
+
+
+def _shapes_prompt(prompt: str):
+    from infra import shapes
+    return shapes.parse_prompt(prompt)
+
+
+# What the built-in programmatic rewards can score: toy_mode scores toy2d's 2D points, the others images; each
+# reads its prompts with a parser that raises ValueError on a prompt it cannot score. Checked with the flags.
+POINT_REWARDS = {"toy_mode"}
+PROMPT_PARSERS: dict[str, Callable[[str], object]] = {"toy_mode": parse_toy_prompt, "mean_color": prompt_color,
+                                                      "geneval": _shapes_prompt}
 
 
 def register_reward(name: str, fn: Callable):

@@ -141,6 +141,20 @@ DEFAULT_REWARDS = {"toy2d": "toy_mode", "tiny-flux": "mean_color", "shapes": "ge
                    "sd3": "pickscore"}
 
 
+def default_prompts(model: str) -> Optional[tuple[list[str], list[str]]]:
+    """A built-in model's (train, evaluation) prompts; None for FLUX and SD3, which take prompt files."""
+    if model == "toy2d":
+        prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
+        return prompts, prompts
+    if model == "tiny-flux":
+        colors = [f"a photo of {c}" for c in COLORS]
+        return colors[:8], colors[8:]
+    if model == "shapes":
+        from infra import shapes
+        return shapes.split_prompts(shapes.SHAPES_BASE_CONFIG["eval_fraction"], shapes.SHAPES_BASE_CONFIG["split_seed"])
+    return None
+
+
 def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[list[str]] = None,
            evals: Optional[list[str]] = None) -> Task:
     """The model's task; `train` / `evals` are the prompt files' prompts, which FLUX and SD3 embed as they load."""
@@ -151,22 +165,18 @@ def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[
     # The reward first: a missing reward model (or its package) stops the run before minutes of model loading
     reward = get_reward(args.reward or DEFAULT_REWARDS[args.model], device, args.reward_dir)
     if args.model == "toy2d":
-        prompts = [f"mode {i}" for i in range(TOY_NUM_MODES)]
-        return Task(toy2d_policy(keep_reference, device, log), reward, prompts, prompts,
+        return Task(toy2d_policy(keep_reference, device, log), reward, *default_prompts("toy2d"),
                     {"on_manifold": toy_on_manifold})
     if args.model == "tiny-flux":
         policy = build_tiny_flux(resolution=args.resolution, guidance_scale=args.guidance_scale,
                                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, keep_reference=keep_reference,
                                  device=device, seed=args.seed)
-        colors = list(COLORS)
-        return Task(policy, reward, [f"a photo of {c}" for c in colors[:8]], [f"a photo of {c}" for c in colors[8:]])
+        return Task(policy, reward, *default_prompts("tiny-flux"))
     if args.model == "shapes":
         from infra import shapes
         policy = shapes.build_shapes_flux(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                    keep_reference=keep_reference, device=device, log=log)
-        train, held_out = shapes.split_prompts(shapes.SHAPES_BASE_CONFIG["eval_fraction"],
-                                               shapes.SHAPES_BASE_CONFIG["split_seed"])
-        return Task(policy, reward, train, held_out,
+        return Task(policy, reward, *default_prompts("shapes"),
                     {"accuracy": lambda x, p: shapes.check(x, p)["accuracy"],
                      "quality": lambda x, p: shapes.check(x, p)["quality"]}, grid_prompts=shapes.grid_prompts())
     from infra.pipelines import build_pipeline_policy  # flux, sd3

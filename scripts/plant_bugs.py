@@ -125,7 +125,7 @@ BUGS = [
      'largest.append(min(match, key=lambda o: o["area"]) if match else None)',
      "tests/test_shapes.py::test_counts_are_exact_and_relations_read_the_largest_objects_on_their_dominant_axis"),
     ("tiny-flux evaluates on its training colours", "infra/tasks.py",
-     '[f"a photo of {c}" for c in colors[8:]])', '[f"a photo of {c}" for c in colors[:8]])',
+     "return colors[:8], colors[8:]", "return colors[:8], colors[:8]",
      "tests/test_shapes.py::test_tiny_flux_evaluates_on_colours_it_never_trains_on"),
     # A sixth round (28 planted in the command line, the attention check, the optimizer step and the memory plan).
     ("the attention check ignores the gradients", "infra/attention.py",
@@ -277,13 +277,16 @@ BUGS = [
      "    enable(set(passing))\n    log(f\"text encoders'", "    enable(set(candidates))\n    log(f\"text encoders'",
      "tests/test_attention.py::"
      "test_a_pipeline_checks_its_text_encoders_kernels_at_the_calls_they_make_before_they_embed"),
-    # 2026-12-07 (second): a resume with no iterations left
+    # 2026-12-07 (second session): a resume with no iterations left; a reward that cannot score the prompts
     ("`latest` of a finished run trains its last iterations again", "infra/args.py",
      "if done is not None and done >= args.iterations:", "if done is not None and done > args.iterations:",
      "tests/test_checkpoints.py::test_a_resume_needs_iterations_left"),
     ("a checkpoint past --iterations is resumed, and the summary claims fewer iterations", "infra/args.py",
      "if trained is not None and trained > args.iterations:", "if trained is not None and trained < 0:",
      "tests/test_checkpoints.py::test_a_resume_needs_iterations_left"),
+    ("the prompts are not checked against the reward's parser", "infra/args.py",
+     "                    PROMPT_PARSERS[name](prompt)", "                    str(prompt)",
+     "tests/test_cli.py::test_a_reward_that_cannot_score_the_models_samples_or_prompts_is_refused_with_the_flags"),
 ]
 
 

@@ -343,3 +343,32 @@ def test_a_toy_run_draws_its_picture_and_says_what_its_numbers_mean(tmp_path, ca
     out = capsys.readouterr().out
     assert "it 3/3" in out and "s/it" in out and "ETA" in out and "done" in out
     assert "the base model ignores the prompt and scores about 0.13" in out and "on_manifold" in out
+
+
+def test_a_reward_that_cannot_score_the_models_samples_or_prompts_is_refused_with_the_flags(tmp_path):
+    """Each of these failed with a traceback in the first reward call, after the model loaded (or pretrained)."""
+    (tmp_path / "mixed.txt").write_text("a red circle\nmode 3\n")
+    refused = {
+        ("--reward", "geneval"): "--reward geneval cannot score the 2D points --model toy2d makes: use toy_mode",
+        ("--reward", "pickscore"): "--reward pickscore cannot score the 2D points",
+        ("--model", "tiny-flux", "--reward", "toy_mode"): "--reward toy_mode cannot score the images --model tiny-flux",
+        ("--model", "tiny-flux", "--reward", "mean_color:1,geneval:0.5"):
+            "--reward geneval cannot score the tiny-flux prompts: not a shapes prompt: 'a photo of red'",
+        ("--model", "shapes", "--reward", "mean_color"):
+            "--reward mean_color cannot score the shapes prompts: mean_color prompts end in one of",
+        ("--model", "shapes", "--eval-prompts", str(tmp_path / "mixed.txt")):
+            f"--reward geneval cannot score the prompts of --eval-prompts {tmp_path / 'mixed.txt'}: not a shapes "
+            f"prompt: 'mode 3'",
+        ("--train-prompts", str(tmp_path / "mixed.txt")): "--reward toy_mode cannot score the prompts of "
+                                                          "--train-prompts",
+    }
+    for argv, message in refused.items():
+        with pytest.raises(SystemExit) as e:
+            parse(*argv)
+        assert message in str(e.value), (argv, str(e.value))
+    # what fits is accepted: every default pairing, a colour prompt file on tiny-flux, a weighted sum of image rewards
+    (tmp_path / "colours.txt").write_text("a photo of red\na car in orange\n")
+    for model in ("toy2d", "tiny-flux", "shapes"):
+        parse("--model", model)
+    parse("--model", "tiny-flux", "--train-prompts", str(tmp_path / "colours.txt"), "--reward", "mean_color:2")
+    parse("--model", "tiny-flux", "--reward", "mean_color,pickscore")  # pickscore's weights load later, not here
