@@ -7,7 +7,9 @@ nothing): config.json, metrics.jsonl (one line per iteration), summary.json, fin
 checkpoints/checkpoint-N/, and the pictures (samples_before/after.png for image tasks, samples.png for the toy).
 
 An --output-dir that holds a run is refused unless the run is resumed or --overwrite is given. Ctrl-C stops the
-run with one line: the iteration it reached, its last checkpoint and the command that resumes from it.
+run with one line: the iteration it reached, its last checkpoint and the command that resumes from it. SIGTERM (a
+scheduler's preemption or time limit) lets the iteration in progress finish, writes a checkpoint, then stops the same
+way, so a resumed run loses nothing.
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ def weight_fingerprint(state: dict[str, torch.Tensor], names: list[str]) -> torc
 
 
 class Interrupted(SystemExit):
-    """Ctrl-C: the run stops with one line (printed by the main process) and exit status 130."""
+    """Ctrl-C (exit status 130) or SIGTERM (143): the run stops with one line, printed by the main process."""
 
-    def __init__(self, message: str):
-        super().__init__(130)
+    def __init__(self, message: str, status: int = 130):
+        super().__init__(status)
         self.message = message
 
     def __str__(self):
@@ -98,10 +100,11 @@ class Run:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         self.args, self.algorithm = args, algorithm
-        handler = signal.getsignal(signal.SIGINT)  # an earlier run in this process that stopped without finishing
         on_main_thread = threading.current_thread() is threading.main_thread()
-        if isinstance(getattr(handler, "__self__", None), Run) and on_main_thread:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            handler = signal.getsignal(signum)  # an earlier run in this process that stopped without finishing
+            if isinstance(getattr(handler, "__self__", None), Run) and on_main_thread:
+                signal.signal(signum, default)
         resume = args.resume_from_checkpoint
         if args.output_dir is None and resume not in (None, "latest"):
             args.output_dir = str(Path(resume).resolve().parent.parent)  # <output_dir>/checkpoints/checkpoint-N
@@ -165,7 +168,8 @@ class Run:
                        "--nproc_per_node N")
         self.iteration = None  # the iteration in progress (None: before training)
         self.evaluating = None  # the label of the evaluation in progress
-        self._previous_sigint = None
+        self._previous_handlers = {}
+        self._terminating = False  # SIGTERM came: stop after the iteration in progress, with a checkpoint
         self.toy_samples = {}  # "before" / "after": the toy's evaluation samples, for samples.png
         self.memory_plan = None  # --fit-memory's plan, for summary.json
         self._attention_checked = False
@@ -206,7 +210,8 @@ class Run:
         self._configure_attention(task)
         self._write_config()
         if threading.current_thread() is threading.main_thread():  # Ctrl-C: one line, not a traceback
-            self._previous_sigint = signal.signal(signal.SIGINT, self._interrupted)
+            self._previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupted),
+                                       signal.SIGTERM: signal.signal(signal.SIGTERM, self._terminated)}
         if self.args.resume_from_checkpoint is None:
             self.before = self.evaluate(task, "before")
             return self.before
@@ -295,25 +300,40 @@ class Run:
 
     def _interrupted(self, signum, frame):
         """SIGINT: stop with one line, the iteration reached, the last checkpoint and how to resume."""
-        found = self._checkpoints()
         where = (f"at iteration {self.iteration} of {self.args.iterations}" if self.iteration is not None else
                  "before training")
+        self._stop(f"interrupted {where}", 128 + signum)
+
+    def _terminated(self, signum, frame):
+        """SIGTERM: in the training loop, finish the iteration and checkpoint it (end_iteration); before training or
+        in the final evaluation, stop at once as Ctrl-C does."""
+        if self.iteration is None or self.evaluating == "after":
+            return self._interrupted(signum, frame)
+        self._terminating = True
+        if self.is_main:
+            print(f"SIGTERM: finishing the iteration in progress ({self.iteration + 1} of {self.args.iterations}), "
+                  f"then a checkpoint", file=sys.stderr)
+
+    def _stop(self, what: str, status: int):
+        found = self._checkpoints()
         if found:
-            script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else f"{self.algorithm}.py"
+            script = Path(sys.argv[0]).name  # the script run (a copy may have another name); not pytest's
+            script = script if script.endswith(".py") and script != "__main__.py" else f"{self.algorithm}.py"
             then = (f"; last checkpoint {found[-1]}; resume: python {script} --resume-from-checkpoint latest "
                     f"--output-dir {self.out}")
         else:
             then = (f"; no checkpoint yet (one every --checkpoint-every {self.args.checkpoint_every} iterations), "
                     f"nothing to resume")
-        self._restore_sigint()
+        self._restore_signals()
         if self.is_main:
-            print(f"interrupted {where}{then}", file=sys.stderr)
-        raise Interrupted(f"interrupted {where}{then}")
+            print(f"{what}{then}", file=sys.stderr)
+        raise Interrupted(f"{what}{then}", status)
 
-    def _restore_sigint(self):
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore_signals(self):
+        """Give SIGINT and SIGTERM back to the handlers they had before the run."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def _checkpoints(self) -> list[Path]:
         return checkpoints(self.out)
@@ -440,8 +460,16 @@ class Run:
             if isinstance(v, (float, int, torch.Tensor)):
                 check_finite(k, v)
         every = self.args.checkpoint_every
-        if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
+        saved = every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations
+        if saved:
             self.save_checkpoint(iteration + 1)
+        stop = self._terminating
+        if self.accelerator.num_processes > 1:  # every process stops after the same iteration
+            stop = self.accelerator.reduce(torch.tensor(float(stop), device=self.device), reduction="sum").item() > 0
+        if stop:
+            if not saved:
+                self.save_checkpoint(iteration + 1)
+            self._stop(f"stopped by SIGTERM after {iteration + 1} of {self.args.iterations} iterations", 143)
 
     def log(self, iteration: int, metrics: dict):
         """One line of metrics.jsonl per iteration, a console line every `log_every`, and the trackers."""
@@ -508,5 +536,5 @@ class Run:
                            f"are the base weights; --eval-ema false evaluates and saves the trained ones")
         if self.args.report_to != "none":
             self.accelerator.end_training()
-        self._restore_sigint()
+        self._restore_signals()
         return summary

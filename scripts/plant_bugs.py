@@ -277,7 +277,8 @@ BUGS = [
      "    enable(set(passing))\n    log(f\"text encoders'", "    enable(set(candidates))\n    log(f\"text encoders'",
      "tests/test_attention.py::"
      "test_a_pipeline_checks_its_text_encoders_kernels_at_the_calls_they_make_before_they_embed"),
-    # 2026-12-07 (second session): a resume with no iterations left; a reward that cannot score the prompts
+    # 2026-12-07 (second session): a resume with no iterations left; a reward that cannot score the prompts;
+    # SIGTERM
     ("`latest` of a finished run trains its last iterations again", "infra/args.py",
      "if done is not None and done >= args.iterations:", "if done is not None and done > args.iterations:",
      "tests/test_checkpoints.py::test_a_resume_needs_iterations_left"),
@@ -287,6 +288,14 @@ BUGS = [
     ("the prompts are not checked against the reward's parser", "infra/args.py",
      "                    PROMPT_PARSERS[name](prompt)", "                    str(prompt)",
      "tests/test_cli.py::test_a_reward_that_cannot_score_the_models_samples_or_prompts_is_refused_with_the_flags"),
+    ("SIGTERM stops without a checkpoint of the finished iteration", "infra/run.py",
+     "            if not saved:\n                self.save_checkpoint(iteration + 1)\n", "            pass\n",
+     "tests/test_checkpoints.py::"
+     "test_sigterm_finishes_the_iteration_checkpoints_it_and_the_resumed_run_matches_an_uninterrupted_one"),
+    ("SIGTERM in the training loop stops at once, losing the iteration", "infra/run.py",
+     "        self._terminating = True\n", "        return self._interrupted(signum, frame)\n",
+     "tests/test_checkpoints.py::"
+     "test_sigterm_finishes_the_iteration_checkpoints_it_and_the_resumed_run_matches_an_uninterrupted_one"),
 ]
 
 

@@ -59,6 +59,34 @@ def main(out: Path):
         script.main(["--iterations", "1", "--output-dir", str(out / name), "--log-every", "0", "--checkpoint-every",
                      "0", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
     (out / f"rollout_noise_rank{rank}.json").write_text(json.dumps(rollout_noise))
+    common.Policy.initial_noise = original_noise
+    (out / f"sigterm_rank{rank}.json").write_text(json.dumps(sigterm_one_process(out, rank)))
+
+
+def sigterm_one_process(out: Path, rank: int) -> dict:
+    """SIGTERM reaches process 1 alone, during iteration 2 of 5: both processes must finish that iteration, write
+    checkpoint-2 together and stop (a process that went on alone would hang in the next collective)."""
+    import os
+    import signal
+
+    import flow_grpo
+    from infra import run
+    original = run.Run.begin_iteration
+
+    def begin(self, policy):
+        original(self, policy)
+        if rank == 1 and self.iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run.Run.begin_iteration = begin
+    try:
+        flow_grpo.main(["--iterations", "5", "--output-dir", str(out / "sigterm"), "--log-every", "0",
+                        "--checkpoint-every", "0", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+        return {"status": 0}
+    except run.Interrupted as e:
+        return {"status": e.code, "message": str(e)}
+    finally:
+        run.Run.begin_iteration = original
 
 
 def ddp_accumulation(acc):

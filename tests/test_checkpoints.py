@@ -1,6 +1,8 @@
 """Save, interrupt, resume: a resumed run continues exactly where an uninterrupted one would be."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -51,6 +53,51 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["iteration"], k)
     for k in ("eval_reward_before", "eval_reward_after", "nfe_rollout", "nfe_train", "on_manifold_after"):
         assert full[k] == pytest.approx(resumed[k], rel=1e-6), k
+
+
+def test_sigterm_finishes_the_iteration_checkpoints_it_and_the_resumed_run_matches_an_uninterrupted_one(
+        tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (preemption, time limit) during iteration 3 of 6, with no periodic checkpoints: the run
+    finishes iteration 3, writes checkpoint-3 and stops with exit status 143; resumed, it equals an uninterrupted
+    run."""
+    flags = ["--iterations", "6", "--checkpoint-every", "0", "--log-every", "0", "--seed", "5",
+             "--eval-samples-per-prompt", "2", "--save-weights", "false"]
+    full = flow_grpo.main(flags + ["--output-dir", str(tmp_path / "full")])
+    original = run.Run.begin_iteration
+
+    def sigterm_in_iteration_3(self, policy):
+        original(self, policy)
+        if self.iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(run.Run, "begin_iteration", sigterm_in_iteration_3)
+    with pytest.raises(run.Interrupted) as e:
+        flow_grpo.main(flags + ["--output-dir", str(tmp_path / "cut")])
+    assert e.value.code == 143
+    assert str(e.value) == (f"stopped by SIGTERM after 3 of 6 iterations; last checkpoint "
+                            f"{tmp_path / 'cut' / 'checkpoints' / 'checkpoint-3'}; resume: python "
+                            f"flow_grpo.py --resume-from-checkpoint latest --output-dir {tmp_path / 'cut'}")
+    assert len(metrics(tmp_path / "cut")) == 3 and not (tmp_path / "cut" / "summary.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
+    monkeypatch.setattr(run.Run, "begin_iteration", original)
+    resumed = flow_grpo.main(flags + ["--output-dir", str(tmp_path / "cut"), "--resume-from-checkpoint", "latest"])
+    for ra, rb in zip(metrics(tmp_path / "full"), metrics(tmp_path / "cut"), strict=True):
+        assert ra == pytest.approx(rb, rel=1e-5, abs=1e-7), ra["iteration"]
+    assert full["eval_reward_after"] == pytest.approx(resumed["eval_reward_after"], rel=1e-6)
+
+
+def test_sigterm_outside_the_training_loop_stops_at_once(tmp_path, monkeypatch):
+    original = run.evaluate
+
+    def sigterm_in_the_before_evaluation(task, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(task, *a, **k)
+
+    monkeypatch.setattr(run, "evaluate", sigterm_in_the_before_evaluation)
+    with pytest.raises(run.Interrupted) as e:
+        flow_grpo.main(["--iterations", "3", "--output-dir", str(tmp_path), "--log-every", "0"])
+    assert e.value.code == 143 and str(e.value).startswith("interrupted before training; no checkpoint yet")
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_checkpoints_are_pruned_and_hold_loadable_weights(tmp_path):

@@ -98,3 +98,12 @@ def test_every_script_completes_a_two_process_iteration(two_process_run, name, t
                                               "--eval-samples-per-prompt", "8"])  # the flags of dist_check.py
     assert one["num_processes"] == 1
     assert (summary["nfe_rollout"], summary["nfe_train"]) == (one["nfe_rollout"], one["nfe_train"])
+
+
+def test_sigterm_to_one_process_stops_every_process_after_the_same_iteration_with_a_checkpoint(two_process_run):
+    for rank in (0, 1):
+        got = json.loads((two_process_run / f"sigterm_rank{rank}.json").read_text())
+        assert got["status"] == 143, got
+        assert got["message"].startswith("stopped by SIGTERM after 2 of 5 iterations; last checkpoint "), got
+    assert [p.name for p in (two_process_run / "sigterm" / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert len((two_process_run / "sigterm" / "metrics.jsonl").read_text().splitlines()) == 2
