@@ -78,6 +78,11 @@ class Args(CommonArgs):
     eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (the official config's "
                                "train.ema: Flow-GRPO's EMAModuleWrapper, decay 0.9, every 8 optimizer steps)")
 
+    def __post_init__(self):  # checked as the flags are parsed (how many nodes lie above --t-min: once the model loads)
+        if self.num_train_timesteps > self.num_steps:
+            raise ValueError(f"--num-train-timesteps {self.num_train_timesteps} must be at most --num-steps "
+                             f"{self.num_steps} (the nodes of the rollout schedule it draws from)")
+
 
 PRESETS = {
     # The toy: G 16 x 8 prompts, 10 DPM-Solver++ steps, 4 timesteps per iteration from the 7 nodes t >= 0.4,

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -229,6 +230,13 @@ def check_together(args):
         except SystemExit as e:
             raise ValueError(f"{flag}: {e}") from None
     check_reward_fits(args)
+    if args.output_dir:  # before any model loads
+        out = Path(args.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output-dir {args.output_dir} is a file, not a directory")
+        existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--output-dir {args.output_dir}: cannot create or write in {existing}")
     if getattr(args, "merge_lora_rollouts", False) and args.lora_rank == 0 and args.model in MODELS:
         raise ValueError(f"--merge-lora-rollouts needs LoRA adapters to merge: --model tiny-flux, shapes, flux or sd3 "
                          f"with --lora-rank > 0 (got --model {args.model} --lora-rank 0)")

@@ -78,15 +78,6 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def writable_dir(out: Path):
-    """Stop with one line, before any model loads, when --output-dir cannot become a directory of this run's."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"--output-dir {out} is a file, not a directory: choose another --output-dir")
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"--output-dir {out}: cannot create or write in {existing}: choose another --output-dir")
-
-
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -112,7 +103,6 @@ class Run:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{algorithm}_{args.model}_s{args.seed}_{stamp}")
         self.out = Path(args.output_dir)
-        writable_dir(self.out)
         held = [name for name in OUTPUTS if (self.out / name).exists()]
         if held and resume is None and not args.overwrite:
             raise SystemExit(f"{self.out} holds a run ({', '.join(held)}): resume it with --resume-from-checkpoint "
@@ -278,7 +268,7 @@ class Run:
                 (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
                 if args.resume_from_checkpoint is None:
                     (self.out / "metrics.jsonl").write_text("")
-            except OSError as e:  # what writable_dir cannot see ahead (/proc, a read-only file system)
+            except OSError as e:  # what parse_args cannot see ahead (/proc, a read-only file system)
                 raise SystemExit(f"--output-dir {self.out}: {e.strerror} ({e.filename}): choose another "
                                  f"--output-dir") from None
         self.accelerator.wait_for_everyone()

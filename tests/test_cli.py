@@ -85,6 +85,9 @@ def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, message
     (["--model", "tiny-flux", "--resolution", "31"], "--resolution takes a multiple of 2 for --model tiny-flux"),
     (["--preset", "dgpo-sd3", "--resolution", "520"], "--resolution takes a multiple of 16 for --model sd3 (its VAE's "
                                                       "factor times the transformer's 2x2 patches); got 520"),
+    (["--num-steps", "2"], "--num-train-timesteps 4 must be at most --num-steps 2"),  # (parse's default module: dgpo)
+    (["--seed", "-1"], "--seed must be at least 0; got -1"),
+    (["--output-dir", __file__], f"--output-dir {__file__} is a file, not a directory"),
 ])
 def test_every_bad_value_is_one_line_naming_the_flag(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -203,6 +206,19 @@ def test_an_output_dir_that_cannot_be_a_directory_stops_the_run_before_the_model
         flow_grpo.main(["--output-dir", str(tmp_path / "a_file"), *QUICK])
     with pytest.raises(SystemExit, match="cannot create or write in .*a_file"):
         flow_grpo.main(["--output-dir", str(tmp_path / "a_file" / "run"), *QUICK])
+    # what only the first write finds (here: a directory made unwritable after the flags were parsed) is one line too
+    monkeypatch.undo()
+    from pathlib import Path
+    mkdir = Path.mkdir
+
+    def refused_mkdir(self, *a, **k):
+        if self == tmp_path / "run":
+            raise PermissionError(13, "Permission denied", str(self))
+        return mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refused_mkdir)
+    with pytest.raises(SystemExit, match=f"--output-dir {tmp_path / 'run'}: Permission denied"):
+        flow_grpo.main(["--output-dir", str(tmp_path / "run"), "--iterations", "1", *QUICK])
 
 
 def test_a_start_that_fails_after_parsing_leaves_no_output_folder(tmp_path, monkeypatch):
