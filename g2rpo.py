@@ -241,10 +241,10 @@ def main(argv=None):
             for key in ("clipfrac", "approx_kl"):
                 stats[key] += st[key] / len(branches)
 
-        # TRY NOT TO MODIFY: logging (the reward of the full-resolution completion, lam = Lambda[0])
+        # TRY NOT TO MODIFY: logging (the reward of the full-resolution completion, lam = Lambda[0]; the anchors')
         all_rewards = acc.gather(torch.stack([b["rewards"][0] for b in branches]).to(run.device))
-        run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm,
-                          **{"reward/anchor": task.reward_fn(policy.decode(anchor[-1]), prompts).mean()})
+        anchor_rewards = acc.gather(task.reward_fn(policy.decode(anchor[-1]), prompts).to(run.device))
+        run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm, **{"reward/anchor": anchor_rewards.mean()})
 
     after = run.evaluate(task, "after")
     return run.finish(task, before, after, branch_steps=branch_steps, granularities=granularities)
