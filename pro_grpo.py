@@ -327,8 +327,9 @@ def main(argv=None):
                                       updates=args.updates_per_iteration, micro_batch=args.train_micro_batch_size,
                                       max_grad_norm=args.max_grad_norm, eval_ema=eval_ema)
 
-        # TRY NOT TO MODIFY: logging
-        proxy_spread = {f"prune/proxy_group_std_{c}": p.std(dim=1).mean() for c, p in enumerate(proxies)}
+        # TRY NOT TO MODIFY: logging (the proxies' within-group spread at each pruning, over every process's groups)
+        proxy_spread = {f"prune/proxy_group_std_{c}": acc.gather(p.to(run.device)).std(dim=1).mean()
+                        for c, p in enumerate(proxies)}
         run.end_iteration(it, task, all_rewards, stats, grad_norm=grad_norm, **proxy_spread)
 
     after = run.evaluate(task, "after")  # the EMA's weights, when it is on
