@@ -381,12 +381,12 @@ class Run:
         toy_picture = self.args.model == "toy2d" and label in ("before", "after")  # samples.png at the end
         with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
             result = evaluate(task, self.args, keep_samples=toy_picture)
+            if task.grid_prompts and label in ("before", "after"):  # the picture of the weights evaluated
+                sample_grid(task, self.args, self.out / f"samples_{label}.png" if self.is_main else None)
         if toy_picture:
             result, samples, prompts = result
             self.toy_samples[label] = (samples, torch.tensor([parse_toy_prompt(p) for p in prompts]))
         self.evaluating = None
-        if task.grid_prompts and label in ("before", "after") and self.is_main:
-            sample_grid(task, self.args, self.out / f"samples_{label}.png")
         self.eval_seconds += time.time() - t0
         self.print(f"[eval {label}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result

@@ -45,22 +45,36 @@ def evaluate(task: Task, args, keep_samples: bool = False):
     generator = torch.Generator().manual_seed(args.eval_seed)
     noise = policy.initial_noise(len(prompts), generator)
     sigmas = policy.sigmas(args.eval_steps, args.shift)
+    # Several processes split the samples: each takes `share` in a row (the last process's tail padded with the last
+    # sample, so that every process makes the same model calls, as FSDP needs), then the results are gathered.
+    acc = policy.accelerator
+    world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    n = len(prompts)
+    share = -(-n // world)
+    mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
     rewards, metrics, kept = [], {k: [] for k in task.metrics}, []
-    chunk = args.eval_batch_size or len(prompts)
+    chunk = args.eval_batch_size or share
     with policy.nfe_paused():
-        for i in range(0, len(prompts), chunk):
-            p = prompts[i:i + chunk]
-            x0 = sample_ode(policy, noise[i:i + chunk], sigmas, policy.encode_prompts(p), solver=args.eval_solver)
+        for i in range(0, share, chunk):
+            rows = mine[i:i + chunk]
+            p = [prompts[r] for r in rows]
+            x0 = sample_ode(policy, noise[rows], sigmas, policy.encode_prompts(p), solver=args.eval_solver)
             samples = policy.decode(x0)
-            rewards.append(task.reward_fn(samples, p))
+            rewards.append(task.reward_fn(samples, p).float())
             for k, fn in task.metrics.items():
-                metrics[k].append(fn(samples, p))
+                metrics[k].append(fn(samples, p).float())
             if keep_samples:
-                kept.append(samples.cpu())
-    check_finite("evaluation reward", torch.cat(rewards))
-    out = {"reward": torch.cat(rewards).mean().item()}
-    out.update({k: torch.cat(v).mean().item() for k, v in metrics.items()})
-    return (out, torch.cat(kept), prompts) if keep_samples else out
+                kept.append(samples.float())
+
+    def everyone(parts: list[torch.Tensor]) -> torch.Tensor:  # every process's rows in sample order
+        mine = torch.cat(parts)
+        return mine.cpu() if world == 1 else acc.gather(mine.to(acc.device).contiguous()).cpu()[:n]
+
+    rewards = everyone(rewards)
+    check_finite("evaluation reward", rewards)
+    out = {"reward": rewards.mean().item()}
+    out.update({k: everyone(v).mean().item() for k, v in metrics.items()})
+    return (out, everyone(kept), prompts) if keep_samples else out
 
 
 MODELS = ("toy2d", "tiny-flux", "shapes", "flux", "sd3")  # flux / sd3: FLUX.1-dev / SD3.5 from --pretrained
@@ -207,13 +221,15 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4)
 
 
 @torch.no_grad()
-def sample_grid(task: Task, args, path: str | Path, per_prompt: int = 4):
+def sample_grid(task: Task, args, path: Optional[str | Path], per_prompt: int = 4):
     """Image tasks: a PNG of `task.grid_prompts` (one row each) x `per_prompt` fixed seeds, sampled with the
-    evaluation ODE, so the grids written before and after training show the same prompts and noise."""
+    evaluation ODE, so the grids written before and after training show the same prompts and noise. Every process
+    samples (a sharded model needs them all); the one given a `path` writes it."""
     policy = task.policy
     prompts = [p for p in task.grid_prompts for _ in range(per_prompt)]
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(args.eval_seed))
     with policy.nfe_paused():
         x0 = sample_ode(policy, noise, policy.sigmas(args.eval_steps, args.shift), policy.encode_prompts(prompts),
                         solver=args.eval_solver)
-    save_grid(policy.decode(x0), path, nrow=per_prompt)
+    if path is not None:
+        save_grid(policy.decode(x0), path, nrow=per_prompt)

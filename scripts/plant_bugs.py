@@ -225,7 +225,7 @@ BUGS = [
      "    sigmas = policy.sigmas(args.num_steps, args.shift)\n",
      "tests/test_policies.py::test_evaluation_is_the_plain_ode_at_eval_steps_from_eval_seed_noise_whatever_its_batch"),
     ("every evaluation chunk takes the first chunk's noise", "infra/tasks.py",
-     "x0 = sample_ode(policy, noise[i:i + chunk], sigmas,", "x0 = sample_ode(policy, noise[:len(p)], sigmas,",
+     "x0 = sample_ode(policy, noise[rows], sigmas,", "x0 = sample_ode(policy, noise[:len(p)], sigmas,",
      "tests/test_policies.py::test_evaluation_is_the_plain_ode_at_eval_steps_from_eval_seed_noise_whatever_its_batch"),
     ("the sampler's fp32 states handed to a bf16 VAE", "infra/diffusers_models.py",
      "img = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]",
@@ -288,6 +288,17 @@ BUGS = [
     ("the prompts are not checked against the reward's parser", "infra/args.py",
      "                    PROMPT_PARSERS[name](prompt)", "                    str(prompt)",
      "tests/test_cli.py::test_a_reward_that_cannot_score_the_models_samples_or_prompts_is_refused_with_the_flags"),
+    ("samples_after.png drawn from the live weights, not the evaluated EMA", "infra/run.py",
+     "            if task.grid_prompts and label in (\"before\", \"after\"):  # the picture of the weights evaluated\n"
+     "                sample_grid(",
+     "        if task.grid_prompts and label in (\"before\", \"after\"):  # the picture of the weights evaluated\n"
+     "            sample_grid(",
+     "tests/test_flow_grpo.py::test_the_after_picture_is_drawn_from_the_weights_evaluated_the_ema"),
+    ("every process evaluates the first share of the samples", "infra/tasks.py",
+     "mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]",
+     "mine = [min(i, n - 1) for i in range(0, share)]",
+     "tests/test_distributed.py::"
+     "test_an_evaluation_split_over_processes_equals_one_process_also_when_they_do_not_divide_it"),
     ("SIGTERM stops without a checkpoint of the finished iteration", "infra/run.py",
      "            if not saved:\n                self.save_checkpoint(iteration + 1)\n", "            pass\n",
      "tests/test_checkpoints.py::"

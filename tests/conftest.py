@@ -18,6 +18,14 @@ import common  # noqa: E402
 from infra import run  # noqa: E402
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now, for a torchrun rendezvous (a fixed one can still be held by the last)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class GaussianPolicy(common.Policy):
     """Data x0 ~ N(m, s0^2 I). Then x_s = (1-s) x0 + s eps is Gaussian and the flow's velocity is exact:
         var(s) = (1-s)^2 s0^2 + s^2,  r = x - (1-s) m

@@ -37,6 +37,7 @@ def main(out: Path):
     result["dgpo_grad_times_n"] = (local.grad * len(mine)).tolist()
     result["dgpo_index"] = mine.tolist()
     result.update(ddp_accumulation(acc))
+    result.update(sharded_evaluation(acc, out))
     (out / f"stats_rank{rank}.json").write_text(json.dumps(result))
 
     # every script, one iteration as a 2-process run; the first rollout noise each process draws (from the global
@@ -87,6 +88,24 @@ def sigterm_one_process(out: Path, rank: int) -> dict:
         return {"status": e.code, "message": str(e)}
     finally:
         run.Run.begin_iteration = original
+
+
+def sharded_evaluation(acc, out: Path) -> dict:
+    """The evaluation split over the 2 processes: 3 samples, so process 1 pads its share with the last one."""
+    import flow_grpo
+    from infra.args import parse_args
+    from infra.tasks import evaluate, load_task
+    (out / "three_prompts.txt").write_text("mode 0\nmode 5\nmode 2\n")
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-prompts", str(out / "three_prompts.txt"),
+                                                          "--eval-samples-per-prompt", "1", "--eval-batch-size", "1"])
+    task = load_task(args, keep_reference=False, log=lambda *a: None)
+    task.policy.accelerator = acc  # the evaluation splits its samples over the policy's accelerator's processes
+    rows, forward = [], task.policy._forward
+    task.policy._forward = lambda net, x, *a: rows.append(x.shape[0]) or forward(net, x, *a)
+    result, samples, prompts = evaluate(task, args, keep_samples=True)
+    return {"eval_reward": result["reward"], "eval_on_manifold": result["on_manifold"],
+            "eval_samples": samples.tolist(), "eval_prompts": prompts, "eval_model_rows": sum(rows),
+            "eval_steps": args.eval_steps}
 
 
 def ddp_accumulation(acc):

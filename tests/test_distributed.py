@@ -12,6 +12,7 @@ import torch
 
 import common
 import dgpo
+from conftest import free_port
 
 pytestmark = pytest.mark.slow  # subprocesses and training runs: the slow tier
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tests" / "dist_check.py"), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -98,6 +99,26 @@ def test_every_script_completes_a_two_process_iteration(two_process_run, name, t
                                               "--eval-samples-per-prompt", "8"])  # the flags of dist_check.py
     assert one["num_processes"] == 1
     assert (summary["nfe_rollout"], summary["nfe_train"]) == (one["nfe_rollout"], one["nfe_train"])
+    # the evaluation of the base model, split over the two processes, is the one process's
+    assert summary["eval_reward_before"] == pytest.approx(one["eval_reward_before"], abs=1e-6)
+    assert summary["on_manifold_before"] == pytest.approx(one["on_manifold_before"], abs=1e-6)
+
+
+def test_an_evaluation_split_over_processes_equals_one_process_also_when_they_do_not_divide_it(two_process_run):
+    from infra.tasks import evaluate, load_task
+    from infra.args import parse_args
+    import flow_grpo
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-prompts", str(two_process_run / "three_prompts.txt"),
+                                                          "--eval-samples-per-prompt", "1", "--eval-batch-size", "1"])
+    result, samples, prompts = evaluate(load_task(args, keep_reference=False, log=lambda *a: None), args,
+                                        keep_samples=True)
+    for rank in (0, 1):
+        stats = json.loads((two_process_run / f"stats_rank{rank}.json").read_text())
+        assert stats["eval_prompts"] == prompts == ["mode 0", "mode 5", "mode 2"]
+        torch.testing.assert_close(torch.tensor(stats["eval_samples"]), samples)  # 3 rows, in order: no padding
+        assert stats["eval_model_rows"] == 2 * stats["eval_steps"]  # each process sampled 2 of the 3 (1 padded)
+        assert stats["eval_reward"] == pytest.approx(result["reward"], abs=1e-6)
+        assert stats["eval_on_manifold"] == pytest.approx(result["on_manifold"], abs=1e-6)
 
 
 def test_sigterm_to_one_process_stops_every_process_after_the_same_iteration_with_a_checkpoint(two_process_run):

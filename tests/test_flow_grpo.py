@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import assert_trained, cpu_accelerator
+from conftest import assert_trained, cpu_accelerator, free_port
 import flow_grpo
 from infra import diffusers_models, tasks
 from infra.args import parse_args
@@ -275,7 +275,7 @@ def test_two_process_run_splits_the_batch_and_sums_nfe_over_processes(tmp_path):
     import sys
     from pathlib import Path
     root = Path(flow_grpo.__file__).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(root / "flow_grpo.py"), "--iterations", "2", "--output-dir", str(tmp_path), "--log-every", "0",
            "--save-weights", "false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -441,3 +441,35 @@ def test_a_run_too_short_to_update_the_evaluation_ema_says_that_it_evaluated_and
     longer = run(tmp_path / "long", "--iterations", "4")
     assert longer["eval_reward_after"] != longer["eval_reward_before"]
     assert "evaluation EMA" not in capsys.readouterr().out
+
+
+def test_the_after_picture_is_drawn_from_the_weights_evaluated_the_ema(tmp_path, monkeypatch):
+    """samples_after.png (image tasks) shows the weights the numbers and final/ come from: with the evaluation EMA,
+    the EMA's, not the live trained ones. (The toy stands in for an image task: its grid is recorded, not drawn.)"""
+    from pathlib import Path
+
+    from infra import run as run_module
+    drawn, captured = {}, {}
+    monkeypatch.setattr(run_module, "sample_grid", lambda task, args, path, per_prompt=4: drawn.update(
+        {Path(path).name: {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}}))
+    load_task = flow_grpo.load_task
+
+    def with_a_grid(*a, **k):
+        task = load_task(*a, **k)
+        task.grid_prompts = ["mode 0"]
+        return task
+
+    monkeypatch.setattr(flow_grpo, "load_task", with_a_grid)
+    finish = run_module.Run.finish
+
+    def capture(self, task, before, after, **extra):
+        names = [n for n, _ in task.policy.net.named_parameters()]
+        captured["ema"] = dict(zip(names, [s.clone() for s in self.eval_ema.shadow]))
+        captured["live"] = {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}
+        return finish(self, task, before, after, **extra)
+
+    monkeypatch.setattr(run_module.Run, "finish", capture)
+    run(tmp_path, "--iterations", "8")  # 16 optimizer steps: 2 EMA updates
+    after = drawn["samples_after.png"]
+    assert all(torch.equal(after[n], captured["ema"][n]) for n in after)
+    assert any(not torch.equal(after[n], captured["live"][n]) for n in after)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from tiny_pipelines import save_tiny_flux_pipeline
 
 pytestmark = pytest.mark.slow  # subprocesses and training runs: the slow tier
@@ -39,9 +40,9 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("strategies")
     pipeline = save_tiny_flux_pipeline(base / "FLUX.1-dev-tiny")
     out = {}
-    for port, strategy in zip((29545, 29546, 29547), STRATEGIES):
+    for strategy in STRATEGIES:
         out[strategy] = base / strategy
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(ROOT / "tests" / "strategies_check.py"), strategy, str(out[strategy]), str(pipeline)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
