@@ -54,6 +54,9 @@ def evaluate(task: Task, args, keep_samples: bool = False):
     mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
     rewards, metrics, kept = [], {k: [] for k in task.metrics}, []
     chunk = args.eval_batch_size or share
+    from tqdm.auto import tqdm  # a bar on a terminal (the main process's share), nothing in a log
+    bar = tqdm(total=share, desc=f"evaluation, {args.eval_steps} steps", unit="sample", leave=False,
+               disable=None if rank == 0 else True, dynamic_ncols=True)
     with policy.nfe_paused():
         for i in range(0, share, chunk):
             rows = mine[i:i + chunk]
@@ -65,6 +68,8 @@ def evaluate(task: Task, args, keep_samples: bool = False):
                 metrics[k].append(fn(samples, p).float())
             if keep_samples:
                 kept.append(samples.float())
+            bar.update(len(rows))
+    bar.close()
 
     def everyone(parts: list[torch.Tensor]) -> torch.Tensor:  # every process's rows in sample order
         mine = torch.cat(parts)
