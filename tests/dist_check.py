@@ -95,8 +95,9 @@ def sharded_evaluation(acc, out: Path) -> dict:
     import flow_grpo
     from infra.args import parse_args
     from infra.tasks import evaluate, load_task
-    (out / "three_prompts.txt").write_text("mode 0\nmode 5\nmode 2\n")
-    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-prompts", str(out / "three_prompts.txt"),
+    prompts = out / f"three_prompts_rank{acc.process_index}.txt"  # one file each: a reader never meets a half file
+    prompts.write_text("mode 0\nmode 5\nmode 2\n")
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-prompts", str(prompts),
                                                           "--eval-samples-per-prompt", "1", "--eval-batch-size", "1"])
     task = load_task(args, keep_reference=False, log=lambda *a: None)
     task.policy.accelerator = acc  # the evaluation splits its samples over the policy's accelerator's processes

@@ -108,7 +108,8 @@ def test_an_evaluation_split_over_processes_equals_one_process_also_when_they_do
     from infra.tasks import evaluate, load_task
     from infra.args import parse_args
     import flow_grpo
-    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-prompts", str(two_process_run / "three_prompts.txt"),
+    prompts_file = two_process_run / "three_prompts_rank0.txt"
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-prompts", str(prompts_file),
                                                           "--eval-samples-per-prompt", "1", "--eval-batch-size", "1"])
     result, samples, prompts = evaluate(load_task(args, keep_reference=False, log=lambda *a: None), args,
                                         keep_samples=True)
