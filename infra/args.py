@@ -401,7 +401,7 @@ def _check_resume_point(args, prog: str):
         point = found[-1] if found else None
     else:
         point = Path(args.resume_from_checkpoint)
-    trained = int(point.name.split("-")[1]) if point and point.name.split("-")[-1].isdigit() else None
+    trained = int(point.name.split("-")[-1]) if point and point.name.split("-")[-1].isdigit() else None
     if trained is not None and trained > args.iterations:
         raise ArgumentError(prog, f"{point} has trained {trained} iterations, more than --iterations "
                                   f"{args.iterations}: a resumed run trains up to --iterations, so pass {trained} or "

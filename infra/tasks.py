@@ -72,8 +72,8 @@ def evaluate(task: Task, args, keep_samples: bool = False):
     bar.close()
 
     def everyone(parts: list[torch.Tensor]) -> torch.Tensor:  # every process's rows in sample order
-        mine = torch.cat(parts)
-        return mine.cpu() if world == 1 else acc.gather(mine.to(acc.device).contiguous()).cpu()[:n]
+        local = torch.cat(parts)
+        return local.cpu() if world == 1 else acc.gather(local.to(acc.device).contiguous()).cpu()[:n]
 
     rewards = everyone(rewards)
     check_finite("evaluation reward", rewards)
