@@ -103,10 +103,11 @@ def int_list(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag} takes comma-separated integers such as '1,2'; got {text!r}") from None
 
 
-def check_reward_fits(args):
+def check_reward_fits(args, files: dict[str, list[str]]):
     """A built-in reward scores what the model makes (toy2d: 2D points; the others: images) and reads its prompts
-    (toy_mode: 'mode 3', mean_color: '... orange', geneval: 'a red circle left of a blue square'). Checked here: a
-    mismatch otherwise fails with a traceback in the first reward call, after the model loads."""
+    (toy_mode: 'mode 3', mean_color: '... orange', geneval: 'a red circle left of a blue square'): the prompt files'
+    (`files`: flag -> prompts) or the model's own. Checked here: a mismatch otherwise fails with a traceback in the
+    first reward call, after the model loads."""
     if args.model not in DEFAULT_REWARDS:  # a registered model: its own rewards
         return
     names = [item.partition(":")[0].strip() for item in (args.reward or DEFAULT_REWARDS[args.model]).split(",")]
@@ -120,7 +121,7 @@ def check_reward_fits(args):
     for flag, path, prompts in (("--train-prompts", args.train_prompts, defaults and defaults[0]),
                                 ("--eval-prompts", args.eval_prompts, defaults and defaults[1])):
         where = f"the prompts of {flag} {path}" if path else f"the {args.model} prompts"
-        prompts = read_prompts(path) if path else prompts or []
+        prompts = files[flag] if path else prompts or []
         for name in (n for n in names if n in PROMPT_PARSERS):
             try:
                 for prompt in prompts:
@@ -220,16 +221,17 @@ def check_together(args):
             if pipeline and family not in pipeline:
                 raise ValueError(f"--pretrained {args.pretrained} holds a {pipeline} (its model_index.json), not the "
                                  f"{family} pipeline --model {args.model} loads")
+    files = {}  # flag -> the prompts of its file
     for flag, value in (("--train-prompts", args.train_prompts), ("--eval-prompts", args.eval_prompts)):
         if value is None:
             continue
         if not Path(value).is_file():
             raise ValueError(f"{flag} {value}: no such file")
         try:  # read now: a bad line would otherwise stop the run after the model loads or pretrains
-            read_prompts(value)
+            files[flag] = read_prompts(value)
         except SystemExit as e:
             raise ValueError(f"{flag}: {e}") from None
-    check_reward_fits(args)
+    check_reward_fits(args, files)
     if args.output_dir:  # before any model loads
         out = Path(args.output_dir).expanduser()
         if out.exists() and not out.is_dir():
@@ -384,7 +386,7 @@ def _check_resume_point(args, prog: str):
     """A resumed run trains from its checkpoint up to --iterations, so it must have iterations left. `latest` of a
     finished run is refused: it would train the iterations after the last checkpoint again (minutes each on FLUX)
     and replace the summary with the same numbers."""
-    from infra.run import checkpoints
+    from infra.run import checkpoint_iteration, checkpoints
     run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)
     if run_dir is None:
         return
@@ -401,7 +403,7 @@ def _check_resume_point(args, prog: str):
         point = found[-1] if found else None
     else:
         point = Path(args.resume_from_checkpoint)
-    trained = int(point.name.split("-")[-1]) if point and point.name.split("-")[-1].isdigit() else None
+    trained = checkpoint_iteration(point) if point else None
     if trained is not None and trained > args.iterations:
         raise ArgumentError(prog, f"{point} has trained {trained} iterations, more than --iterations "
                                   f"{args.iterations}: a resumed run trains up to --iterations, so pass {trained} or "

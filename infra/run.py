@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -72,10 +73,16 @@ class Interrupted(SystemExit):
         return self.message
 
 
+def checkpoint_iteration(path: Path) -> Optional[int]:
+    """N of a complete checkpoint directory `checkpoint-N` (None for anything else, a `.partial` one included)."""
+    tail = Path(path).name.split("-")[-1]
+    return int(tail) if tail.isdigit() else None
+
+
 def checkpoints(out: Path) -> list[Path]:
     """A run's complete checkpoint directories, oldest first (a half-written one is still `.partial`)."""
-    found = [p for p in (Path(out) / "checkpoints").glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in (Path(out) / "checkpoints").glob("checkpoint-*") if checkpoint_iteration(p) is not None]
+    return sorted(found, key=checkpoint_iteration)
 
 
 def duration(seconds: float) -> str:

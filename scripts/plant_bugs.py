@@ -104,7 +104,7 @@ BUGS = [
     # A fifth round (41 planted in checkpoints, rewards, tasks and the shapes checker): these got through the tests
     # of their files.
     ("`latest` and pruning sort checkpoints by name (checkpoint-10 before checkpoint-9)", "infra/run.py",
-     'return sorted(found, key=lambda p: int(p.name.split("-")[1]))', "return sorted(found, key=lambda p: p.name)",
+     "return sorted(found, key=checkpoint_iteration)", "return sorted(found, key=lambda p: p.name)",
      "tests/test_checkpoints.py::test_latest_is_the_highest_iteration_not_the_last_name_in_alphabetical_order"),
     ("a resumed run's wall time starts at the resume", "infra/run.py",
      "wall = self.elapsed_before + time.time() - self.start_time", "wall = time.time() - self.start_time",

@@ -330,24 +330,32 @@ def test_precision_comes_from_the_flag_else_the_launch_config(tmp_path, monkeypa
     assert got == ["bf16", "no", "bf16"]
 
 
+def capture_ema_and_live_weights_at_finish(monkeypatch) -> dict:
+    """{"ema": ..., "live": ...}: the evaluation EMA's and the trained weights by name, as Run.finish sees them."""
+    from infra import run as run_module
+    captured, finish = {}, run_module.Run.finish
+
+    def capture(self, task, before, after, **extra):
+        names = [n for n, _ in task.policy.net.named_parameters()]
+        captured["ema"] = dict(zip(names, [s.clone() for s in self.eval_ema.shadow]))
+        captured["live"] = {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}
+        return finish(self, task, before, after, **extra)
+
+    monkeypatch.setattr(run_module.Run, "finish", capture)
+    return captured
+
+
 def test_the_final_weights_are_the_evaluated_ema_and_checkpoints_keep_the_live_ones(tmp_path, monkeypatch):
     """Flow-GRPO's config (train.ema) evaluates and saves the EMA: 8 iterations x 2 optimizer steps = 2 EMA updates.
     The "after" evaluation sees the EMA's weights, the same ones final/ holds."""
     from safetensors.torch import load_file
 
     from infra import run as run_module
-    captured, original, evaluated = {}, run_module.Run.finish, []
+    evaluated = []
     original_evaluate = run_module.evaluate
     monkeypatch.setattr(run_module, "evaluate", lambda task, *a, **k: evaluated.append(
         {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}) or original_evaluate(task, *a, **k))
-
-    def finish(self, task, before, after, **extra):
-        names = [n for n, p in task.policy.net.named_parameters()]
-        captured["ema"] = dict(zip(names, [s.clone() for s in self.eval_ema.shadow]))
-        captured["live"] = {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}
-        return original(self, task, before, after, **extra)
-
-    monkeypatch.setattr(run_module.Run, "finish", finish)
+    captured = capture_ema_and_live_weights_at_finish(monkeypatch)
     s = run(tmp_path, "--iterations", "8", "--checkpoint-every", "4")
     assert s["weights_are_the_evaluation_ema"] is True
     final = load_file(tmp_path / "final" / "model.safetensors")
@@ -449,7 +457,7 @@ def test_the_after_picture_is_drawn_from_the_weights_evaluated_the_ema(tmp_path,
     from pathlib import Path
 
     from infra import run as run_module
-    drawn, captured = {}, {}
+    drawn = {}
     monkeypatch.setattr(run_module, "sample_grid", lambda task, args, path, per_prompt=4: drawn.update(
         {Path(path).name: {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}}))
     load_task = flow_grpo.load_task
@@ -460,15 +468,7 @@ def test_the_after_picture_is_drawn_from_the_weights_evaluated_the_ema(tmp_path,
         return task
 
     monkeypatch.setattr(flow_grpo, "load_task", with_a_grid)
-    finish = run_module.Run.finish
-
-    def capture(self, task, before, after, **extra):
-        names = [n for n, _ in task.policy.net.named_parameters()]
-        captured["ema"] = dict(zip(names, [s.clone() for s in self.eval_ema.shadow]))
-        captured["live"] = {n: p.detach().clone() for n, p in task.policy.net.named_parameters()}
-        return finish(self, task, before, after, **extra)
-
-    monkeypatch.setattr(run_module.Run, "finish", capture)
+    captured = capture_ema_and_live_weights_at_finish(monkeypatch)
     run(tmp_path, "--iterations", "8")  # 16 optimizer steps: 2 EMA updates
     after = drawn["samples_after.png"]
     assert all(torch.equal(after[n], captured["ema"][n]) for n in after)
