@@ -387,7 +387,7 @@ class Run:
         self.evaluating = label
         toy_picture = self.args.model == "toy2d" and label in ("before", "after")  # samples.png at the end
         with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
-            result = evaluate(task, self.args, keep_samples=toy_picture)
+            result = evaluate(task, self.args, keep_samples=toy_picture, log=self.print)
             if task.grid_prompts and label in ("before", "after"):  # the picture of the weights evaluated
                 sample_grid(task, self.args, self.out / f"samples_{label}.png" if self.is_main else None)
         if toy_picture:

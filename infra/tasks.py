@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,11 +36,12 @@ class Task:
 
 
 @torch.no_grad()
-def evaluate(task: Task, args, keep_samples: bool = False):
+def evaluate(task: Task, args, keep_samples: bool = False, log: Optional[Callable] = None,
+             log_interval: float = 60.0):
     """The evaluation protocol: the plain deterministic ODE (`--eval-solver`, `--eval-steps`) on the eval prompts
     from fixed noise (`--eval-seed`: the same noise before and after training). Returns the mean reward and the mean
     of each task metric (and, with `keep_samples`, the decoded samples and their prompts). NFE spent here is not
-    counted."""
+    counted. Progress: a bar on a terminal; in a log (no terminal), a `log` line every `log_interval` seconds."""
     policy = task.policy
     prompts = [p for p in task.eval_prompts for _ in range(args.eval_samples_per_prompt)]
     generator = torch.Generator().manual_seed(args.eval_seed)
@@ -54,9 +56,12 @@ def evaluate(task: Task, args, keep_samples: bool = False):
     mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
     rewards, metrics, kept = [], {k: [] for k in task.metrics}, []
     chunk = args.eval_batch_size or share
-    from tqdm.auto import tqdm  # a bar on a terminal (the main process's share), nothing in a log
+    from tqdm.auto import tqdm  # a bar on a terminal (the main process's share); disabled when output is a file
     bar = tqdm(total=share, desc=f"evaluation, {args.eval_steps} steps", unit="sample", leave=False,
                disable=None if rank == 0 else True, dynamic_ncols=True)
+    # A FLUX evaluation can take many minutes: a job's log gets a line now and then instead of the bar
+    log = log if (bar.disable and rank == 0) else None
+    t0 = last = time.time()
     with policy.nfe_paused():
         for i in range(0, share, chunk):
             rows = mine[i:i + chunk]
@@ -69,6 +74,13 @@ def evaluate(task: Task, args, keep_samples: bool = False):
             if keep_samples:
                 kept.append(samples.float())
             bar.update(len(rows))
+            done = min(i + chunk, share)
+            if log is not None and time.time() - last >= log_interval and done < share:
+                from infra.run import duration  # (infra.run imports this module)
+                last, spent = time.time(), time.time() - t0
+                whose = " (process 0's share)" if world > 1 else ""
+                log(f"  evaluation: {done}/{share} samples{whose}, "
+                    f"{duration(spent)} spent, ETA {duration(spent / done * (share - done))}")
     bar.close()
 
     def everyone(parts: list[torch.Tensor]) -> torch.Tensor:  # every process's rows in sample order

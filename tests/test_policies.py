@@ -70,6 +70,20 @@ def test_evaluation_is_the_plain_ode_at_eval_steps_from_eval_seed_noise_whatever
     assert tasks.evaluate(task, args)["reward"] == pytest.approx(want.mean().item(), abs=1e-6)
 
 
+def test_a_long_evaluation_reports_progress_to_a_log_and_a_short_one_stays_quiet():
+    """Without a terminal (a job's log; pytest's captured output) the bar is off, and an evaluation that runs past
+    `log_interval` prints a progress line after each chunk except the last; one quicker than that prints nothing."""
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--eval-samples-per-prompt", "3", "--eval-batch-size", "5"])
+    task = tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+    lines = []
+    tasks.evaluate(task, args, log=lines.append, log_interval=0)
+    total = 3 * len(task.eval_prompts)  # 24 samples in chunks of 5: progress after 5, 10, 15, 20
+    assert [line.split()[1] for line in lines] == [f"{d}/{total}" for d in range(5, total, 5)]
+    assert all("ETA" in line for line in lines)
+    quiet = []
+    tasks.evaluate(task, args, log=quiet.append)  # the default interval: a minute
+    assert quiet == []
+
 def test_toy_reference_is_frozen_copy(toy):
     x, cond = torch.randn(5, 2), toy.encode_prompts(["mode 1"] * 5)
     with torch.no_grad():
