@@ -78,10 +78,14 @@ class Args(CommonArgs):
     eval_ema: bool = arg(True, "evaluate, and save as final/, an EMA of the trained weights (the official config's "
                                "train.ema: Flow-GRPO's EMAModuleWrapper, decay 0.9, every 8 optimizer steps)")
 
-    def __post_init__(self):  # checked as the flags are parsed (how many nodes lie above --t-min: once the model loads)
+    def __post_init__(self):  # checked as the flags are parsed, before minutes of model loading
         if self.num_train_timesteps > self.num_steps:
             raise ValueError(f"--num-train-timesteps {self.num_train_timesteps} must be at most --num-steps "
                              f"{self.num_steps} (the nodes of the rollout schedule it draws from)")
+        # How many nodes lie above --t-min: here for the DPM flow schedule (the official config's), which no model
+        # changes; a model's own schedule (FLUX's depends on the resolution) is checked once the model has loaded
+        if self.rollout_schedule == "dpm-flow":
+            check_t_min(self, rollout_sigmas(self))
 
 
 PRESETS = {
@@ -157,6 +161,21 @@ def dpm_flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return torch.cat([static_shift(s, shift), s.new_zeros(1)])
 
 
+def rollout_sigmas(args, policy=None) -> torch.Tensor:
+    """The rollout schedule `--rollout-schedule` names (the model's own needs its `policy`)."""
+    if args.rollout_schedule == "dpm-flow":
+        return dpm_flow_sigmas(args.num_steps, args.shift or 3.0)
+    return policy.sigmas(args.num_steps, args.shift)
+
+
+def check_t_min(args, sigmas):
+    """The timestep clip must leave M nodes of the rollout schedule to draw from (`train_timesteps`)."""
+    nodes = int(((sigmas >= args.t_min) & (sigmas > 0)).sum())
+    if nodes < args.num_train_timesteps:
+        raise ValueError(f"--t-min {args.t_min} leaves {nodes} nodes of the rollout schedule "
+                         f"{[round(s, 3) for s in sigmas.tolist()]} for --num-train-timesteps "
+                         f"{args.num_train_timesteps}; lower one of them")
+
 def dgpo_pass(policy, x0, eps, t, cond, advantages, group_index, num_groups, beta, all_reduce, kl_beta: float,
               clip_dsm: bool, clip_range: float, theta_minus):
     """DGPO at one timestep t for a batch of whole groups (the official train_sd3_dgpo.py inner loop): the noised
@@ -217,12 +236,11 @@ def main(argv=None):
     optimizer = run.make_optimizer(policy)
     theta_minus = EMA(policy.trainable_parameters(), args.ema_decay)  # the sampling model
     eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
-    sigmas = (dpm_flow_sigmas(args.num_steps, args.shift or 3.0) if args.rollout_schedule == "dpm-flow" else
-              policy.sigmas(args.num_steps, args.shift)).to(run.device)
-    nodes = int(((sigmas >= args.t_min) & (sigmas > 0)).sum())
-    if nodes < args.num_train_timesteps:  # before anything is written
-        raise SystemExit(f"dgpo.py: --t-min {args.t_min} leaves {nodes} nodes of the rollout schedule for "
-                         f"--num-train-timesteps {args.num_train_timesteps}; lower one of them")
+    sigmas = rollout_sigmas(args, policy).to(run.device)
+    try:  # FLUX's own schedule is known only now; before anything is written
+        check_t_min(args, sigmas)
+    except ValueError as e:
+        raise SystemExit(f"dgpo.py: {e}") from None
     # prompts and timesteps: per-process prompt streams; timesteps and group noise come from shared seeds
     prompt_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
     shared_gen = torch.Generator().manual_seed(args.seed)

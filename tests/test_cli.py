@@ -244,6 +244,17 @@ def test_the_timestep_clip_is_checked_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_timestep_clip_on_the_dpm_flow_schedule_is_checked_with_the_flags():
+    """The official schedule does not depend on the model, so a clip that leaves too few of its nodes is refused as
+    the flags are parsed, before FLUX or SD3 load; at N = 10 its nodes are 1, 0.964, 0.923, 0.875, 0.818, ..."""
+    from infra.args import ArgumentError
+    parse = lambda *flags: parse_args(dgpo.Args, dgpo.PRESETS, ["--rollout-schedule", "dpm-flow", *flags])
+    with pytest.raises(ArgumentError, match="--t-min 0.9 leaves 3 nodes"):
+        parse("--t-min", "0.9", "--num-train-timesteps", "4")
+    assert parse("--t-min", "0.9", "--num-train-timesteps", "3").t_min == 0.9
+    assert parse("--t-min", "0.66", "--num-train-timesteps", "7").t_min == 0.66  # the official config's 7 nodes
+
+
 # ------------------------------------------------------------------------------------------------ run directories
 def test_an_output_dir_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     out = tmp_path / "run"
