@@ -262,6 +262,30 @@ class WeightedReward:
         return [shape for _, fn in self.parts for shape in attention_shapes(fn)]
 
 
+class CheckedReward:
+    """A reward whose every output is checked to be one number per sample: a (B,) tensor (a (B, 1) one, as reward
+    models' heads return, is flattened; integer or boolean scores become float). Anything else, from a registered
+    reward or model, stops the run with a line naming the reward, not with a shape error deep inside a method."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, samples, prompts) -> torch.Tensor:
+        out, n = self.fn(samples, prompts), len(prompts)
+        what = f"reward {self.name!r} returned"
+        if not torch.is_tensor(out):
+            raise SystemExit(f"{what} a {type(out).__name__}; a reward returns a tensor of one number per sample, "
+                             f"shape ({n},)")
+        if tuple(out.shape) not in ((n,), (n, 1)):
+            raise SystemExit(f"{what} shape {tuple(out.shape)} for {n} samples; a reward returns one number per "
+                             f"sample, shape ({n},)")
+        if out.is_complex():
+            raise SystemExit(f"{what} complex numbers; a reward is real")
+        return out.reshape(n).float()
+
+    def attention_shapes(self) -> list[AttentionShape]:
+        return attention_shapes(self.fn)
+
 def attention_shapes(reward: Callable) -> list[AttentionShape]:
     """The attention calls a reward makes (none for a programmatic reward), for the kernel check."""
     return list(dict.fromkeys(reward.attention_shapes())) if hasattr(reward, "attention_shapes") else []

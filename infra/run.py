@@ -287,8 +287,9 @@ class Run:
         """What the numbers mean, in one or two lines."""
         line = f"eval reward {before['reward']:.3f} -> {after['reward']:.3f}"
         if self.args.model == "toy2d":
-            line += (" (1 = every sample on the mode its prompt asks for; the base model ignores the prompt and scores "
-                     "about 0.13: 1 sample in 8 lands on the right mode)")
+            if self.args.reward in (None, "toy_mode"):  # the scale of another reward is its own
+                line += (" (1 = every sample on the mode its prompt asks for; the base model ignores the prompt and "
+                         "scores about 0.13: 1 sample in 8 lands on the right mode)")
             if "on_manifold" in before:
                 line += (f"; on_manifold {before['on_manifold']:.3f} -> {after['on_manifold']:.3f} (the fraction of "
                          f"samples still on the ring: a reward hacker loses it)")

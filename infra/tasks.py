@@ -21,7 +21,7 @@ import torch
 
 from common import TOY_NUM_MODES, Policy, Toy2DPolicy, check_finite, sample_ode, toy_on_manifold
 from infra.diffusers_models import build_tiny_flux
-from infra.rewards import COLORS, get_reward
+from infra.rewards import COLORS, CheckedReward, get_reward
 
 
 @dataclass
@@ -149,6 +149,7 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     train = read_prompts(args.train_prompts) if args.train_prompts else None
     evals = read_prompts(args.eval_prompts) if args.eval_prompts else None
     task = _build(args, keep_reference, device, log, train, evals)
+    task.reward_fn = CheckedReward(task.reward_fn, args.reward or DEFAULT_REWARDS.get(args.model, f"of {args.model}"))
     if args.gradient_checkpointing:
         if not hasattr(task.policy, "enable_gradient_checkpointing"):
             raise SystemExit(f"--gradient-checkpointing needs a diffusers transformer; --model {args.model} has none")
