@@ -112,9 +112,10 @@ class Run:
         self.out = Path(args.output_dir)
         held = [name for name in OUTPUTS if (self.out / name).exists()]
         if held and resume is None and not args.overwrite:
-            raise SystemExit(f"{self.out} holds a run ({', '.join(held)}): resume it with --resume-from-checkpoint "
-                             f"latest --output-dir {self.out}, start over with --overwrite, or choose another "
-                             f"--output-dir")
+            resume_it = (f"resume it with --resume-from-checkpoint latest --output-dir {self.out}, " if
+                         checkpoints(self.out) else "it has no checkpoint to resume; ")
+            raise SystemExit(f"{self.out} holds a run ({', '.join(held)}): {resume_it}start over with --overwrite, "
+                             f"or choose another --output-dir")
         if args.report_to != "none":  # accelerate skips a tracker whose package is missing, silently
             from accelerate.utils import is_tensorboard_available, is_wandb_available
             if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[args.report_to]():

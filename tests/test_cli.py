@@ -267,8 +267,8 @@ def test_an_output_dir_that_holds_a_run_is_refused_unless_resumed_or_overwritten
     for name in OUTPUTS:  # any one thing a run writes marks the folder as a run's
         held = tmp_path / f"holds-{name}"
         (held / name).mkdir(parents=True)
-        with pytest.raises(SystemExit, match=f"holds a run \\({name}\\)"):
-            flow_grpo.main(["--output-dir", str(held), *QUICK])
+        with pytest.raises(SystemExit, match=f"holds a run \\({name}\\): it has no checkpoint to resume; start over"):
+            flow_grpo.main(["--output-dir", str(held), *QUICK])  # resuming is not offered where it cannot work
     flow_grpo.main(flags + ["--overwrite", "--iterations", "2"])
     assert json.loads((out / "summary.json").read_text())["iterations"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # a fresh log, not appended to the old one
