@@ -15,12 +15,13 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from infra import attention
 from infra.pretrained import cached_model_path
+from infra.progress import Progress
 from infra.diffusers_models import FluxPolicy, SD3Policy, pipeline_class
 
 
@@ -50,14 +51,17 @@ class CachedTextEncoder:
         return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=dtype).view(shape)
 
     @staticmethod
-    def write(directory: Path, prompts: list[str], encode: Callable[[list[str]], tuple], batch: int = 32):
+    def write(directory: Path, prompts: list[str], encode: Callable[[list[str]], tuple], batch: int = 32,
+              log: Optional[Callable] = None):
         """Embed `prompts` in batches with `encode(prompts) -> (embeds (B, T, D), pooled (B, D_pooled))`, each batch
         written straight into the files (never the whole set in memory), into a temporary directory renamed into
-        place at the end: a crashed or concurrent writer never leaves a half cache behind."""
+        place at the end: a crashed or concurrent writer never leaves a half cache behind. Progress: a bar, or
+        `log` lines in a job's log (T5-XXL embeds tens of thousands of prompts in minutes)."""
         tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         files = None
+        progress = Progress(len(prompts), "embedding the prompts", "prompt", log)
         for i in range(0, len(prompts), batch):
             embeds, pooled = (t.detach().cpu().contiguous() for t in encode(prompts[i:i + batch]))
             finite = embeds.isfinite().flatten(1).all(1) & pooled.isfinite().flatten(1).all(1)
@@ -78,6 +82,8 @@ class CachedTextEncoder:
                          for name, key in (("embeds.bin", "embeds_shape"), ("pooled.bin", "pooled_shape"))]
             files[0][i:i + len(embeds)] = embeds
             files[1][i:i + len(pooled)] = pooled
+            progress.update(len(embeds))
+        progress.close()
         del files  # unmapped: the data is in the files
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
@@ -173,6 +179,8 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
     encoders = TEXT_ENCODERS[args.model]
 
     def load(with_text_encoders: bool):
+        log(f"loading {pipeline_name} from {where}" + ("" if with_text_encoders else " (no text encoders: the prompt "
+                                                       "embeddings are cached)"))
         try:
             return pipeline_class(pipeline_name).from_pretrained(
                 where, dtype=dtype, local_files_only=offline,
@@ -193,7 +201,7 @@ def build_pipeline_policy(args, train: list[str], evals: list[str], keep_referen
                                                                                       args.max_sequence_length)
                                                                    for name in encoders], dtype, device, log)
             CachedTextEncoder.write(cache, prompts, pipeline_encoder(pipe, args.model, args.max_sequence_length,
-                                                                     device))
+                                                                     device), log=log)
             log(f"prompt embeddings: {len(prompts)} prompts embedded, cached in {cache}")
             for name in encoders:  # released
                 setattr(pipe, name, None)

@@ -30,6 +30,7 @@ import torch
 
 from common import NonFiniteError, Policy, check_finite, parse_toy_prompt
 from infra import attention
+from infra.progress import duration
 from infra.rewards import attention_shapes
 from infra.tasks import Task, evaluate, sample_grid
 
@@ -83,12 +84,6 @@ def checkpoints(out: Path) -> list[Path]:
     """A run's complete checkpoint directories, oldest first (a half-written one is still `.partial`)."""
     found = [p for p in (Path(out) / "checkpoints").glob("checkpoint-*") if checkpoint_iteration(p) is not None]
     return sorted(found, key=checkpoint_iteration)
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class Run:

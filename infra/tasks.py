@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +20,7 @@ import torch
 
 from common import TOY_NUM_MODES, Policy, Toy2DPolicy, check_finite, sample_ode, toy_on_manifold
 from infra.diffusers_models import build_tiny_flux
+from infra.progress import Progress
 from infra.rewards import COLORS, CheckedReward, get_reward
 
 
@@ -56,12 +56,9 @@ def evaluate(task: Task, args, keep_samples: bool = False, log: Optional[Callabl
     mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
     rewards, metrics, kept = [], {k: [] for k in task.metrics}, []
     chunk = args.eval_batch_size or share
-    from tqdm.auto import tqdm  # a bar on a terminal (the main process's share); disabled when output is a file
-    bar = tqdm(total=share, desc=f"evaluation, {args.eval_steps} steps", unit="sample", leave=False,
-               disable=None if rank == 0 else True, dynamic_ncols=True)
-    # A FLUX evaluation can take many minutes: a job's log gets a line now and then instead of the bar
-    log = log if (bar.disable and rank == 0) else None
-    t0 = last = time.time()
+    # a bar on a terminal; in a job's log a line a minute (a FLUX evaluation can take many minutes)
+    progress = Progress(share, f"evaluation, {args.eval_steps} steps" + (" (process 0's share)" if world > 1 else ""),
+                        "sample", log, log_interval, quiet=rank != 0)
     with policy.nfe_paused():
         for i in range(0, share, chunk):
             rows = mine[i:i + chunk]
@@ -73,15 +70,8 @@ def evaluate(task: Task, args, keep_samples: bool = False, log: Optional[Callabl
                 metrics[k].append(fn(samples, p).float())
             if keep_samples:
                 kept.append(samples.float())
-            bar.update(len(rows))
-            done = min(i + chunk, share)
-            if log is not None and time.time() - last >= log_interval and done < share:
-                from infra.run import duration  # (infra.run imports this module)
-                last, spent = time.time(), time.time() - t0
-                whose = " (process 0's share)" if world > 1 else ""
-                log(f"  evaluation: {done}/{share} samples{whose}, "
-                    f"{duration(spent)} spent, ETA {duration(spent / done * (share - done))}")
-    bar.close()
+            progress.update(len(rows))
+    progress.close()
 
     def everyone(parts: list[torch.Tensor]) -> torch.Tensor:  # every process's rows in sample order
         local = torch.cat(parts)

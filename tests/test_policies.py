@@ -78,8 +78,8 @@ def test_a_long_evaluation_reports_progress_to_a_log_and_a_short_one_stays_quiet
     lines = []
     tasks.evaluate(task, args, log=lines.append, log_interval=0)
     total = 3 * len(task.eval_prompts)  # 24 samples in chunks of 5: progress after 5, 10, 15, 20
-    assert [line.split()[1] for line in lines] == [f"{d}/{total}" for d in range(5, total, 5)]
-    assert all("ETA" in line for line in lines)
+    assert [line.split(": ")[1].split()[0] for line in lines] == [f"{d}/{total}" for d in range(5, total, 5)]
+    assert all(line.startswith(f"  evaluation, {args.eval_steps} steps: ") and "ETA" in line for line in lines)
     quiet = []
     tasks.evaluate(task, args, log=quiet.append)  # the default interval: a minute
     assert quiet == []

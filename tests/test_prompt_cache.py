@@ -42,6 +42,37 @@ def test_written_in_batches_and_read_back_exactly(tmp_path):
     assert not list(tmp_path.glob("cache.tmp*"))  # the temporary directory was renamed into place
 
 
+
+def test_embedding_a_long_prompt_set_reports_progress_to_a_log(tmp_path, monkeypatch):
+    """Without a terminal, a log line after each batch once the interval has passed (here at once), none after the
+    last: how far T5 has got through a large prompt set, and when it will be done."""
+    import functools
+    from infra import progress
+    monkeypatch.setattr(pipelines, "Progress", functools.partial(progress.Progress, interval=0))
+    encoder, dtype = fake_encoder()
+    lines = []
+    pipelines.CachedTextEncoder.write(tmp_path / "cache", [f"p{i}" for i in range(10)], encode_with(encoder, dtype),
+                                      batch=4, log=lines.append)
+    assert [line.split(": ")[1].split(",")[0] for line in lines] == ["4/10 prompts", "8/10 prompts"]
+    assert all(line.startswith("  embedding the prompts: ") and "ETA" in line for line in lines)
+
+
+def test_progress_lines_come_at_most_every_interval_and_never_from_a_quiet_process(monkeypatch):
+    import types
+    from infra import progress
+    clock = iter([0.0, 10.0, 30.0, 70.0, 80.0, 140.0, 200.0, 0.0, 0.0])  # the start, then one reading per update
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(time=lambda: next(clock)))  # this module's clock
+    lines = []
+    bar = progress.Progress(6, "work", "item", lines.append, interval=60)
+    for _ in range(6):
+        bar.update(1)
+    # 60 s passed at the 3rd update (70 s) and again at the 5th (140 s); the 6th is the end: no line
+    assert lines == ["  work: 3/6 items, 1:10 spent, ETA 1:10", "  work: 5/6 items, 2:20 spent, ETA 0:28"]
+    quiet = []
+    muted = progress.Progress(2, "work", "item", quiet.append, interval=0, quiet=True)
+    muted.update(1)
+    assert quiet == [] and progress.duration(3725) == "1:02:05"
+
 def test_loading_maps_the_files_instead_of_reading_them(tmp_path):
     """256 MB of embeddings: opening the cache adds (almost) nothing to the process's resident memory, a batch of
     rows adds about its own size."""
