@@ -386,7 +386,7 @@ def _check_resume_point(args, prog: str):
     """A resumed run trains from its checkpoint up to --iterations, so it must have iterations left. `latest` of a
     finished run is refused: it would train the iterations after the last checkpoint again (minutes each on FLUX)
     and replace the summary with the same numbers."""
-    from infra.run import checkpoint_iteration, checkpoints
+    from infra.run import checkpoint_iteration, checkpoints, process_count_mismatch
     run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)
     if run_dir is None:
         return
@@ -403,6 +403,10 @@ def _check_resume_point(args, prog: str):
         point = found[-1] if found else None
     else:
         point = Path(args.resume_from_checkpoint)
+    # the launcher's process count (torchrun and accelerate launch set WORLD_SIZE); run.start checks it again
+    mismatch = process_count_mismatch(point, int(os.environ.get("WORLD_SIZE", "1"))) if point else None
+    if mismatch:
+        raise ArgumentError(prog, mismatch)
     trained = checkpoint_iteration(point) if point else None
     if trained is not None and trained > args.iterations:
         raise ArgumentError(prog, f"{point} has trained {trained} iterations, more than --iterations "

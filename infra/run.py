@@ -86,6 +86,17 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=checkpoint_iteration)
 
 
+def process_count_mismatch(checkpoint: Path, world: int) -> Optional[str]:
+    """Why `checkpoint` cannot continue with `world` processes, or None. Each process wrote its own prompt stream,
+    generators and NFE counters (run_state_<rank>.pt), so a resume takes as many processes as wrote it: with fewer
+    the others' streams and counts would be lost (the summary's NFE short), with more there is nothing to load."""
+    written = len(list(Path(checkpoint).glob("run_state_*.pt")))
+    if not written or written == world:
+        return None
+    return (f"{checkpoint} was written by {written} process{'es' if written > 1 else ''} and this run has {world}: "
+            f"resume it with {written} (accelerate launch --num_processes {written}, torchrun --nproc_per_node "
+            f"{written}{', or plain python' if written == 1 else ''})")
+
 class Run:
     """One training run: the Accelerator, per-process seeding, console + jsonl + tracker logging, summary."""
 
@@ -337,11 +348,15 @@ class Run:
             found = self._checkpoints()
             if not found:
                 raise SystemExit(f"no checkpoint to resume in {self.out / 'checkpoints'}")
-            return found[-1]
-        path = Path(resume)
-        if not (path / f"run_state_{self.accelerator.process_index}.pt").exists():
-            raise SystemExit(f"{path} is not a checkpoint of this script (no run_state_*.pt); "
-                             f"checkpoints live in <output_dir>/checkpoints/checkpoint-N")
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not list(path.glob("run_state_*.pt")):
+                raise SystemExit(f"{path} is not a checkpoint of this script (no run_state_*.pt); "
+                                 f"checkpoints live in <output_dir>/checkpoints/checkpoint-N")
+        mismatch = process_count_mismatch(path, self.accelerator.num_processes)
+        if mismatch:
+            raise SystemExit(mismatch)
         return path
 
     def save_checkpoint(self, iterations_done: int):

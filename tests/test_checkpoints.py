@@ -122,6 +122,32 @@ def test_resume_errors_are_clear(tmp_path):
                         "--iterations", "1"])
 
 
+
+def test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it(tmp_path, monkeypatch):
+    """Each process checkpoints its own prompt stream and NFE counters: with fewer processes the others' would be
+    lost (the summary's NFE short), with more there is nothing to load (a FileNotFoundError traceback before this
+    check). Refused with the flags (the launchers' WORLD_SIZE), and again when the run starts."""
+    import shutil
+    from infra import args as args_module
+    flags = ["--iterations", "4", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
+             "--output-dir", str(tmp_path)]
+    flow_grpo.main(flags)
+    resume = flags + ["--iterations", "6", "--resume-from-checkpoint", "latest"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"checkpoint-2 was written by 1 process and this run has 2: resume it "
+                                         r"with 1 .*or plain python"):
+        flow_grpo.main(resume)
+    monkeypatch.delenv("WORLD_SIZE")
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    shutil.copy(checkpoint / "run_state_0.pt", checkpoint / "run_state_1.pt")  # as 2 processes would leave it
+    with pytest.raises(SystemExit, match=r"written by 2 processes and this run has 1: resume it with 2 "
+                                         r"\(accelerate launch --num_processes 2"):
+        flow_grpo.main(resume)
+    monkeypatch.setattr(args_module, "_check_resume_point", lambda *a: None)  # the check when the run starts
+    with pytest.raises(SystemExit, match="written by 2 processes and this run has 1"):
+        flow_grpo.main(resume)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # the refusals trained nothing
+
 def test_a_resume_needs_iterations_left(tmp_path):
     flags = ["--iterations", "5", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
              "--save-weights", "false", "--output-dir", str(tmp_path)]
