@@ -595,7 +595,8 @@ class CommonArgs:
                          choices=("none", "tensorboard", "wandb"))
     mixed_precision: Optional[str] = arg(None, "'no', 'bf16' or 'fp16' (accelerate autocast); default: the "
                                                "accelerate launch config's, else 'no'", choices=("no", "bf16", "fp16"))
-    log_every: int = arg(10, "print a console line every N iterations (0: never)", min=0)
+    log_every: int = arg(10, "print a console line every N iterations, and after one that ends a minute or more "
+                             "after the last line (0: never)", min=0)
     save_weights: bool = arg(True, "save the trained weights to <output_dir>/final at the end")
     checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)", min=0)
     checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints", min=1)

@@ -104,6 +104,7 @@ class Run:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         self.args, self.algorithm = args, algorithm
+        self._last_line = time.time()  # of the console's metrics lines (log)
         on_main_thread = threading.current_thread() is threading.main_thread()
         for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
             handler = signal.getsignal(signum)  # an earlier run in this process that stopped without finishing
@@ -446,7 +447,7 @@ class Run:
         self.iteration = getattr(self, "_next_iteration", self.first_iteration)
         self._next_iteration = self.iteration + 1
         if self.iteration == self.first_iteration:
-            self._loop_start = self._t0
+            self._loop_start = self._last_line = self._t0
 
     def end_iteration(self, iteration: int, task: Task, rewards: torch.Tensor, losses: dict, **extra):
         """Log one iteration: reward statistics of the (gathered) rewards (groups, G), this iteration's NFE
@@ -481,13 +482,16 @@ class Run:
             self._stop(f"stopped by SIGTERM after {iteration + 1} of {self.args.iterations} iterations", 143)
 
     def log(self, iteration: int, metrics: dict):
-        """One line of metrics.jsonl per iteration, a console line every `log_every`, and the trackers."""
+        """One line of metrics.jsonl per iteration, a console line every `log_every` (and after any iteration that
+        ends a minute or more after the last line: FLUX's iterations take minutes), and the trackers."""
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         if self.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
             last = iteration == self.args.iterations - 1
-            if self.args.log_every and (iteration % self.args.log_every == 0 or last):
+            every = self.args.log_every
+            if every and (iteration % every == 0 or last or time.time() - self._last_line >= 60):
+                self._last_line = time.time()
                 per_it = (time.time() - self._loop_start) / (iteration + 1 - self.first_iteration)
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and
                                   k.startswith(("reward/mean", "loss/", "grad_norm", "eval/")))

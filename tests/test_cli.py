@@ -372,6 +372,25 @@ def test_a_toy_run_draws_its_picture_and_says_what_its_numbers_mean(tmp_path, ca
     assert "the base model ignores the prompt and scores about 0.13" in out and "on_manifold" in out
 
 
+
+def test_a_console_line_comes_every_log_every_iterations_and_after_a_minute_without_one(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """FLUX's iterations take minutes: at --log-every 10 a log would stay silent for half an hour. An iteration that
+    ends a minute or more after the last line prints one too (here the clock of iteration 3 is set back)."""
+    from infra.run import Run
+    original = Run.log
+
+    def slow_third(self, iteration, metrics):
+        if iteration == 2:
+            self._last_line -= 61
+        return original(self, iteration, metrics)
+
+    monkeypatch.setattr(Run, "log", slow_third)
+    flow_grpo.main(["--iterations", "5", "--output-dir", str(tmp_path), "--log-every", "100",
+                    "--eval-samples-per-prompt", "2"])
+    lines = [l.split()[1] for l in capsys.readouterr().out.splitlines() if l.startswith("it ")]
+    assert lines == ["1/5", "3/5", "5/5"]  # the first, the one a minute after it, the last
+
 def test_a_reward_that_cannot_score_the_models_samples_or_prompts_is_refused_with_the_flags(tmp_path):
     """Each of these failed with a traceback in the first reward call, after the model loaded (or pretrained)."""
     (tmp_path / "mixed.txt").write_text("a red circle\nmode 3\n")
