@@ -307,6 +307,25 @@ BUGS = [
      "        self._terminating = True\n", "        return self._interrupted(signum, frame)\n",
      "tests/test_checkpoints.py::"
      "test_sigterm_finishes_the_iteration_checkpoints_it_and_the_resumed_run_matches_an_uninterrupted_one"),
+    # 2026-12-07 (third session): the reward's output, the process count of a resume, what a job's log shows, the
+    # timestep clip with the flags
+    ("a reward's (B, 1) output is kept as it is", "infra/rewards.py",
+     "return out.reshape(n).float()", "return out.float()",
+     "tests/test_rewards.py::test_a_reward_that_does_not_return_one_number_per_sample_stops_with_its_name"),
+    ("a checkpoint resumes with any number of processes", "infra/run.py",
+     "if not written or written == world:", "if True:",
+     "tests/test_checkpoints.py::test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it"),
+    ("no console line for a minute-long iteration between --log-every lines", "infra/run.py",
+     "if every and (iteration % every == 0 or last or time.time() - self._last_line >= 60):",
+     "if every and (iteration % every == 0 or last):",
+     "tests/test_cli.py::test_a_console_line_comes_every_log_every_iterations_and_after_a_minute_without_one"),
+    ("the progress ETA divides by the total, not by what is done", "infra/progress.py",
+     "ETA {duration(spent / self.done * (self.total - self.done))}",
+     "ETA {duration(spent / self.total * (self.total - self.done))}",
+     "tests/test_prompt_cache.py::test_progress_lines_come_at_most_every_interval_and_never_from_a_quiet_process"),
+    ("DGPO's timestep clip on the DPM flow schedule waits for the model to load", "dgpo.py",
+     "        if self.rollout_schedule == \"dpm-flow\":\n", "        if False:\n",
+     "tests/test_cli.py::test_the_timestep_clip_on_the_dpm_flow_schedule_is_checked_with_the_flags"),
 ]
 
 
