@@ -3,8 +3,9 @@
 Every script drives it the same way: `run = Run(args, name)`, `run.make_optimizer(policy)`, `run.start(task, ...)`
 (the evaluation before training, or a resume), `run.begin_iteration` / `run.end_iteration` around each iteration,
 `run.evaluate(task, "after")`, `run.finish(...)`. What it writes, from `start` on (a run that fails before writes
-nothing): config.json, metrics.jsonl (one line per iteration), summary.json, final/ (the trained weights),
-checkpoints/checkpoint-N/, and the pictures (samples_before/after.png for image tasks, samples.png for the toy).
+nothing, or without --output-dir only the empty directory it claimed): config.json, metrics.jsonl (one line per
+iteration), summary.json, final/ (the trained weights), checkpoints/checkpoint-N/, and the pictures
+(samples_before/after.png for image tasks, samples.png for the toy).
 
 An --output-dir that holds a run is refused unless the run is resumed or --overwrite is given. Ctrl-C stops the
 run with one line: the iteration it reached, its last checkpoint and the command that resumes from it. SIGTERM (a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -113,11 +115,12 @@ class Run:
         resume = args.resume_from_checkpoint
         if args.output_dir is None and resume not in (None, "latest"):
             args.output_dir = str(Path(resume).resolve().parent.parent)  # <output_dir>/checkpoints/checkpoint-N
-        if args.output_dir is None:
+        default_dir = args.output_dir is None
+        if default_dir:  # this process's guess; the main process claims the run's own once the processes can talk
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{algorithm}_{args.model}_s{args.seed}_{stamp}")
         self.out = Path(args.output_dir)
-        held = [name for name in OUTPUTS if (self.out / name).exists()]
+        held = [name for name in OUTPUTS if (self.out / name).exists()] if not default_dir else []
         if held and resume is None and not args.overwrite:
             resume_it = (f"resume it with --resume-from-checkpoint latest --output-dir {self.out}, " if
                          checkpoints(self.out) else "it has no checkpoint to resume; ")
@@ -143,6 +146,8 @@ class Run:
                                        project_dir=str(self.out), cpu=not torch.cuda.is_available(),
                                        kwargs_handlers=[InitProcessGroupKwargs(
                                            timeout=timedelta(minutes=args.dist_timeout_minutes))])
+        if default_dir:
+            self._claim_default_dir()
         args.mixed_precision = self.accelerator.mixed_precision  # None: what `accelerate launch` configured
         # on a GPU: the kernels asked for (never cuDNN under auto) before any model runs; start() checks them
         attention.preselect(args.attention_backend, self.accelerator.device)
@@ -186,6 +191,32 @@ class Run:
         kind = self.accelerator.distributed_type
         return kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and
                                                 self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+    def _claim_default_dir(self):
+        """The default --output-dir, runs/<script>_<model>_s<seed>_<time>: the main process creates it at once (a
+        name a run launched in the same second took gets -2, -3, ...: a sweep started in a loop) and every process
+        takes its choice. Each process's own clock would not do: processes that start on either side of a second
+        would split one run between two directories."""
+        chosen = [None]
+        if self.accelerator.is_main_process:
+            base = self.out
+            for n in itertools.count(1):
+                path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+                try:
+                    path.mkdir(parents=True, exist_ok=False)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    raise SystemExit(f"cannot create the run directory {path}: {e.strerror}; choose an --output-dir "
+                                     f"that can be written") from None
+            chosen = [str(path)]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            broadcast_object_list(chosen)
+        self.args.output_dir, self.out = chosen[0], Path(chosen[0])
+        config = self.accelerator.project_configuration  # where trackers and accelerate's own saves go
+        config.project_dir = config.logging_dir = chosen[0]
 
     def _position(self) -> str:
         """Where a stopped run stands, for its one-line message: the iteration and what is on disk."""

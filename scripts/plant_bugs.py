@@ -326,6 +326,14 @@ BUGS = [
     ("DGPO's timestep clip on the DPM flow schedule waits for the model to load", "dgpo.py",
      "        if self.rollout_schedule == \"dpm-flow\":\n", "        if False:\n",
      "tests/test_cli.py::test_the_timestep_clip_on_the_dpm_flow_schedule_is_checked_with_the_flags"),
+    ("each process names the default --output-dir from its own clock", "infra/run.py",
+     "        if default_dir:\n            self._claim_default_dir()\n", "",
+     "tests/test_distributed.py::"
+     "test_without_output_dir_every_process_writes_into_the_directory_the_main_process_chose"),
+    ("a run without --output-dir takes the name of one started in the same second", "infra/run.py",
+     "                except FileExistsError:\n                    continue\n",
+     "                except FileExistsError:\n                    break\n",
+     "tests/test_cli.py::test_runs_without_output_dir_started_in_the_same_second_get_a_directory_each"),
 ]
 
 

@@ -62,6 +62,25 @@ def main(out: Path):
     (out / f"rollout_noise_rank{rank}.json").write_text(json.dumps(rollout_noise))
     common.Policy.initial_noise = original_noise
     (out / f"sigterm_rank{rank}.json").write_text(json.dumps(sigterm_one_process(out, rank)))
+    default_output_dir(out, rank)
+
+
+def default_output_dir(out: Path, rank: int):
+    """Without --output-dir, the processes' clocks on either side of a second: both must write into the directory
+    the main process chose (its checkpoint holds both processes' run states)."""
+    import os
+    import time
+
+    import flow_grpo
+    here, strftime = os.getcwd(), time.strftime
+    os.chdir(out)
+    time.strftime = lambda fmt, *a: f"20260101-00000{rank}"  # rank 0 at second 0, rank 1 at second 1
+    try:
+        flow_grpo.main(["--iterations", "2", "--checkpoint-every", "1", "--log-every", "0", "--save-weights", "false",
+                        "--eval-samples-per-prompt", "8"])
+    finally:
+        time.strftime = strftime
+        os.chdir(here)
 
 
 def sigterm_one_process(out: Path, rank: int) -> dict:

@@ -418,3 +418,21 @@ def test_a_reward_that_cannot_score_the_models_samples_or_prompts_is_refused_wit
         parse("--model", model)
     parse("--model", "tiny-flux", "--train-prompts", str(tmp_path / "colours.txt"), "--reward", "mean_color:2")
     parse("--model", "tiny-flux", "--reward", "mean_color,pickscore")  # pickscore's weights load later, not here
+
+
+def test_runs_without_output_dir_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch):
+    """A sweep started in a shell loop: the same script, model and seed in the same second. The default directory is
+    claimed when the run starts, so the second run takes <name>-2 instead of writing into the first's."""
+    import time
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    first = flow_grpo.main(["--iterations", "1", "--learning-rate", "1e-3", *QUICK])
+    second = flow_grpo.main(["--iterations", "1", "--learning-rate", "2e-3", *QUICK])
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["flow_grpo_toy2d_s0_20260101-000000",
+                                                      "flow_grpo_toy2d_s0_20260101-000000-2"]
+    for name, summary, lr in (("flow_grpo_toy2d_s0_20260101-000000", first, 1e-3),
+                              ("flow_grpo_toy2d_s0_20260101-000000-2", second, 2e-3)):
+        assert json.loads((runs / name / "summary.json").read_text()) == summary
+        assert json.loads((runs / name / "config.json").read_text())["learning_rate"] == lr
+        assert json.loads((runs / name / "config.json").read_text())["output_dir"] == str(Path("runs") / name)

@@ -129,3 +129,13 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_iteration_wit
         assert got["message"].startswith("stopped by SIGTERM after 2 of 5 iterations; last checkpoint "), got
     assert [p.name for p in (two_process_run / "sigterm" / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert len((two_process_run / "sigterm" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_without_output_dir_every_process_writes_into_the_directory_the_main_process_chose(two_process_run):
+    """The processes' clocks said seconds 0 and 1 (dist_check.py): before, each named the default directory from its
+    own, and process 1's run state landed in a directory of its own, a checkpoint no resume could use."""
+    runs = sorted(p.name for p in (two_process_run / "runs").iterdir())
+    assert runs == ["flow_grpo_toy2d_s0_20260101-000000"]
+    checkpoint = two_process_run / "runs" / runs[0] / "checkpoints" / "checkpoint-1"
+    assert sorted(p.name for p in checkpoint.glob("run_state_*.pt")) == ["run_state_0.pt", "run_state_1.pt"]
+    assert json.loads((two_process_run / "runs" / runs[0] / "summary.json").read_text())["num_processes"] == 2
