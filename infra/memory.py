@@ -207,6 +207,10 @@ def fit_memory(args, policy, accelerator, prompt: str, *, train_field: Optional[
     cfg = policy.cfg_active()
     with policy.without_cfg():
         act = measure(policy, policy.encode_prompts([prompt]), accelerator.autocast)
+    if accelerator.num_processes > 1:  # one plan for all: batch sizes that differed would differ in collectives (FSDP)
+        most = torch.tensor([act.grad, act.checkpointed, act.no_grad], dtype=torch.float64, device=accelerator.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        act = ActivationBytes(*(int(b) for b in most.tolist()))
     budget = budget_bytes(args, policy, accelerator)
     p = plan(act, budget, unit_samples * (2 if train_cfg and cfg else 1), units, cfg)
     if p.checkpointing:

@@ -334,6 +334,9 @@ BUGS = [
      "                except FileExistsError:\n                    continue\n",
      "                except FileExistsError:\n                    break\n",
      "tests/test_cli.py::test_runs_without_output_dir_started_in_the_same_second_get_a_directory_each"),
+    ("--fit-memory plans from each process's own measurement", "infra/memory.py",
+     "    if accelerator.num_processes > 1:  # one plan for all", "    if False:  # one plan for all",
+     "tests/test_distributed.py::test_fit_memory_plans_alike_on_every_process_from_the_largest_measurement"),
 ]
 
 

@@ -38,6 +38,7 @@ def main(out: Path):
     result["dgpo_index"] = mine.tolist()
     result.update(ddp_accumulation(acc))
     result.update(sharded_evaluation(acc, out))
+    result.update(one_memory_plan(acc))
     (out / f"stats_rank{rank}.json").write_text(json.dumps(result))
 
     # every script, one iteration as a 2-process run; the first rollout noise each process draws (from the global
@@ -126,6 +127,33 @@ def sharded_evaluation(acc, out: Path) -> dict:
     return {"eval_reward": result["reward"], "eval_on_manifold": result["on_manifold"],
             "eval_samples": samples.tolist(), "eval_prompts": prompts, "eval_model_rows": sum(rows),
             "eval_steps": args.eval_steps}
+
+
+def one_memory_plan(acc) -> dict:
+    """--fit-memory with measurements that differ between the processes (faked: process 1 measures twice the bytes):
+    both must plan from the larger, or their micro-batches, and with them their collectives, would differ."""
+    import flow_grpo
+    from infra import memory
+    from infra.args import parse_args
+    from infra.tasks import load_task
+    args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux", "--fit-memory",
+                                                          "--memory-budget-gib", "0.02"])
+    task = load_task(args, keep_reference=False, log=lambda *a: None)
+    measured, original = [], memory.measure
+
+    def measure(*a, **k):
+        act = original(*a, **k)
+        act = memory.ActivationBytes(*(b * (1 + acc.process_index) for b in (act.grad, act.checkpointed, act.no_grad)))
+        measured.append(vars(act))
+        return act
+
+    memory.measure = measure
+    try:
+        plan = memory.fit_memory(args, task.policy, acc, task.train_prompts[0], train_field=None, unit_samples=4,
+                                 units=2, train_cfg=False, log=lambda *a: None)
+    finally:
+        memory.measure = original
+    return {"memory_measured": measured[0], "memory_plan": plan}
 
 
 def ddp_accumulation(acc):

@@ -139,3 +139,16 @@ def test_without_output_dir_every_process_writes_into_the_directory_the_main_pro
     checkpoint = two_process_run / "runs" / runs[0] / "checkpoints" / "checkpoint-1"
     assert sorted(p.name for p in checkpoint.glob("run_state_*.pt")) == ["run_state_0.pt", "run_state_1.pt"]
     assert json.loads((two_process_run / "runs" / runs[0] / "summary.json").read_text())["num_processes"] == 2
+
+
+def test_fit_memory_plans_alike_on_every_process_from_the_largest_measurement(two_process_run):
+    """Process 1 measured twice process 0's bytes per sample (dist_check.py): both plan from process 1's, so both
+    take the same batch sizes and make the same model calls."""
+    stats = [json.loads((two_process_run / f"stats_rank{r}.json").read_text()) for r in (0, 1)]
+    assert stats[1]["memory_measured"]["grad"] == 2 * stats[0]["memory_measured"]["grad"] > 0
+    assert stats[0]["memory_plan"] == stats[1]["memory_plan"]
+    assert stats[0]["memory_plan"]["per_sample_bytes"] == stats[1]["memory_measured"]
+    from infra import memory  # process 0's own measurement alone would have planned otherwise: the test can fail
+    own = [memory.plan(memory.ActivationBytes(**s["memory_measured"]), s["memory_plan"]["budget_bytes"], 4, 2, False)
+           for s in stats]
+    assert own[0] != own[1] and vars(own[1])["rollout_batch"] == stats[0]["memory_plan"]["rollout_batch_size"]
