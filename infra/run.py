@@ -333,6 +333,8 @@ class Run:
                 line += (f"; on_manifold {before['on_manifold']:.3f} -> {after['on_manifold']:.3f} (the fraction of "
                          f"samples still on the ring: a reward hacker loses it)")
             line += f". Picture: {self.out / 'samples.png'}"
+        elif getattr(self, "task", None) is not None and self.task.grid_prompts:
+            line += f". Pictures: {self.out / 'samples_before.png'}, {self.out / 'samples_after.png'}"
         return line
 
     def _interrupted(self, signum, frame):

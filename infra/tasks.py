@@ -207,7 +207,7 @@ def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[
                          f"--eval-prompts)")
     evals = evals or train
     policy = build_pipeline_policy(args, train, evals, keep_reference, device, log)
-    return Task(policy, reward, train, evals)
+    return Task(policy, reward, train, evals, grid_prompts=evals[:4])  # samples_{before,after}.png: 4 eval prompts
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4):
@@ -229,15 +229,24 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4)
 
 
 @torch.no_grad()
-def sample_grid(task: Task, args, path: Optional[str | Path], per_prompt: int = 4):
+def sample_grid(task: Task, args, path: Optional[str | Path], per_prompt: int = 4, tile: int = 512):
     """Image tasks: a PNG of `task.grid_prompts` (one row each) x `per_prompt` fixed seeds, sampled with the
-    evaluation ODE, so the grids written before and after training show the same prompts and noise. Every process
-    samples (a sharded model needs them all); the one given a `path` writes it."""
+    evaluation ODE, so the grids written before and after training show the same prompts and noise. Sampled and
+    decoded in `--eval-batch-size` chunks; images larger than `tile` pixels are shrunk to it, small ones enlarged
+    toward 128. Every process samples (a sharded model needs them all); the one given a `path` writes it."""
     policy = task.policy
     prompts = [p for p in task.grid_prompts for _ in range(per_prompt)]
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(args.eval_seed))
+    sigmas, chunk, images = policy.sigmas(args.eval_steps, args.shift), getattr(args, "eval_batch_size", 0), []
+    chunk = chunk or len(prompts)
     with policy.nfe_paused():
-        x0 = sample_ode(policy, noise, policy.sigmas(args.eval_steps, args.shift), policy.encode_prompts(prompts),
-                        solver=args.eval_solver)
+        for i in range(0, len(prompts), chunk):
+            x0 = sample_ode(policy, noise[i:i + chunk], sigmas, policy.encode_prompts(prompts[i:i + chunk]),
+                            solver=args.eval_solver)
+            if path is not None:  # (the VAE is not sharded: the other processes need not decode)
+                images.append(policy.decode(x0).float().cpu())
     if path is not None:
-        save_grid(policy.decode(x0), path, nrow=per_prompt)
+        images = torch.cat(images)
+        if max(images.shape[-2:]) > tile:  # FLUX at 720 px: a 4 x 4 grid of 512 px tiles, not a 2,900 px image
+            images = torch.nn.functional.interpolate(images, scale_factor=tile / max(images.shape[-2:]), mode="area")
+        save_grid(images, path, nrow=per_prompt, scale=max(1, 128 // max(images.shape[-2:])))

@@ -46,10 +46,14 @@ def _flags(pipeline_dir, prompt_files, out, *extra):
 @pytest.mark.parametrize("lora_rank", ["8", "0"])
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline_dir, prompt_files, tmp_path,
-                                                       monkeypatch):
+                                                       monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     summary = SCRIPTS[name].main(_flags(pipeline_dir, prompt_files, tmp_path / "run", "--lora-rank", lora_rank))
     assert summary["model"] == "flux" and summary["nfe_train"] > 0
+    from PIL import Image  # the grids of the evaluation prompts (here one) x 4 seeds, 32 px shown at 128
+    for label in ("before", "after"):
+        assert Image.open(tmp_path / "run" / f"samples_{label}.png").size == (2 + 4 * 130, 2 + 130)
+    assert f"Pictures: {tmp_path / 'run' / 'samples_before.png'}" in capsys.readouterr().out  # the closing line
     saved = tmp_path / "run" / "final"
     if lora_rank != "0":  # what FluxPipeline.load_lora_weights reads
         assert (saved / "pytorch_lora_weights.safetensors").is_file()

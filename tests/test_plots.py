@@ -74,3 +74,40 @@ def test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eva
                           tmp_path / f"{name}.png", per_prompt=2)
         drawn[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert np.array_equal(drawn["first"], drawn["again"]) and not np.array_equal(drawn["first"], drawn["other"])
+    # in --eval-batch-size chunks (FLUX cannot take a grid's samples at once) the same picture, each its own noise
+    tasks.sample_grid(task, SimpleNamespace(eval_seed=7, eval_steps=2, shift=None, eval_solver="euler",
+                                            eval_batch_size=3), tmp_path / "chunked.png", per_prompt=2)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "chunked.png")), drawn["first"])
+
+
+def test_the_sample_grid_shrinks_large_images_to_its_tile_and_enlarges_small_ones(tmp_path):
+    """FLUX's 720 px images become 512 px tiles (a 4 x 4 grid of 2,900 px otherwise), shapes' 32 px ones 128 px."""
+    class Policy:
+        def __init__(self, size):
+            self.size = size
+
+        def initial_noise(self, n, generator):
+            return torch.rand(n, 3, self.size, self.size, generator=generator)
+
+        def nfe_paused(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def sigmas(self, steps, shift):
+            return torch.linspace(1, 0, steps + 1)
+
+        def encode_prompts(self, prompts):
+            return {}
+
+        def velocity(self, x, sigma, cond):
+            return torch.zeros_like(x)
+
+        def decode(self, x):
+            return x
+
+    args = SimpleNamespace(eval_seed=0, eval_steps=1, shift=None, eval_solver="euler", eval_batch_size=2)
+    for size, tile in ((720, 512), (32, 128), (200, 200)):
+        task = tasks.Task(Policy(size), None, [], [], grid_prompts=["a", "b"])
+        tasks.sample_grid(task, args, tmp_path / f"{size}.png", per_prompt=2)
+        h, w = Image.open(tmp_path / f"{size}.png").size
+        assert (h, w) == (2 + 2 * (tile + 2), 2 + 2 * (tile + 2)), size
