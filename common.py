@@ -599,6 +599,9 @@ class CommonArgs:
                              "after the last line (0: never)", min=0)
     save_weights: bool = arg(True, "save the trained weights to <output_dir>/final at the end")
     checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)", min=0)
+    checkpoint_minutes: float = arg(60.0, "also save one after an iteration that ends this many minutes or more after "
+                                          "the last (FLUX iterations take minutes; a crash loses at most this much "
+                                          "work; 0: never)", min=0)
     checkpoints_total_limit: int = arg(2, "keep only the newest N checkpoints", min=1)
     attention_backend: str = arg("auto", "attention kernel: 'auto' (on a GPU flash, else memory-efficient, never "
                                           "cuDNN, whose backward gives NaN on H100/H200 with torch 2.11), 'flash', "

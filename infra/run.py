@@ -421,6 +421,7 @@ class Run:
             for p in self._checkpoints()[:-limit] if limit > 0 else []:
                 shutil.rmtree(p)
         self.accelerator.wait_for_everyone()
+        self._last_checkpoint = time.time()  # --checkpoint-minutes counts from here
 
     def progress(self, iterations: int):
         from tqdm.auto import tqdm
@@ -480,7 +481,7 @@ class Run:
         self.iteration = getattr(self, "_next_iteration", self.first_iteration)
         self._next_iteration = self.iteration + 1
         if self.iteration == self.first_iteration:
-            self._loop_start = self._last_line = self._t0
+            self._loop_start = self._last_line = self._last_checkpoint = self._t0
 
     def end_iteration(self, iteration: int, task: Task, rewards: torch.Tensor, losses: dict, **extra):
         """Log one iteration: reward statistics of the (gathered) rewards (groups, G), this iteration's NFE
@@ -502,13 +503,16 @@ class Run:
         for k, v in metrics.items():  # before any checkpoint is written from this state
             if isinstance(v, (float, int, torch.Tensor)):
                 check_finite(k, v)
-        every = self.args.checkpoint_every
-        saved = every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations
+        every, minutes = self.args.checkpoint_every, self.args.checkpoint_minutes
+        late = bool(minutes) and time.time() - self._last_checkpoint >= 60 * minutes and self.is_main
+        stop = self._terminating
+        if self.accelerator.num_processes > 1:  # every process decides alike: by the main one's clock, on anyone's
+            late, stop = (self.accelerator.reduce(torch.tensor([float(late), float(stop)], device=self.device),  # TERM
+                                                  reduction="sum") > 0).tolist()
+        due = bool(every) and (iteration + 1) % every == 0
+        saved = (due or late) and iteration + 1 < self.args.iterations
         if saved:
             self.save_checkpoint(iteration + 1)
-        stop = self._terminating
-        if self.accelerator.num_processes > 1:  # every process stops after the same iteration
-            stop = self.accelerator.reduce(torch.tensor(float(stop), device=self.device), reduction="sum").item() > 0
         if stop:
             if not saved:
                 self.save_checkpoint(iteration + 1)

@@ -148,6 +148,29 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it(tmp_path, 
         flow_grpo.main(resume)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # the refusals trained nothing
 
+
+def test_a_checkpoint_comes_after_an_iteration_that_ends_checkpoint_minutes_after_the_last(tmp_path, monkeypatch):
+    """With --checkpoint-every 0, only time writes one: the clock of the last checkpoint is set back an hour before
+    iteration 3 ends (the default --checkpoint-minutes 60), so checkpoint-3 is written, and the clock starts again
+    there; --checkpoint-minutes 0 writes none. A resume from it continues."""
+    original = run.Run.end_iteration
+
+    def an_hour_later_at_3(self, iteration, *a, **kw):
+        if iteration == 2:
+            self._last_checkpoint -= 3600
+        return original(self, iteration, *a, **kw)
+
+    monkeypatch.setattr(run.Run, "end_iteration", an_hour_later_at_3)
+    flags = ["--iterations", "6", "--checkpoint-every", "0", "--log-every", "0", "--eval-samples-per-prompt", "1"]
+    flow_grpo.main(flags + ["--output-dir", str(tmp_path / "timed")])
+    assert [p.name for p in run.checkpoints(tmp_path / "timed")] == ["checkpoint-3"]
+    flow_grpo.main(flags + ["--checkpoint-minutes", "0", "--output-dir", str(tmp_path / "off")])
+    assert run.checkpoints(tmp_path / "off") == []
+    monkeypatch.setattr(run.Run, "end_iteration", original)
+    resumed = flow_grpo.main(flags + ["--iterations", "8", "--resume-from-checkpoint", "latest", "--output-dir",
+                                      str(tmp_path / "timed")])
+    assert resumed["iterations"] == 8
+
 def test_a_resume_needs_iterations_left(tmp_path):
     flags = ["--iterations", "5", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
              "--save-weights", "false", "--output-dir", str(tmp_path)]

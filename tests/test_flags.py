@@ -20,7 +20,7 @@ SAME_NUMBERS = {
     "attention_backend",
     # what is written, and the launch
     "output_dir", "overwrite", "resume_from_checkpoint", "report_to", "log_every", "save_weights", "checkpoint_every",
-    "checkpoints_total_limit", "dist_timeout_minutes", "eval_every",
+    "checkpoint_minutes",    "checkpoints_total_limit", "dist_timeout_minutes", "eval_every",
     # image models and prompt files (the toy has one reward and its own prompts, and refuses the image models'
     # flags: test_cli.py): test_flux_pipeline.py, test_sd3_pipeline.py, test_prompts.py
     "reward", "pretrained", "max_sequence_length", "reward_dir", "resolution", "guidance_scale", "lora_rank",
