@@ -99,6 +99,7 @@ def process_count_mismatch(checkpoint: Path, world: int) -> Optional[str]:
             f"resume it with {written} (accelerate launch --num_processes {written}, torchrun --nproc_per_node "
             f"{written}{', or plain python' if written == 1 else ''})")
 
+
 class Run:
     """One training run: the Accelerator, per-process seeding, console + jsonl + tracker logging, summary."""
 
