@@ -176,6 +176,7 @@ def check_t_min(args, sigmas):
                          f"{[round(s, 3) for s in sigmas.tolist()]} for --num-train-timesteps "
                          f"{args.num_train_timesteps}; lower one of them")
 
+
 def dgpo_pass(policy, x0, eps, t, cond, advantages, group_index, num_groups, beta, all_reduce, kl_beta: float,
               clip_dsm: bool, clip_range: float, theta_minus):
     """DGPO at one timestep t for a batch of whole groups (the official train_sd3_dgpo.py inner loop): the noised

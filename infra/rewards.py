@@ -286,6 +286,7 @@ class CheckedReward:
     def attention_shapes(self) -> list[AttentionShape]:
         return attention_shapes(self.fn)
 
+
 def attention_shapes(reward: Callable) -> list[AttentionShape]:
     """The attention calls a reward makes (none for a programmatic reward), for the kernel check."""
     return list(dict.fromkeys(reward.attention_shapes())) if hasattr(reward, "attention_shapes") else []

@@ -171,6 +171,7 @@ def test_a_checkpoint_comes_after_an_iteration_that_ends_checkpoint_minutes_afte
                                       str(tmp_path / "timed")])
     assert resumed["iterations"] == 8
 
+
 def test_a_resume_needs_iterations_left(tmp_path):
     flags = ["--iterations", "5", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
              "--save-weights", "false", "--output-dir", str(tmp_path)]

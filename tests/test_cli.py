@@ -391,6 +391,7 @@ def test_a_console_line_comes_every_log_every_iterations_and_after_a_minute_with
     lines = [l.split()[1] for l in capsys.readouterr().out.splitlines() if l.startswith("it ")]
     assert lines == ["1/5", "3/5", "5/5"]  # the first, the one a minute after it, the last
 
+
 def test_a_reward_that_cannot_score_the_models_samples_or_prompts_is_refused_with_the_flags(tmp_path):
     """Each of these failed with a traceback in the first reward call, after the model loaded (or pretrained)."""
     (tmp_path / "mixed.txt").write_text("a red circle\nmode 3\n")

@@ -84,6 +84,7 @@ def test_a_long_evaluation_reports_progress_to_a_log_and_a_short_one_stays_quiet
     tasks.evaluate(task, args, log=quiet.append)  # the default interval: a minute
     assert quiet == []
 
+
 def test_toy_reference_is_frozen_copy(toy):
     x, cond = torch.randn(5, 2), toy.encode_prompts(["mode 1"] * 5)
     with torch.no_grad():

@@ -73,6 +73,7 @@ def test_progress_lines_come_at_most_every_interval_and_never_from_a_quiet_proce
     muted.update(1)
     assert quiet == [] and progress.duration(3725) == "1:02:05"
 
+
 def test_loading_maps_the_files_instead_of_reading_them(tmp_path):
     """256 MB of embeddings: opening the cache adds (almost) nothing to the process's resident memory, a batch of
     rows adds about its own size."""
