@@ -178,6 +178,9 @@ def check_together(args):
     """The rules that involve the model, the reward, the files: before anything loads or is written."""
     if args.model not in MODELS + tuple(CUSTOM_MODELS):
         raise ValueError(f"--model takes one of {', '.join(MODELS + tuple(CUSTOM_MODELS))}; got {args.model!r}")
+    if args.overwrite and args.resume_from_checkpoint:  # (the resume went ahead, the --overwrite silently ignored)
+        raise ValueError("--overwrite starts the run in --output-dir over and --resume-from-checkpoint continues it: "
+                         "give one of them")
     if args.reward is not None:
         for item in args.reward.split(","):
             name, _, weight = item.strip().partition(":")
@@ -420,8 +423,8 @@ def _saved_config(resume: str, output_dir: Optional[str], prog: str) -> Optional
     if run_dir is None or not (run_dir / "config.json").is_file():
         return None
     saved = json.loads((run_dir / "config.json").read_text())
-    saved.pop("output_dir", None)
-    saved.pop("resume_from_checkpoint", None)
+    for launch_only in ("output_dir", "resume_from_checkpoint", "overwrite"):  # how that run was started, not what
+        saved.pop(launch_only, None)                                         # it computes
     return saved
 
 

@@ -341,6 +341,10 @@ BUGS = [
      "late = bool(minutes) and time.time() - self._last_checkpoint >= 60 * minutes and self.is_main",
      "late = False",
      "tests/test_checkpoints.py::test_a_checkpoint_comes_after_an_iteration_that_ends_checkpoint_minutes_after_the_last"),
+    ("a resumed run takes --overwrite from the config.json of a run started with it", "infra/args.py",
+     '    for launch_only in ("output_dir", "resume_from_checkpoint", "overwrite"):',
+     '    for launch_only in ("output_dir", "resume_from_checkpoint"):',
+     "tests/test_cli.py::test_overwrite_and_resume_together_are_refused_and_a_run_started_with_overwrite_resumes"),
 ]
 
 

@@ -275,6 +275,20 @@ def test_an_output_dir_that_holds_a_run_is_refused_unless_resumed_or_overwritten
     assert not (out / "checkpoints").exists()
 
 
+def test_overwrite_and_resume_together_are_refused_and_a_run_started_with_overwrite_resumes(tmp_path):
+    """Both flags: the resume went ahead and --overwrite was ignored without a word; refused now. A run started with
+    --overwrite keeps it in its config.json, which must not make its own resume look like both."""
+    out = tmp_path / "run"
+    flags = ["--iterations", "4", "--checkpoint-every", "2", "--output-dir", str(out), *QUICK]
+    flow_grpo.main(flags + ["--overwrite"])
+    assert json.loads((out / "config.json").read_text())["overwrite"] is True
+    with pytest.raises(SystemExit, match="--overwrite starts the run in --output-dir over and "
+                                         "--resume-from-checkpoint continues it: give one of them"):
+        flow_grpo.main(flags + ["--iterations", "6", "--resume-from-checkpoint", "latest", "--overwrite"])
+    resumed = flow_grpo.main(flags + ["--iterations", "6", "--resume-from-checkpoint", "latest"])
+    assert resumed["iterations"] == 6 and len((out / "metrics.jsonl").read_text().splitlines()) == 6
+
+
 def test_resume_takes_the_runs_own_flags_and_refuses_ones_that_change_what_it_computes(tmp_path):
     out = tmp_path / "run"
     flow_grpo.main(["--group-size", "4", "--iterations", "4", "--checkpoint-every", "2", "--output-dir", str(out),
