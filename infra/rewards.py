@@ -268,11 +268,11 @@ class CheckedReward:
     reward or model, stops the run with a line naming the reward, not with a shape error deep inside a method."""
 
     def __init__(self, fn: Callable, name: str):
-        self.fn, self.name = fn, name
+        self.fn, self.name = fn, name  # as the messages name it: "reward 'pickscore'"
 
     def __call__(self, samples, prompts) -> torch.Tensor:
         out, n = self.fn(samples, prompts), len(prompts)
-        what = f"reward {self.name!r} returned"
+        what = f"{self.name} returned"
         if not torch.is_tensor(out):
             raise SystemExit(f"{what} a {type(out).__name__}; a reward returns a tensor of one number per sample, "
                              f"shape ({n},)")

@@ -139,7 +139,8 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     train = read_prompts(args.train_prompts) if args.train_prompts else None
     evals = read_prompts(args.eval_prompts) if args.eval_prompts else None
     task = _build(args, keep_reference, device, log, train, evals)
-    task.reward_fn = CheckedReward(task.reward_fn, args.reward or DEFAULT_REWARDS.get(args.model, f"of {args.model}"))
+    name = args.reward or DEFAULT_REWARDS.get(args.model)
+    task.reward_fn = CheckedReward(task.reward_fn, f"reward {name!r}" if name else f"the reward of --model {args.model}")
     if args.gradient_checkpointing:
         if not hasattr(task.policy, "enable_gradient_checkpointing"):
             raise SystemExit(f"--gradient-checkpointing needs a diffusers transformer; --model {args.model} has none")

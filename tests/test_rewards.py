@@ -200,7 +200,7 @@ def test_clip_rewards_report_the_attention_calls_they_make(tmp_path, monkeypatch
     both = rewards.WeightedReward([(1.0, scorer), (0.5, scorer), (1.0, rewards.mean_color_reward)])
     assert rewards.attention_shapes(both) == [image, text]
     assert rewards.attention_shapes(rewards.get_reward("mean_color")) == []
-    assert rewards.attention_shapes(rewards.CheckedReward(both, "both")) == [image, text]  # what a run's task holds
+    assert rewards.attention_shapes(rewards.CheckedReward(both, "reward 'both'")) == [image, text]  # a run's task's
 
 
 def test_a_reward_that_does_not_return_one_number_per_sample_stops_with_its_name():
@@ -208,7 +208,7 @@ def test_a_reward_that_does_not_return_one_number_per_sample_stops_with_its_name
     become float; other shapes, a list, complex numbers stop the run with one line naming the reward."""
     images, prompts = torch.rand(4, 3, 8, 8), ["a photo of red"] * 4
     want = rewards.mean_color_reward(images, prompts)
-    check = lambda fn: rewards.CheckedReward(fn, "mine")(images, prompts)
+    check = lambda fn: rewards.CheckedReward(fn, "reward 'mine'")(images, prompts)
     torch.testing.assert_close(check(rewards.mean_color_reward), want)
     torch.testing.assert_close(check(lambda x, p: rewards.mean_color_reward(x, p)[:, None]), want)
     out = check(lambda x, p: rewards.mean_color_reward(x, p) > 0.5)
@@ -259,3 +259,23 @@ def test_the_usage_pages_own_reward_example_trains_toward_its_reward(tmp_path, m
     assert summary["eval_reward_after"] > summary["eval_reward_before"] + 0.3, summary  # -3.96 -> -1.72
     reading = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval reward"))
     assert "on_manifold" in reading and "1 = every sample" not in reading
+
+
+def test_a_registered_models_reward_is_checked_and_named_by_its_model(tmp_path):
+    """A model registered with its own reward (no --reward): the same check, the message naming the model."""
+    import flow_grpo
+    from common import toy_mode_reward
+    from infra import tasks
+
+    def build(args, keep_reference, device, log):
+        prompts = [f"mode {i}" for i in range(8)]
+        return tasks.Task(tasks.toy2d_policy(keep_reference, device, log), lambda x, p: toy_mode_reward(x, p)[:-1],
+                          prompts, prompts)
+
+    tasks.register_model("toy-short-reward", build)
+    try:
+        with pytest.raises(SystemExit, match=r"the reward of --model toy-short-reward returned shape \(31,\) for 32"):
+            flow_grpo.main(["--model", "toy-short-reward", "--preset", "toy2d", "--iterations", "1",
+                            "--eval-samples-per-prompt", "4", "--output-dir", str(tmp_path / "run")])
+    finally:
+        del tasks.CUSTOM_MODELS["toy-short-reward"]
