@@ -3,8 +3,8 @@
 Every script drives it the same way: `run = Run(args, name)`, `run.make_optimizer(policy)`, `run.start(task, ...)`
 (the evaluation before training, or a resume), `run.begin_iteration` / `run.end_iteration` around each iteration,
 `run.evaluate(task, "after")`, `run.finish(...)`. What it writes, from `start` on (a run that fails before writes
-nothing, or without --output-dir only the empty directory it claimed): config.json, metrics.jsonl (one line per
-iteration), summary.json, final/ (the trained weights), checkpoints/checkpoint-N/, and the pictures
+nothing; without --output-dir the directory it claimed is removed again at exit): config.json, metrics.jsonl (one
+line per iteration), summary.json, final/ (the trained weights), checkpoints/checkpoint-N/, and the pictures
 (samples_before/after.png for image tasks, samples.png for the toy).
 
 An --output-dir that holds a run is refused unless the run is resumed or --overwrite is given. Ctrl-C stops the
@@ -15,6 +15,7 @@ way, so a resumed run loses nothing.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import itertools
@@ -98,6 +99,13 @@ def process_count_mismatch(checkpoint: Path, world: int) -> Optional[str]:
     return (f"{checkpoint} was written by {written} process{'es' if written > 1 else ''} and this run has {world}: "
             f"resume it with {written} (accelerate launch --num_processes {written}, torchrun --nproc_per_node "
             f"{written}{', or plain python' if written == 1 else ''})")
+
+
+def _remove_if_empty(path: Path):
+    """At exit: the default directory a run claimed, if the run failed before writing into it (a model that did not
+    load). A directory that holds anything stays."""
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 class Run:
@@ -205,6 +213,7 @@ class Run:
                 path = base if n == 1 else base.with_name(f"{base.name}-{n}")
                 try:
                     path.mkdir(parents=True, exist_ok=False)
+                    atexit.register(_remove_if_empty, path)  # a run that fails before its first write leaves nothing
                     break
                 except FileExistsError:
                     continue

@@ -451,3 +451,18 @@ def test_runs_without_output_dir_started_in_the_same_second_get_a_directory_each
         assert json.loads((runs / name / "summary.json").read_text()) == summary
         assert json.loads((runs / name / "config.json").read_text())["learning_rate"] == lr
         assert json.loads((runs / name / "config.json").read_text())["output_dir"] == str(Path("runs") / name)
+
+
+def test_a_run_without_output_dir_that_fails_before_writing_leaves_no_directory(tmp_path):
+    """The default directory is claimed (created) as the run starts; a run that then fails (here --compile on the
+    toy, refused once the model has loaded) removes it at exit, one that wrote into it keeps it."""
+    script = str(ROOT / "flow_grpo.py")
+    failed = subprocess.run([sys.executable, script, "--compile", "--iterations", "1"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert failed.returncode == 1 and "--compile compiles a diffusers transformer's blocks" in failed.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
+    done = subprocess.run([sys.executable, script, "--iterations", "1", *QUICK], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (kept,) = (tmp_path / "runs").iterdir()
+    assert (kept / "summary.json").is_file()
