@@ -1,6 +1,7 @@
 """The pictures a run draws: the toy's samples.png (reward curve, samples before and after) and the image tasks'
 sample grids, read back pixel by pixel."""
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -36,6 +37,31 @@ def test_the_toy_picture_draws_the_curve_upright_and_before_left_of_after(tmp_pa
     assert dots(mode0, 1) > dots(mode0, 2) + 500 and dots(mode3, 2) > dots(mode3, 1) + 300
 
 
+class NoisePolicy:
+    """Decodes its noise as it is (zero velocity): a grid shows the noise each row was sampled from."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def initial_noise(self, n, generator):
+        return torch.rand(n, 3, self.size, self.size, generator=generator)
+
+    def nfe_paused(self):
+        return contextlib.nullcontext()
+
+    def sigmas(self, steps, shift):
+        return torch.linspace(1, 0, steps + 1)
+
+    def encode_prompts(self, prompts):
+        return {}
+
+    def velocity(self, x, sigma, cond):
+        return torch.zeros_like(x)
+
+    def decode(self, x):
+        return x
+
+
 def test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eval_seed(tmp_path):
     images = torch.rand(6, 3, 4, 5)
     tasks.save_grid(images, tmp_path / "grid.png", nrow=3, scale=2)
@@ -47,27 +73,7 @@ def test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eva
         cell = torch.tensor(grid[y:y + 8:2, x:x + 10:2]).permute(2, 0, 1)
         assert torch.allclose(cell.float(), img, atol=1 / 255)
 
-    class Policy:  # decodes its noise as it is: the grid shows the noise each row was sampled from
-        def initial_noise(self, n, generator):
-            return torch.rand(n, 3, 4, 4, generator=generator)
-
-        def nfe_paused(self):
-            import contextlib
-            return contextlib.nullcontext()
-
-        def sigmas(self, steps, shift):
-            return torch.linspace(1, 0, steps + 1)
-
-        def encode_prompts(self, prompts):
-            return {}
-
-        def velocity(self, x, sigma, cond):
-            return torch.zeros_like(x)
-
-        def decode(self, x):
-            return x
-
-    task = tasks.Task(Policy(), None, [], [], grid_prompts=["a", "b"])
+    task = tasks.Task(NoisePolicy(4), None, [], [], grid_prompts=["a", "b"])
     drawn = {}
     for name, seed in (("first", 7), ("again", 7), ("other", 8)):
         tasks.sample_grid(task, SimpleNamespace(eval_seed=seed, eval_steps=2, shift=None, eval_solver="euler"),
@@ -82,32 +88,9 @@ def test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eva
 
 def test_the_sample_grid_shrinks_large_images_to_its_tile_and_enlarges_small_ones(tmp_path):
     """FLUX's 720 px images become 512 px tiles (a 4 x 4 grid of 2,900 px otherwise), shapes' 32 px ones 128 px."""
-    class Policy:
-        def __init__(self, size):
-            self.size = size
-
-        def initial_noise(self, n, generator):
-            return torch.rand(n, 3, self.size, self.size, generator=generator)
-
-        def nfe_paused(self):
-            import contextlib
-            return contextlib.nullcontext()
-
-        def sigmas(self, steps, shift):
-            return torch.linspace(1, 0, steps + 1)
-
-        def encode_prompts(self, prompts):
-            return {}
-
-        def velocity(self, x, sigma, cond):
-            return torch.zeros_like(x)
-
-        def decode(self, x):
-            return x
-
     args = SimpleNamespace(eval_seed=0, eval_steps=1, shift=None, eval_solver="euler", eval_batch_size=2)
     for size, tile in ((720, 512), (32, 128), (200, 200)):
-        task = tasks.Task(Policy(size), None, [], [], grid_prompts=["a", "b"])
+        task = tasks.Task(NoisePolicy(size), None, [], [], grid_prompts=["a", "b"])
         tasks.sample_grid(task, args, tmp_path / f"{size}.png", per_prompt=2)
         h, w = Image.open(tmp_path / f"{size}.png").size
         assert (h, w) == (2 + 2 * (tile + 2), 2 + 2 * (tile + 2)), size
