@@ -28,10 +28,11 @@ TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 # What a resumed run may change: where things are, how often it logs and saves, memory, speed, and how long it runs.
 # Anything else would make the resumed run a different run from its checkpoint.
 RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", "log_every", "report_to",
-             "eval_every", "checkpoint_every", "checkpoint_minutes", "checkpoints_total_limit", "dist_timeout_minutes", "num_threads",
-             "attention_backend", "save_weights", "rollout_batch_size", "eval_batch_size", "train_micro_batch_size",
-             "train_micro_batch_groups", "gradient_checkpointing", "compile", "merge_lora_rollouts", "fit_memory",
-             "memory_budget_gib", "pretrained", "reward_dir", "train_prompts", "eval_prompts"}
+             "eval_every", "checkpoint_every", "checkpoint_minutes", "checkpoints_total_limit", "dist_timeout_minutes",
+             "num_threads", "attention_backend", "save_weights", "rollout_batch_size", "eval_batch_size",
+             "train_micro_batch_size", "train_micro_batch_groups", "gradient_checkpointing", "compile",
+             "merge_lora_rollouts", "fit_memory", "memory_budget_gib", "pretrained", "reward_dir", "train_prompts",
+             "eval_prompts"}
 
 
 # The shared flags a built-in model has no use for: given another value than the default, they stop the run

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+LOG_INTERVAL = 60.0  # seconds: at most this long between lines in a job's log (also the training loop's, infra/run.py)
+
 
 def duration(seconds: float) -> str:
     """`m:ss`, or `h:mm:ss` from an hour."""
@@ -19,8 +21,8 @@ class Progress:
     `interval` seconds (none for work that ends sooner, none after the last piece). `quiet`: neither (the other
     processes of a multi-process run)."""
 
-    def __init__(self, total: int, what: str, unit: str, log: Optional[Callable] = None, interval: float = 60.0,
-                 quiet: bool = False):
+    def __init__(self, total: int, what: str, unit: str, log: Optional[Callable] = None,
+                 interval: float = LOG_INTERVAL, quiet: bool = False):
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, desc=what, unit=unit, leave=False, disable=True if quiet else None,
                         dynamic_ncols=True)  # disable=None: off when the output is not a terminal

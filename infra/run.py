@@ -33,7 +33,7 @@ import torch
 
 from common import NonFiniteError, Policy, check_finite, parse_toy_prompt
 from infra import attention
-from infra.progress import duration
+from infra.progress import LOG_INTERVAL, duration
 from infra.rewards import attention_shapes
 from infra.tasks import Task, evaluate, sample_grid
 
@@ -537,7 +537,7 @@ class Run:
                 f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
             last = iteration == self.args.iterations - 1
             every = self.args.log_every
-            if every and (iteration % every == 0 or last or time.time() - self._last_line >= 60):
+            if every and (iteration % every == 0 or last or time.time() - self._last_line >= LOG_INTERVAL):
                 self._last_line = time.time()
                 per_it = (time.time() - self._loop_start) / (iteration + 1 - self.first_iteration)
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and

@@ -20,7 +20,7 @@ import torch
 
 from common import TOY_NUM_MODES, Policy, Toy2DPolicy, check_finite, sample_ode, toy_on_manifold
 from infra.diffusers_models import build_tiny_flux
-from infra.progress import Progress
+from infra.progress import LOG_INTERVAL, Progress
 from infra.rewards import COLORS, CheckedReward, get_reward
 
 
@@ -37,7 +37,7 @@ class Task:
 
 @torch.no_grad()
 def evaluate(task: Task, args, keep_samples: bool = False, log: Optional[Callable] = None,
-             log_interval: float = 60.0):
+             log_interval: float = LOG_INTERVAL):
     """The evaluation protocol: the plain deterministic ODE (`--eval-solver`, `--eval-steps`) on the eval prompts
     from fixed noise (`--eval-seed`: the same noise before and after training). Returns the mean reward and the mean
     of each task metric (and, with `keep_samples`, the decoded samples and their prompts). NFE spent here is not
@@ -140,7 +140,8 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     evals = read_prompts(args.eval_prompts) if args.eval_prompts else None
     task = _build(args, keep_reference, device, log, train, evals)
     name = args.reward or DEFAULT_REWARDS.get(args.model)
-    task.reward_fn = CheckedReward(task.reward_fn, f"reward {name!r}" if name else f"the reward of --model {args.model}")
+    task.reward_fn = CheckedReward(task.reward_fn, f"reward {name!r}" if name else
+                                   f"the reward of --model {args.model}")
     if args.gradient_checkpointing:
         if not hasattr(task.policy, "enable_gradient_checkpointing"):
             raise SystemExit(f"--gradient-checkpointing needs a diffusers transformer; --model {args.model} has none")
@@ -238,8 +239,7 @@ def sample_grid(task: Task, args, path: Optional[str | Path], per_prompt: int = 
     policy = task.policy
     prompts = [p for p in task.grid_prompts for _ in range(per_prompt)]
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(args.eval_seed))
-    sigmas, chunk, images = policy.sigmas(args.eval_steps, args.shift), getattr(args, "eval_batch_size", 0), []
-    chunk = chunk or len(prompts)
+    sigmas, chunk, images = policy.sigmas(args.eval_steps, args.shift), args.eval_batch_size or len(prompts), []
     with policy.nfe_paused():
         for i in range(0, len(prompts), chunk):
             x0 = sample_ode(policy, noise[i:i + chunk], sigmas, policy.encode_prompts(prompts[i:i + chunk]),

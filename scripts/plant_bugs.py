@@ -316,7 +316,7 @@ BUGS = [
      "if not written or written == world:", "if True:",
      "tests/test_checkpoints.py::test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it"),
     ("no console line for a minute-long iteration between --log-every lines", "infra/run.py",
-     "if every and (iteration % every == 0 or last or time.time() - self._last_line >= 60):",
+     "if every and (iteration % every == 0 or last or time.time() - self._last_line >= LOG_INTERVAL):",
      "if every and (iteration % every == 0 or last):",
      "tests/test_cli.py::test_a_console_line_comes_every_log_every_iterations_and_after_a_minute_without_one"),
     ("the progress ETA divides by the total, not by what is done", "infra/progress.py",

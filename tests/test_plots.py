@@ -76,8 +76,8 @@ def test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eva
     task = tasks.Task(NoisePolicy(4), None, [], [], grid_prompts=["a", "b"])
     drawn = {}
     for name, seed in (("first", 7), ("again", 7), ("other", 8)):
-        tasks.sample_grid(task, SimpleNamespace(eval_seed=seed, eval_steps=2, shift=None, eval_solver="euler"),
-                          tmp_path / f"{name}.png", per_prompt=2)
+        tasks.sample_grid(task, SimpleNamespace(eval_seed=seed, eval_steps=2, shift=None, eval_solver="euler",
+                                                eval_batch_size=0), tmp_path / f"{name}.png", per_prompt=2)
         drawn[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert np.array_equal(drawn["first"], drawn["again"]) and not np.array_equal(drawn["first"], drawn["other"])
     # in --eval-batch-size chunks (FLUX cannot take a grid's samples at once) the same picture, each its own noise
