@@ -63,6 +63,18 @@ def cpu_accelerator():
     return Accelerator(cpu=True)
 
 
+@pytest.fixture(autouse=True)
+def repository_runs_untouched():
+    """No test may write into the repository's own runs/ (a user's runs live there): a run without --output-dir
+    belongs under tmp_path (monkeypatch.chdir). Its empty default directory is removed only when the process exits,
+    so a test that forgot would leave one behind each time the session is killed."""
+    runs = ROOT / "runs"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    yield
+    after = set(runs.iterdir()) if runs.is_dir() else set()
+    assert after <= before, f"the test wrote into the repository's runs/: {sorted(p.name for p in after - before)}"
+
+
 @pytest.fixture
 def gaussian_policy():
     return GaussianPolicy()

@@ -318,6 +318,7 @@ def test_precision_comes_from_the_flag_else_the_launch_config(tmp_path, monkeypa
     """--mixed-precision wins; without it the `accelerate launch` config's (its environment) applies, else 'no'.
     Runs in one process do not inherit each other's precision (accelerate keeps it process-wide)."""
     from infra.run import Run
+    monkeypatch.chdir(tmp_path)  # the runs' default directories go under tmp_path/runs, not the repository's
 
     def precision(*flags):
         args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, ["--model", "tiny-flux", *flags])
