@@ -37,8 +37,10 @@ RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", 
 
 # The shared flags a built-in model has no use for: given another value than the default, they stop the run
 MODEL_IGNORES = {
-    "toy2d": {"flags": ("resolution", "lora_rank", "lora_alpha", "guidance_scale", "max_sequence_length"),
-              "why": "a 2D flow model, all of it trained: no images, no LoRA, no guidance, no text encoder"},
+    "toy2d": {"flags": ("resolution", "lora_rank", "lora_alpha", "guidance_scale", "max_sequence_length",
+                        "compile", "gradient_checkpointing", "fit_memory"),
+              "why": "a 2D flow model, all of it trained: no images, no LoRA, no guidance, no text encoder, no "
+                     "diffusers transformer to compile, checkpoint or fit to memory"},
     "tiny-flux": {"flags": ("max_sequence_length",), "why": "its hash text encoder has 8 tokens"},
     "shapes": {"flags": ("resolution", "guidance_scale", "max_sequence_length"),
                "why": "its base was pretrained on 32 px images, without a guidance embedding, with its own text "

@@ -99,12 +99,14 @@ def test_every_bad_value_is_one_line_naming_the_flag(argv, message):
 @pytest.mark.parametrize("model, flag, value", [
     ("toy2d", "--lora-rank", "8"), ("toy2d", "--lora-alpha", "4"), ("toy2d", "--resolution", "64"),
     ("toy2d", "--guidance-scale", "7"), ("toy2d", "--max-sequence-length", "77"),
+    ("toy2d", "--compile", "true"), ("toy2d", "--gradient-checkpointing", "true"), ("toy2d", "--fit-memory", "true"),
     ("tiny-flux", "--max-sequence-length", "77"),
     ("shapes", "--resolution", "64"), ("shapes", "--guidance-scale", "7"), ("shapes", "--max-sequence-length", "77"),
 ])
 def test_a_flag_the_model_has_no_use_for_is_refused_not_ignored(model, flag, value):
     """Given another value than the default, each of these would change nothing (the toy has no images, shapes
-    generates 32 px from its own base): a user asking for it would get a run that silently is not what was asked."""
+    generates 32 px from its own base): a user asking for it would get a run that silently is not what was asked.
+    The toy's speed and memory levers would fail only once its model had loaded: refused here too."""
     with pytest.raises(SystemExit) as e:
         parse("--model", model, flag, value)
     assert str(e.value).startswith(f"dgpo.py: {flag} is not used by --model {model}: ") and "\n" not in str(e.value)
@@ -454,12 +456,14 @@ def test_runs_without_output_dir_started_in_the_same_second_get_a_directory_each
 
 
 def test_a_run_without_output_dir_that_fails_before_writing_leaves_no_directory(tmp_path):
-    """The default directory is claimed (created) as the run starts; a run that then fails (here --compile on the
-    toy, refused once the model has loaded) removes it at exit, one that wrote into it keeps it."""
+    """The default directory is claimed (created) as the run starts; a run that then fails (here a reward model whose
+    weights are missing, found as the task loads) removes it at exit, one that wrote into it keeps it."""
     script = str(ROOT / "flow_grpo.py")
-    failed = subprocess.run([sys.executable, script, "--compile", "--iterations", "1"], cwd=tmp_path,
-                            capture_output=True, text=True)
-    assert failed.returncode == 1 and "--compile compiles a diffusers transformer's blocks" in failed.stderr
+    failed = subprocess.run([sys.executable, script, "--model", "tiny-flux", "--reward", "pickscore", "--reward-dir",
+                             str(tmp_path / "no_rewards"), "--iterations", "1"], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert failed.returncode == 1 and "PickScore weights: " in failed.stderr and "not found" in failed.stderr
+    assert "runs/flow_grpo_tiny-flux_s0_" in failed.stdout  # the run had started: its directory was claimed
     assert list((tmp_path / "runs").iterdir()) == []
     done = subprocess.run([sys.executable, script, "--iterations", "1", *QUICK], cwd=tmp_path, capture_output=True,
                           text=True)

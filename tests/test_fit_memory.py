@@ -3,6 +3,7 @@ graph agrees), the plan is the arithmetic the docstring states, a run applies th
 with one line."""
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -211,15 +212,20 @@ def test_every_script_runs_on_its_plan(tmp_path, monkeypatch, script, field):
         assert plan["train_micro_units"] == 1 and max(b for g, b, _ in calls if g) == 1
 
 
-def test_bad_launches_stop_with_one_line(tmp_path):
+def test_bad_launches_stop_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(ArgumentError, match="drop --gradient-checkpointing"):
         parse_args(dgpo.Args, dgpo.PRESETS, ["--model", "tiny-flux", "--fit-memory", "--gradient-checkpointing"])
     with pytest.raises(ArgumentError, match="add --fit-memory"):
         parse_args(dgpo.Args, dgpo.PRESETS, ["--model", "tiny-flux", "--memory-budget-gib", "4"])
     with pytest.raises(SystemExit, match="on cpu give --memory-budget-gib"):
         dgpo.main(["--model", "tiny-flux", "--fit-memory", "--output-dir", str(tmp_path / "a")] + QUIET)
-    with pytest.raises(SystemExit, match="--model toy2d has none"):
+    with pytest.raises(ArgumentError, match="--fit-memory is not used by --model toy2d"):
         dgpo.main(["--fit-memory", "--memory-budget-gib", "1", "--output-dir", str(tmp_path / "b")] + QUIET)
+    monkeypatch.setitem(tasks.CUSTOM_MODELS, "toy-custom", lambda args, keep, device, log: tasks._build(
+        dataclasses.replace(args, model="toy2d"), keep, device, log))  # a registered model without a transformer
+    with pytest.raises(SystemExit, match="--model toy-custom has none"):
+        dgpo.main(["--model", "toy-custom", "--preset", "toy2d", "--fit-memory", "--memory-budget-gib", "1",
+                   "--output-dir", str(tmp_path / "b")] + QUIET)
     with pytest.raises(SystemExit, match="even with gradient checkpointing"):
         dgpo.main(["--model", "tiny-flux", "--fit-memory", "--memory-budget-gib", "0.000001", "--output-dir",
                    str(tmp_path / "c")] + QUIET)

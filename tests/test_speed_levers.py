@@ -159,10 +159,20 @@ def test_compiled_blocks_give_the_eager_numbers():
     torch.testing.assert_close(new, want, rtol=1e-5, atol=1e-6)
 
 
-def test_compile_needs_a_diffusers_model():
-    args = parse_args(dgpo.Args, dgpo.PRESETS, ["--compile"])
-    with pytest.raises(SystemExit, match="--compile compiles a diffusers transformer's blocks; --model toy2d"):
-        tasks.load_task(args, keep_reference=False, log=lambda *_: None)
+def test_compile_and_checkpointing_need_a_diffusers_model(monkeypatch):
+    """Refused with the flags for the toy; a registered model without a diffusers transformer once it is built."""
+    for flag in ("--compile", "--gradient-checkpointing"):
+        with pytest.raises(SystemExit, match=f"{flag} is not used by --model toy2d"):
+            parse_args(dgpo.Args, dgpo.PRESETS, [flag])
+    monkeypatch.setitem(tasks.CUSTOM_MODELS, "toy-custom", lambda args, keep, device, log: tasks._build(
+        dataclasses.replace(args, model="toy2d"), keep, device, log))
+    for flag, match in (("--compile", "--compile compiles a diffusers transformer's blocks; --model toy-custom has "
+                                      "none"),
+                        ("--gradient-checkpointing", "--gradient-checkpointing needs a diffusers transformer; "
+                                                     "--model toy-custom has none")):
+        args = parse_args(dgpo.Args, dgpo.PRESETS, ["--model", "toy-custom", "--preset", "toy2d", flag])
+        with pytest.raises(SystemExit, match=match):
+            tasks.load_task(args, keep_reference=False, log=lambda *_: None)
 
 
 @pytest.mark.slow
