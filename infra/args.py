@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from infra.rewards import LEARNED_REWARDS, POINT_REWARDS, PROMPT_PARSERS, reward_names
-from infra.tasks import CUSTOM_MODELS, DEFAULT_REWARDS, MODELS, default_prompts, read_prompts
+from infra.tasks import CUSTOM_MODELS, DEFAULT_REWARDS, MODELS, default_prompts, read_prompts, run_prompts
 
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 # What a resumed run may change: where things are, how often it logs and saves, memory, speed, and how long it runs.
@@ -392,7 +392,7 @@ def _check_resume_point(args, prog: str):
     """A resumed run trains from its checkpoint up to --iterations, so it must have iterations left. `latest` of a
     finished run is refused: it would train the iterations after the last checkpoint again (minutes each on FLUX)
     and replace the summary with the same numbers."""
-    from infra.run import checkpoint_iteration, checkpoints, process_count_mismatch
+    from infra.run import checkpoint_iteration, checkpoints, process_count_mismatch, prompts_changed
     run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)
     if run_dir is None:
         return
@@ -413,6 +413,9 @@ def _check_resume_point(args, prog: str):
     mismatch = process_count_mismatch(point, int(os.environ.get("WORLD_SIZE", "1"))) if point else None
     if mismatch:
         raise ArgumentError(prog, mismatch)
+    changed = prompts_changed(point, args, run_prompts(args)) if point and point.is_dir() else None
+    if changed:  # before minutes of model loading
+        raise ArgumentError(prog, changed)
     trained = checkpoint_iteration(point) if point else None
     if trained is not None and trained > args.iterations:
         raise ArgumentError(prog, f"{point} has trained {trained} iterations, more than --iterations "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -99,6 +100,34 @@ def process_count_mismatch(checkpoint: Path, world: int) -> Optional[str]:
     return (f"{checkpoint} was written by {written} process{'es' if written > 1 else ''} and this run has {world}: "
             f"resume it with {written} (accelerate launch --num_processes {written}, torchrun --nproc_per_node "
             f"{written}{', or plain python' if written == 1 else ''})")
+
+
+def prompt_digest(prompts: list[str]) -> dict:
+    """What a checkpoint records of a prompt set (prompts.json): its size and SHA-256."""
+    return {"prompts": len(prompts), "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+
+
+def prompts_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str]]]) -> Optional[str]:
+    """Why `checkpoint` cannot continue on these train / eval `prompts` (None: unknown, not compared), or None.
+    A prompt file edited since the checkpoint would make the resumed run draw other prompts than the one it
+    continues, and compare its "after" evaluation with a "before" taken on other prompts: both silently."""
+    recorded = Path(checkpoint) / "prompts.json"
+    if not recorded.is_file():  # (checkpoints written before prompts.json existed)
+        return None
+    saved = json.loads(recorded.read_text())
+    files = {"train": args.train_prompts, "eval": args.eval_prompts}
+    for name, what in (("train", "train on"), ("eval", "evaluate on")):
+        if prompts.get(name) is None or prompt_digest(prompts[name]) == saved[name]:
+            continue
+        source = (f"--{name}-prompts {files[name]}" if files[name] else
+                  f"--train-prompts {files['train']} (FLUX / SD3 evaluate on it)" if args.model in ("flux", "sd3") else
+                  f"--model {args.model}'s built-in set")
+        then, now = saved[name]["prompts"], len(prompts[name])
+        count = f"{then} then, {now} now" + (", other prompts" if then == now else "")
+        return (f"cannot resume {checkpoint}: the {name} prompts of {source} are not those it recorded ({count}): "
+                f"the resumed run would {what} other prompts than the run it continues; restore them, or start a "
+                f"new run in another --output-dir")
+    return None
 
 
 def _remove_if_empty(path: Path):
@@ -262,6 +291,9 @@ class Run:
             self.before = self.evaluate(task, "before")
             return self.before
         path = self._resolve_checkpoint(self.args.resume_from_checkpoint)
+        changed = prompts_changed(path, self.args, {"train": task.train_prompts, "eval": task.eval_prompts})
+        if changed:  # (parse_args compared the prompt files already: here a registered model's own prompts too)
+            raise SystemExit(changed)
         self.accelerator.load_state(str(path))
         saved = torch.load(path / f"run_state_{self.accelerator.process_index}.pt", weights_only=False)
         for name, obj in state.items():
@@ -419,6 +451,9 @@ class Run:
                     "fingerprint_before": self.fingerprint_before, "toy_samples_before": self.toy_samples.get("before"),
                     "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
         torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
+        if self.is_main:  # what a resume compares its prompt files with (prompts_changed)
+            (path / "prompts.json").write_text(json.dumps({"train": prompt_digest(self.task.train_prompts),
+                                                           "eval": prompt_digest(self.task.eval_prompts)}))
         state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
         if self.is_main:
             self.task.policy.save(path / "weights", state)

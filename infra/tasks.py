@@ -179,6 +179,20 @@ def default_prompts(model: str) -> Optional[tuple[list[str], list[str]]]:
     return None
 
 
+def run_prompts(args) -> dict[str, Optional[list[str]]]:
+    """The train and evaluation prompts `load_task` gives a run of `args`, without loading it (the prompt files,
+    else the built-in model's, else FLUX / SD3 evaluate on the train file); None where a registered model's
+    builder chooses them."""
+    chosen = {"train": read_prompts(args.train_prompts) if args.train_prompts else None,
+              "eval": read_prompts(args.eval_prompts) if args.eval_prompts else None}
+    defaults = default_prompts(args.model) if args.model in DEFAULT_REWARDS else None
+    if defaults:
+        chosen = {"train": chosen["train"] or defaults[0], "eval": chosen["eval"] or defaults[1]}
+    elif args.model in ("flux", "sd3"):
+        chosen["eval"] = chosen["eval"] or chosen["train"]
+    return chosen
+
+
 def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[list[str]] = None,
            evals: Optional[list[str]] = None) -> Task:
     """The model's task; `train` / `evals` are the prompt files' prompts, which FLUX and SD3 embed as they load."""

@@ -348,6 +348,17 @@ BUGS = [
     ("a failed run leaves its empty default directory", "infra/run.py",
      "                    atexit.register(_remove_if_empty, path)", "                    pass",
      "tests/test_cli.py::test_a_run_without_output_dir_that_fails_before_writing_leaves_no_directory"),
+    # 2026-12-07 (fourth session): prompt files edited before a resume, the toy's speed flags with the flags
+    ("a checkpoint records its prompts' count, not their content", "infra/run.py",
+     'return {"prompts": len(prompts), "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}',
+     'return {"prompts": len(prompts)}',
+     "tests/test_checkpoints.py::test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume"),
+    ("an edited prompt file is found only after the model loads", "infra/args.py",
+     "    if changed:  # before minutes of model loading\n        raise ArgumentError(prog, changed)\n", "",
+     "tests/test_checkpoints.py::test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume"),
+    ("the toy's --compile fails only once its model has loaded", "infra/args.py",
+     '"compile", "gradient_checkpointing", "fit_memory"),', '),',
+     "tests/test_cli.py::test_a_flag_the_model_has_no_use_for_is_refused_not_ignored"),
 ]
 
 

@@ -149,6 +149,48 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it(tmp_path, 
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # the refusals trained nothing
 
 
+def test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume(tmp_path, monkeypatch):
+    """A checkpoint records the size and SHA-256 of its train and evaluation prompts (prompts.json). A file edited
+    since would make the resumed run draw other prompts than the run it continues and compare its "after"
+    evaluation with a "before" taken on other prompts. Refused with the flags, before the model loads, and again
+    when the run starts (a registered model's own prompts are known only then); the restored file resumes."""
+    from types import SimpleNamespace
+    from infra import args as args_module
+    from infra.args import ArgumentError
+    train, evals = tmp_path / "train.txt", tmp_path / "eval.txt"
+    train.write_text("mode 1\nmode 2\nmode 3\n")
+    evals.write_text("mode 1\nmode 5\n")
+    out = tmp_path / "run"
+    flags = ["--iterations", "4", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
+             "--save-weights", "false", "--output-dir", str(out), "--train-prompts", str(train), "--eval-prompts",
+             str(evals)]
+    flow_grpo.main(flags)
+    recorded = json.loads((out / "checkpoints" / "checkpoint-2" / "prompts.json").read_text())
+    assert recorded["train"] == run.prompt_digest(["mode 1", "mode 2", "mode 3"])
+    assert recorded["eval"]["prompts"] == 2
+    resume = flags + ["--iterations", "6", "--resume-from-checkpoint", "latest"]
+    evals.write_text("mode 1\nmode 6\n")  # the same count, another prompt
+    with pytest.raises(ArgumentError, match=r"the eval prompts of --eval-prompts .*eval.txt are not those it recorded "
+                                         r"\(2 then, 2 now, other prompts\): the resumed run would evaluate on"):
+        flow_grpo.main(resume)
+    evals.write_text("mode 1\nmode 5\n")
+    train.write_text("mode 1\nmode 2\nmode 3\nmode 4\n")
+    with pytest.raises(ArgumentError, match=r"train prompts .* \(3 then, 4 now\): the resumed run would train on"):
+        flow_grpo.main(resume)
+    monkeypatch.setattr(args_module, "_check_resume_point", lambda *a: None)  # the check when the run starts
+    with pytest.raises(SystemExit, match=r"train prompts .* \(3 then, 4 now\)"):
+        flow_grpo.main(resume)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # the refusals trained nothing
+    train.write_text("mode 1\nmode 2\n# a comment, which read_prompts skips\nmode 3\n")  # the same prompts
+    assert flow_grpo.main(resume)["iterations"] == 6
+    # FLUX evaluates on its train file when no --eval-prompts is given: the message names that file
+    flux = SimpleNamespace(model="flux", train_prompts="p.txt", eval_prompts=None)
+    changed = run.prompts_changed(out / "checkpoints" / "checkpoint-2", flux, {"eval": ["mode 1"]})
+    assert "the eval prompts of --train-prompts p.txt (FLUX / SD3 evaluate on it) are not those it recorded (2 " \
+           "then, 1 now)" in changed
+    assert run.prompts_changed(out / "checkpoints" / "checkpoint-2", flux, {"train": None, "eval": None}) is None
+
+
 def test_a_checkpoint_comes_after_an_iteration_that_ends_checkpoint_minutes_after_the_last(tmp_path, monkeypatch):
     """With --checkpoint-every 0, only time writes one: the clock of the last checkpoint is set back an hour before
     iteration 3 ends (the default --checkpoint-minutes 60), so checkpoint-3 is written, and the clock starts again

@@ -80,8 +80,10 @@ def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, message
     (["--save-weights", "maybe"], "--save-weights takes true or false, got 'maybe'"),
     (["--preset", "dgpo-sd3", "--pretrained", str(ROOT), "--train-prompts", __file__],
      f"--pretrained {ROOT}: not a diffusers pipeline directory (no model_index.json)"),
-    (["--fit-memory", "--gradient-checkpointing"], "--fit-memory turns gradient checkpointing on when memory needs it"),
-    (["--memory-budget-gib", "4"], "--memory-budget-gib is the budget of --fit-memory: add --fit-memory"),
+    (["--model", "tiny-flux", "--fit-memory", "--gradient-checkpointing"],
+     "--fit-memory turns gradient checkpointing on when memory needs it"),
+    (["--model", "tiny-flux", "--memory-budget-gib", "4"],
+     "--memory-budget-gib is the budget of --fit-memory: add --fit-memory"),
     (["--model", "tiny-flux", "--resolution", "31"], "--resolution takes a multiple of 2 for --model tiny-flux"),
     (["--preset", "dgpo-sd3", "--resolution", "520"], "--resolution takes a multiple of 16 for --model sd3 (its VAE's "
                                                       "factor times the transformer's 2x2 patches); got 520"),
