@@ -34,6 +34,8 @@ RESUMABLE = {"iterations", "output_dir", "resume_from_checkpoint", "overwrite", 
              "merge_lora_rollouts", "fit_memory", "memory_budget_gib", "pretrained", "reward_dir", "train_prompts",
              "eval_prompts"}
 
+# The flags that name a file or directory: a leading ~ is the home directory, in a config file or quoted too
+PATH_FLAGS = ("output_dir", "resume_from_checkpoint", "pretrained", "reward_dir", "train_prompts", "eval_prompts")
 
 # The shared flags a built-in model has no use for: given another value than the default, they stop the run
 MODEL_IGNORES = {
@@ -345,7 +347,11 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
         raise ArgumentError(prog, f"unknown {what} {word}{hint}; see --help")
     explicit = vars(parsed)
     show_help = explicit.pop("help", False)
-    layer = read_config_file(config_file, fields, prog) if config_file else {}
+    layer = read_config_file(os.path.expanduser(config_file), fields, prog) if config_file else {}
+    for source in (explicit, layer):  # '~/runs/x' quoted, or in a config file: no shell expanded it
+        for name in PATH_FLAGS:
+            if isinstance(source.get(name), str):
+                source[name] = os.path.expanduser(source[name])
 
     try:
         model = convert(fields["model"], explicit.get("model", layer.get("model", fields["model"].default)), "--model")

@@ -116,6 +116,24 @@ def test_a_flag_the_model_has_no_use_for_is_refused_not_ignored(model, flag, val
     assert parse("--model", "tiny-flux", "--lora-rank", "8", "--guidance-scale", "7").lora_rank == 8  # used there
 
 
+def test_a_path_starting_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
+    """'~/runs/x' quoted, or in a config file, reaches the script unexpanded: the run wrote into a directory named '~'
+    under the working directory, and a resume of '~/runs/x' did not find the run's config.json."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "modes.txt").write_text("mode 1\nmode 2\n")
+    (tmp_path / "home" / "cfg.yaml").write_text("train-prompts: ~/modes.txt\nlearning_rate: 0.002\n")
+    flow_grpo.main(["~/cfg.yaml", "--output-dir", "~/runs/x", "--iterations", "2", "--checkpoint-every", "1", *QUICK])
+    run_dir = tmp_path / "home" / "runs" / "x"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["output_dir"] == str(run_dir) and config["train_prompts"] == str(tmp_path / "home" / "modes.txt")
+    assert not (tmp_path / "~").exists()
+    resumed = parse("--resume-from-checkpoint", "~/runs/x/checkpoints/checkpoint-1", "--iterations", "3",
+                    module=flow_grpo)
+    assert resumed.learning_rate == 0.002  # the run's own config.json was found
+
+
 def test_a_pipeline_directory_of_the_other_model_is_refused_with_the_flags(tmp_path):
     """FluxPipeline.from_pretrained takes an SD3 directory and fails only later, in its text encoder (a traceback
     after the whole pipeline loaded): the directory's model_index.json names its pipeline class."""
