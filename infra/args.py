@@ -366,6 +366,7 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
         values = {name: f.default for name, f in fields.items()}
         values.update(presets[preset], preset=preset)
         resume = explicit.get("resume_from_checkpoint", layer.get("resume_from_checkpoint"))
+        _check_resume_dir(resume, explicit.get("output_dir", layer.get("output_dir")))
         saved = _saved_config(resume, explicit.get("output_dir", layer.get("output_dir")), prog) if resume else None
         if saved is not None:  # the run's own config: the flags need not be repeated
             values.update({k: v for k, v in saved.items() if k in fields})
@@ -392,6 +393,19 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
 def _run_dir(resume: str, output_dir: Optional[str]) -> Optional[Path]:
     """The directory of the run a `--resume-from-checkpoint` continues (<run>/checkpoints/checkpoint-N)."""
     return Path(output_dir) if output_dir else (Path(resume).resolve().parent.parent if resume != "latest" else None)
+
+
+def _check_resume_dir(resume: str, output_dir: Optional[str]):
+    """A checkpoint inside a run's directory (<run>/checkpoints/checkpoint-N beside <run>/config.json) continues
+    that run there. Into another --output-dir it ran with the preset's flags instead of the run's (its config.json
+    was looked for in the new directory), and that directory's metrics.jsonl began at the checkpoint."""
+    if resume in (None, "latest") or not output_dir:
+        return
+    run = Path(resume).resolve().parent.parent
+    if (run / "config.json").is_file() and run != Path(output_dir).resolve():
+        raise ValueError(f"--resume-from-checkpoint {resume} continues the run in {run}, in that directory: leave "
+                         f"--output-dir out (or give {run}); to keep that run as it is, copy the whole directory "
+                         f"and resume the copy")
 
 
 def _check_resume_point(args, prog: str):

@@ -362,6 +362,12 @@ BUGS = [
     ("a path flag's leading ~ is taken literally", "infra/args.py",
      "                source[name] = os.path.expanduser(source[name])", "                pass",
      "tests/test_cli.py::test_a_path_starting_with_a_tilde_is_in_the_home_directory"),
+    ("Ctrl-C while the model loads is a traceback", "infra/run.py",
+     "        if on_main_thread:  # Ctrl-C from here on", "        if False:  # Ctrl-C from here on",
+     "tests/test_checkpoints.py::test_ctrl_c_while_the_model_loads_is_one_line_and_leaves_no_directory"),
+    ("a checkpoint resumed into another --output-dir takes the preset's flags", "infra/args.py",
+     "        _check_resume_dir(resume, explicit.get(\"output_dir\", layer.get(\"output_dir\")))\n", "",
+     "tests/test_checkpoints.py::test_a_checkpoint_resumes_in_its_own_runs_directory"),
 ]
 
 

@@ -96,8 +96,27 @@ def test_sigterm_outside_the_training_loop_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "evaluate", sigterm_in_the_before_evaluation)
     with pytest.raises(run.Interrupted) as e:
         flow_grpo.main(["--iterations", "3", "--output-dir", str(tmp_path), "--log-every", "0"])
-    assert e.value.code == 143 and str(e.value).startswith("interrupted before training; no checkpoint yet")
+    assert e.value.code == 143 and str(e.value) == "interrupted before training; nothing trained, nothing to resume"
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_leaves_no_directory(tmp_path, monkeypatch):
+    """The handlers come with the run, not after the model has loaded (FLUX: minutes): Ctrl-C then printed a
+    KeyboardInterrupt traceback. A run without --output-dir leaves no directory behind."""
+    load = flow_grpo.load_task
+
+    def interrupted_load(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return load(*a, **k)
+
+    monkeypatch.setattr(flow_grpo, "load_task", interrupted_load)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(run.Interrupted) as e:
+        flow_grpo.main(["--iterations", "3", "--log-every", "0"])
+    assert e.value.code == 130 and str(e.value) == "interrupted before training; nothing trained, nothing to resume"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    (claimed,) = (tmp_path / "runs").iterdir()
+    assert list(claimed.iterdir()) == []  # nothing written: removed at exit (_remove_if_empty)
 
 
 def test_checkpoints_are_pruned_and_hold_loadable_weights(tmp_path):
@@ -147,6 +166,29 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it(tmp_path, 
     with pytest.raises(SystemExit, match="written by 2 processes and this run has 1"):
         flow_grpo.main(resume)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # the refusals trained nothing
+
+
+def test_a_checkpoint_resumes_in_its_own_runs_directory(tmp_path):
+    """Resumed into another --output-dir, a checkpoint ran with the preset's flags, not its run's (the run's
+    config.json was looked for in the new directory): here learning rate 1e-3 for the run's 2e-3, silently."""
+    import shutil
+    from infra.args import ArgumentError
+    flags = ["--iterations", "2", "--checkpoint-every", "1", "--log-every", "0", "--eval-samples-per-prompt", "1",
+             "--save-weights", "false"]
+    flow_grpo.main(flags + ["--learning-rate", "2e-3", "--output-dir", str(tmp_path / "a")])
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-1"
+    with pytest.raises(ArgumentError, match=f"continues the run in {tmp_path / 'a'}, in that directory: leave "
+                                            f"--output-dir out"):
+        flow_grpo.main(flags + ["--iterations", "3", "--resume-from-checkpoint", str(checkpoint), "--output-dir",
+                                str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()
+    shutil.copytree(tmp_path / "a", tmp_path / "c")  # what the message advises: the copy resumes as its run
+    resumed = flow_grpo.main(flags[2:] + ["--iterations", "3", "--resume-from-checkpoint",
+                                          str(tmp_path / "c" / "checkpoints" / "checkpoint-1")])
+    assert resumed["iterations"] == 3
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["learning_rate"] == 2e-3
+    assert [json.loads(l)["iteration"] for l in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()] == \
+        [0, 1, 2]
 
 
 def test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume(tmp_path, monkeypatch):

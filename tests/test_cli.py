@@ -408,6 +408,12 @@ def test_a_toy_run_draws_its_picture_and_says_what_its_numbers_mean(tmp_path, ca
     assert "the base model ignores the prompt and scores about 0.13" in out and "on_manifold" in out
 
 
+def test_a_tiny_flux_run_says_its_reward_need_not_move(tmp_path, capsys):
+    """A random FLUX of 68k parameters: 'eval reward 0.715 -> 0.715' after 50 iterations read as a broken method."""
+    flow_grpo.main(["--model", "tiny-flux", "--iterations", "1", "--output-dir", str(tmp_path), *QUICK])
+    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("eval reward ")]
+    assert "it checks the code path, not learning, and its reward need not move; --model shapes" in line
+
 
 def test_a_console_line_comes_every_log_every_iterations_and_after_a_minute_without_one(tmp_path, capsys,
                                                                                      monkeypatch):
