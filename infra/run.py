@@ -286,16 +286,22 @@ class Run:
         if eval_ema is not None:  # evaluation and the final weights use it (Flow-GRPO's and DGPO's configs)
             state["eval_ema"] = eval_ema
         self._configure_attention(task)
-        self._write_config()
         if self.args.resume_from_checkpoint is None:
+            self._write_config()
             self.before = self.evaluate(task, "before")
             return self.before
+        # every check before the first write: a refused resume must leave the run's config.json as it was
         path = self._resolve_checkpoint(self.args.resume_from_checkpoint)
         changed = prompts_changed(path, self.args, {"train": task.train_prompts, "eval": task.eval_prompts})
         if changed:  # (parse_args compared the prompt files already: here a registered model's own prompts too)
             raise SystemExit(changed)
-        self.accelerator.load_state(str(path))
         saved = torch.load(path / f"run_state_{self.accelerator.process_index}.pt", weights_only=False)
+        wrote = saved["progress"].get("algorithm", self.algorithm)
+        if wrote != self.algorithm:  # its optimizer and generators are another method's: a KeyError further on
+            raise SystemExit(f"{path} is a checkpoint of {wrote}.py, not of {self.algorithm}.py: resume it with "
+                             f"{wrote}.py")
+        self._write_config()
+        self.accelerator.load_state(str(path))
         for name, obj in state.items():
             if isinstance(obj, torch.Generator):
                 obj.set_state(saved["state"][name])
@@ -452,8 +458,9 @@ class Run:
         self.accelerator.save_state(str(path))
         state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                  for name, obj in self.state.items()}
-        progress = {"iteration": iterations_done, "nfe": dict(self.task.policy.nfe), "before": self.before,
-                    "fingerprint_before": self.fingerprint_before, "toy_samples_before": self.toy_samples.get("before"),
+        progress = {"algorithm": self.algorithm, "iteration": iterations_done, "nfe": dict(self.task.policy.nfe),
+                    "before": self.before, "fingerprint_before": self.fingerprint_before,
+                    "toy_samples_before": self.toy_samples.get("before"),
                     "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
         torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
         if self.is_main:  # what a resume compares its prompt files with (prompts_changed)

@@ -368,6 +368,13 @@ BUGS = [
     ("a checkpoint resumed into another --output-dir takes the preset's flags", "infra/args.py",
      "        _check_resume_dir(resume, explicit.get(\"output_dir\", layer.get(\"output_dir\")))\n", "",
      "tests/test_checkpoints.py::test_a_checkpoint_resumes_in_its_own_runs_directory"),
+    ("another script resumes a checkpoint", "infra/run.py",
+     '        wrote = saved["progress"].get("algorithm", self.algorithm)', "        wrote = self.algorithm",
+     "tests/test_checkpoints.py::test_a_checkpoint_resumes_only_with_the_script_that_wrote_it"),
+    ("a refused resume has written its config.json over the run's", "infra/run.py",
+     "        # every check before the first write: a refused resume must leave the run's config.json as it was\n",
+     "        self._write_config()\n",
+     "tests/test_checkpoints.py::test_a_checkpoint_resumes_only_with_the_script_that_wrote_it"),
 ]
 
 

@@ -135,6 +135,7 @@ def test_resume_errors_are_clear(tmp_path):
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--iterations", "1"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(tmp_path), "--iterations", "1"])
+    assert list(tmp_path.iterdir()) == []  # a refused resume writes nothing (it wrote config.json)
     (tmp_path / "elsewhere").mkdir()  # a directory that exists but is no checkpoint
     with pytest.raises(SystemExit, match="not a checkpoint of this script"):
         flow_grpo.main(["--resume-from-checkpoint", str(tmp_path / "elsewhere"), "--output-dir", str(tmp_path),
@@ -166,6 +167,20 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it(tmp_path, 
     with pytest.raises(SystemExit, match="written by 2 processes and this run has 1"):
         flow_grpo.main(resume)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # the refusals trained nothing
+
+
+def test_a_checkpoint_resumes_only_with_the_script_that_wrote_it(tmp_path):
+    """dgpo.py resuming flow_grpo.py's run failed with a KeyError traceback after the model loaded, and had written
+    its own config.json over the run's first: a later flow_grpo.py resume would have read DGPO's flags."""
+    flags = ["--iterations", "3", "--checkpoint-every", "1", "--log-every", "0", "--eval-samples-per-prompt", "1",
+             "--save-weights", "false", "--output-dir", str(tmp_path)]
+    flow_grpo.main(flags)
+    config = (tmp_path / "config.json").read_text()
+    with pytest.raises(SystemExit, match=r"checkpoint-2 is a checkpoint of flow_grpo.py, not of dgpo.py: resume it "
+                                         r"with flow_grpo.py$"):
+        dgpo.main(flags + ["--iterations", "4", "--resume-from-checkpoint", "latest"])
+    assert (tmp_path / "config.json").read_text() == config
+    assert flow_grpo.main(flags + ["--iterations", "4", "--resume-from-checkpoint", "latest"])["iterations"] == 4
 
 
 def test_a_checkpoint_resumes_in_its_own_runs_directory(tmp_path):
