@@ -344,7 +344,7 @@ def pretrain_shapes_base(config: dict = SHAPES_BASE_CONFIG, log: Callable[[str],
         text_encoder.load_state_dict(state["text_encoder"])
     else:
         log(f"[shapes] pretraining the base model ({config['steps']} steps of {config['batch']} images; about "
-            f"15 min on 2 CPU cores); cached at {path}")
+            f"13 min on 2 CPU cores); cached at {path}")
         _pretrain(transformer, text_encoder, config, log)
         atomic_save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
                      "config": config}, path)
@@ -355,6 +355,7 @@ def pretrain_shapes_base(config: dict = SHAPES_BASE_CONFIG, log: Callable[[str],
 
 def _pretrain(transformer, text_encoder, config, log):
     from infra.diffusers_models import flux_image_ids, flux_pack
+    from infra.progress import duration
 
     train, _ = split_prompts(config["eval_fraction"], config["split_seed"])
     # balanced over the four categories (position prompts would otherwise be 80% of the data)
@@ -388,7 +389,9 @@ def _pretrain(transformer, text_encoder, config, log):
         sched.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(f"[shapes] step {step + 1}/{steps}  loss {running:.4f}  {time.time() - start:.0f}s")
+            spent = time.time() - start
+            log(f"[shapes] step {step + 1}/{steps}  loss {running:.4f}  {duration(spent)}, ETA "
+                f"{duration(spent / (step + 1) * (steps - step - 1))}")
     opt.zero_grad(set_to_none=True)
 
 
