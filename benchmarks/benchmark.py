@@ -9,7 +9,7 @@
 Two tasks, each method at its own preset for that task and the same evaluation for all:
 - toy2d: every method's toy preset (its script's default), seeds 0 1 2, evaluation every 25 iterations
   (20-step Euler ODE, 64 fixed-noise samples per prompt); "reached" = eval reward >= 0.8.
-- shapes (infra/shapes.py; the first run pretrains the cached base model, ~15 min, not counted above): every method's
+- shapes (infra/shapes.py; the first run pretrains the cached base model, ~13 min, not counted above): every method's
   shapes preset cut to the same 20 iterations (G2RPO stops at its preset's 10: later it reward-hacks), seeds 0 1,
   evaluation every 5 iterations on the 102 held-out prompts x 1 fixed-noise sample; "reached" = held-out reward
   >= 0.42 (the base model scores 0.405).
