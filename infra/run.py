@@ -349,6 +349,7 @@ class Run:
         """The run's first writes: only now that the model loaded and the kernels passed their check. --overwrite
         deletes what an earlier run left here first."""
         args = self.args
+        text = json.dumps(dataclasses.asdict(args), indent=2)
         if self.is_main:
             if args.overwrite and args.resume_from_checkpoint is None:
                 for name in OUTPUTS:
@@ -359,13 +360,24 @@ class Run:
                         path.unlink()
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
-                (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+                (self.out / "config.json").write_text(text)
                 if args.resume_from_checkpoint is None:
                     (self.out / "metrics.jsonl").write_text("")
             except OSError as e:  # what parse_args cannot see ahead (/proc, a read-only file system)
                 raise SystemExit(f"--output-dir {self.out}: {e.strerror} ({e.filename}): choose another "
                                  f"--output-dir") from None
         self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1:  # every process writes its part of each checkpoint into --output-dir
+            from accelerate.utils import broadcast_object_list
+            written = broadcast_object_list([text if self.is_main else None])[0]
+            config = self.out / "config.json"
+            sees = torch.tensor([float(config.is_file() and config.read_text() == written)], device=self.device)
+            blind = [rank for rank, ok in enumerate(self.accelerator.gather(sees).tolist()) if not ok]
+            if blind:  # (decided together: a process that stopped alone would leave the others in a collective)
+                raise SystemExit(f"--output-dir {self.out} is not one directory for all processes: process"
+                                 f"{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} cannot read the "
+                                 f"config.json process 0 wrote there. Each process writes its part of every "
+                                 f"checkpoint into it: on several nodes, put it on a filesystem they all share")
         if args.report_to != "none":
             self.accelerator.init_trackers(self.algorithm, config={k: v for k, v in dataclasses.asdict(args).items()
                                                                    if isinstance(v, (int, float, str, bool))})

@@ -64,6 +64,19 @@ def main(out: Path):
     common.Policy.initial_noise = original_noise
     (out / f"sigterm_rank{rank}.json").write_text(json.dumps(sigterm_one_process(out, rank)))
     default_output_dir(out, rank)
+    (out / f"unshared_rank{rank}.json").write_text(json.dumps(unshared_output_dir(out, rank)))
+
+
+def unshared_output_dir(out: Path, rank: int) -> dict:
+    """Several nodes whose --output-dir is not on a shared filesystem, played by one directory per process: each
+    process would write its checkpoint parts where the others cannot read them. Both stop at start, together."""
+    import flow_grpo
+    try:
+        flow_grpo.main(["--iterations", "1", "--output-dir", str(out / f"node{rank}"), "--log-every", "0",
+                        "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+        return {"status": 0}
+    except SystemExit as e:
+        return {"status": 1, "message": str(e)}
 
 
 def default_output_dir(out: Path, rank: int):

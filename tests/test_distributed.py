@@ -152,3 +152,16 @@ def test_fit_memory_plans_alike_on_every_process_from_the_largest_measurement(tw
     own = [memory.plan(memory.ActivationBytes(**s["memory_measured"]), s["memory_plan"]["budget_bytes"], 4, 2, False)
            for s in stats]
     assert own[0] != own[1] and vars(own[1])["rollout_batch"] == stats[0]["memory_plan"]["rollout_batch_size"]
+
+
+def test_an_output_dir_that_is_not_shared_by_the_processes_stops_them_all_at_start(two_process_run):
+    """Played by one --output-dir per process (what a node-local path on several nodes amounts to): process 1 does
+    not see process 0's config.json; both stop with the same line before training, neither hangs."""
+    for rank in (0, 1):
+        result = json.loads((two_process_run / f"unshared_rank{rank}.json").read_text())
+        assert result["status"] == 1
+        assert result["message"] == (f"--output-dir {two_process_run / f'node{rank}'} is not one directory for all "
+                                     f"processes: process 1 cannot read the config.json process 0 wrote there. Each "
+                                     f"process writes its part of every checkpoint into it: on several nodes, put "
+                                     f"it on a filesystem they all share")
+    assert (two_process_run / "node0" / "metrics.jsonl").read_text() == ""  # nothing trained
