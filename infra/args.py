@@ -412,31 +412,37 @@ def _check_resume_point(args, prog: str):
     """A resumed run trains from its checkpoint up to --iterations, so it must have iterations left. `latest` of a
     finished run is refused: it would train the iterations after the last checkpoint again (minutes each on FLUX)
     and replace the summary with the same numbers."""
-    from infra.run import checkpoint_iteration, checkpoints, process_count_mismatch, prompts_changed
+    from infra.run import (checkpoint_iteration, checkpoints, not_a_checkpoint, process_count_mismatch,
+                           prompts_changed)
     run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)
     if run_dir is None:
         return
     if args.resume_from_checkpoint == "latest":
         found = checkpoints(run_dir)
+        if not found:  # (found only after the model loaded, before)
+            raise ArgumentError(prog, f"no checkpoint to resume in {run_dir / 'checkpoints'} (a run writes one every "
+                                      f"--checkpoint-every iterations, every --checkpoint-minutes and at SIGTERM); "
+                                      f"start over with --overwrite, or choose another --output-dir")
         summary = run_dir / "summary.json"
         done = json.loads(summary.read_text()).get("iterations") if summary.is_file() else None
         if done is not None and done >= args.iterations:
-            last = f"the last checkpoint, {found[-1].name}" if found else "its last checkpoint"
             raise ArgumentError(prog, f"{run_dir} finished its {done} iterations (summary.json, weights in "
                                       f"{run_dir / 'final'}): nothing to resume. To train longer, resume with "
-                                      f"--iterations above {done} (it continues from {last}); to start over, "
-                                      f"--overwrite")
-        point = found[-1] if found else None
+                                      f"--iterations above {done} (it continues from the last checkpoint, "
+                                      f"{found[-1].name}); to start over, --overwrite")
+        point = found[-1]
     else:
         point = Path(args.resume_from_checkpoint)
+        if not list(point.glob("run_state_*.pt")):  # (a run's directory, say: its parent's parent was taken for it)
+            raise ArgumentError(prog, not_a_checkpoint(point))
     # the launcher's process count (torchrun and accelerate launch set WORLD_SIZE); run.start checks it again
-    mismatch = process_count_mismatch(point, int(os.environ.get("WORLD_SIZE", "1"))) if point else None
+    mismatch = process_count_mismatch(point, int(os.environ.get("WORLD_SIZE", "1")))
     if mismatch:
         raise ArgumentError(prog, mismatch)
-    changed = prompts_changed(point, args, run_prompts(args)) if point and point.is_dir() else None
+    changed = prompts_changed(point, args, run_prompts(args))
     if changed:  # before minutes of model loading
         raise ArgumentError(prog, changed)
-    trained = checkpoint_iteration(point) if point else None
+    trained = checkpoint_iteration(point)
     if trained is not None and trained > args.iterations:
         raise ArgumentError(prog, f"{point} has trained {trained} iterations, more than --iterations "
                                   f"{args.iterations}: a resumed run trains up to --iterations, so pass {trained} or "

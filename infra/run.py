@@ -102,6 +102,20 @@ def process_count_mismatch(checkpoint: Path, world: int) -> Optional[str]:
             f"{written}{', or plain python' if written == 1 else ''})")
 
 
+def not_a_checkpoint(path: Path) -> str:
+    """Why `path`, given to --resume-from-checkpoint, is no checkpoint (it holds no run_state_*.pt), and what to
+    give instead: a run's directory, or its checkpoints/ folder, resumes its last checkpoint with `latest`."""
+    path = Path(path)
+    if not path.exists():
+        return f"--resume-from-checkpoint {path}: no such checkpoint directory"
+    run = path if (path / "checkpoints").is_dir() else path.parent if path.name == "checkpoints" else None
+    if run is not None and (run / "config.json").is_file():
+        return (f"--resume-from-checkpoint {path} is a run's {'directory' if run == path else 'checkpoints folder'}, "
+                f"not a checkpoint: resume its last checkpoint with --resume-from-checkpoint latest --output-dir {run}")
+    return (f"{path} is not a checkpoint of this script (no run_state_*.pt); checkpoints live in "
+            f"<output_dir>/checkpoints/checkpoint-N")
+
+
 def prompt_digest(prompts: list[str]) -> dict:
     """What a checkpoint records of a prompt set (prompts.json): its size and SHA-256."""
     return {"prompts": len(prompts), "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
@@ -451,8 +465,7 @@ class Run:
         else:
             path = Path(resume)
             if not list(path.glob("run_state_*.pt")):
-                raise SystemExit(f"{path} is not a checkpoint of this script (no run_state_*.pt); "
-                                 f"checkpoints live in <output_dir>/checkpoints/checkpoint-N")
+                raise SystemExit(not_a_checkpoint(path))
         mismatch = process_count_mismatch(path, self.accelerator.num_processes)
         if mismatch:
             raise SystemExit(mismatch)

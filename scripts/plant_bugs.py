@@ -378,6 +378,9 @@ BUGS = [
     ("an --output-dir the processes do not share goes unnoticed", "infra/run.py",
      "            if blind:  # (decided together", "            if False:  # (decided together",
      "tests/test_distributed.py::test_an_output_dir_that_is_not_shared_by_the_processes_stops_them_all_at_start"),
+    ("a run's directory given as its checkpoint is refused only after the model loads", "infra/args.py",
+     '        if not list(point.glob("run_state_*.pt")):  # (a run', "        if False:  # (a run",
+     "tests/test_checkpoints.py::test_resume_errors_are_clear"),
 ]
 
 

@@ -133,9 +133,22 @@ def test_checkpoints_are_pruned_and_hold_loadable_weights(tmp_path):
 def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="output-dir"):
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--iterations", "1"])
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    from infra.args import ArgumentError
+    with pytest.raises(ArgumentError, match="no checkpoint to resume in .*checkpoints"):  # with the flags
         flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(tmp_path), "--iterations", "1"])
-    assert list(tmp_path.iterdir()) == []  # a refused resume writes nothing (it wrote config.json)
+    assert list(tmp_path.iterdir()) == []  # a refused resume writes nothing
+    # a run's directory or its checkpoints/ folder for a checkpoint: its parent's parent was taken for the run, and
+    # the model loaded before the refusal
+    run_dir = tmp_path / "run"
+    flow_grpo.main(["--iterations", "2", "--checkpoint-every", "1", "--log-every", "0", "--eval-samples-per-prompt",
+                    "1", "--save-weights", "false", "--output-dir", str(run_dir)])
+    for given, what in ((run_dir, "directory"), (run_dir / "checkpoints", "checkpoints folder")):
+        with pytest.raises(ArgumentError, match=f"{given} is a run's {what}, not a checkpoint: resume its last "
+                                                f"checkpoint with --resume-from-checkpoint latest --output-dir "
+                                                f"{run_dir}$"):
+            flow_grpo.main(["--resume-from-checkpoint", str(given), "--iterations", "3"])
+    with pytest.raises(ArgumentError, match="no such checkpoint directory"):
+        flow_grpo.main(["--resume-from-checkpoint", str(run_dir / "checkpoints" / "checkpoint-7"), "--iterations", "9"])
     (tmp_path / "elsewhere").mkdir()  # a directory that exists but is no checkpoint
     with pytest.raises(SystemExit, match="not a checkpoint of this script"):
         flow_grpo.main(["--resume-from-checkpoint", str(tmp_path / "elsewhere"), "--output-dir", str(tmp_path),
