@@ -226,30 +226,42 @@ def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[
     return Task(policy, reward, train, evals, grid_prompts=evals[:4])  # samples_{before,after}.png: 4 eval prompts
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4):
-    """Write (N, 3, H, W) images in [0, 1] as a PNG grid (nearest-neighbour upscaled, 2 px gutters)."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4,
+              labels: Optional[list[str]] = None):
+    """Write (N, 3, H, W) images in [0, 1] as a PNG grid of `nrow` per row (nearest-neighbour upscaled, 2 px
+    gutters); `labels`, one per row, are written in a strip above it (cut to the row's width)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     n, _, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    pad = 2
-    grid = torch.full((3, ncol * (h * scale + pad) + pad, nrow * (w * scale + pad) + pad), 0.5)
+    rows = math.ceil(n / nrow)
+    pad, strip = 2, LABEL_HEIGHT if labels else 0
+    pitch = strip + h * scale + pad
+    grid = torch.full((3, rows * pitch + pad, nrow * (w * scale + pad) + pad), 0.5)
     for i, img in enumerate(images.float().clamp(0, 1).cpu()):
         r, c = divmod(i, nrow)
         up = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-        y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
+        y, x = pad + r * pitch + strip, pad + c * (w * scale + pad)
         grid[:, y:y + h * scale, x:x + w * scale] = up
+    picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for r, text in enumerate(labels or []):
+        while len(text) > 3 and draw.textlength(text) > picture.width - 2 * pad:
+            text = text[:-4] + "..."
+        draw.text((pad + 1, pad + r * pitch), text, fill=(0, 0, 0))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    picture.save(path)
+
+
+LABEL_HEIGHT = 13  # px: the strip above each row of a sample grid that names its prompt
 
 
 @torch.no_grad()
 def sample_grid(task: Task, args, path: Optional[str | Path], per_prompt: int = 4, tile: int = 512):
-    """Image tasks: a PNG of `task.grid_prompts` (one row each) x `per_prompt` fixed seeds, sampled with the
-    evaluation ODE, so the grids written before and after training show the same prompts and noise. Sampled and
-    decoded in `--eval-batch-size` chunks; images larger than `tile` pixels are shrunk to it, small ones enlarged
-    toward 128. Every process samples (a sharded model needs them all); the one given a `path` writes it."""
+    """Image tasks: a PNG of `task.grid_prompts` (one row each, named above it) x `per_prompt` fixed seeds, sampled
+    with the evaluation ODE, so the grids written before and after training show the same prompts and noise.
+    Sampled and decoded in `--eval-batch-size` chunks; images larger than `tile` pixels are shrunk to it, small ones
+    enlarged toward 128. Every process samples (a sharded model needs them all); the one given a `path` writes it."""
     policy = task.policy
     prompts = [p for p in task.grid_prompts for _ in range(per_prompt)]
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(args.eval_seed))
@@ -264,4 +276,5 @@ def sample_grid(task: Task, args, path: Optional[str | Path], per_prompt: int = 
         images = torch.cat(images)
         if max(images.shape[-2:]) > tile:  # FLUX at 720 px: a 4 x 4 grid of 512 px tiles, not a 2,900 px image
             images = torch.nn.functional.interpolate(images, scale_factor=tile / max(images.shape[-2:]), mode="area")
-        save_grid(images, path, nrow=per_prompt, scale=max(1, 128 // max(images.shape[-2:])))
+        save_grid(images, path, nrow=per_prompt, scale=max(1, 128 // max(images.shape[-2:])),
+                  labels=task.grid_prompts)

@@ -50,9 +50,10 @@ def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     summary = SCRIPTS[name].main(_flags(pipeline_dir, prompt_files, tmp_path / "run", "--lora-rank", lora_rank))
     assert summary["model"] == "flux" and summary["nfe_train"] > 0
-    from PIL import Image  # the grids of the evaluation prompts (here one) x 4 seeds, 32 px shown at 128
+    from PIL import Image  # the grids of the evaluation prompts (here one, named above its row) x 4 seeds, 32 px
+    from infra.tasks import LABEL_HEIGHT  # shown at 128
     for label in ("before", "after"):
-        assert Image.open(tmp_path / "run" / f"samples_{label}.png").size == (2 + 4 * 130, 2 + 130)
+        assert Image.open(tmp_path / "run" / f"samples_{label}.png").size == (2 + 4 * 130, 2 + LABEL_HEIGHT + 130)
     assert f"Pictures: {tmp_path / 'run' / 'samples_before.png'}" in capsys.readouterr().out  # the closing line
     saved = tmp_path / "run" / "final"
     if lora_rank != "0":  # what FluxPipeline.load_lora_weights reads

@@ -73,6 +73,21 @@ def test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eva
         cell = torch.tensor(grid[y:y + 8:2, x:x + 10:2]).permute(2, 0, 1)
         assert torch.allclose(cell.float(), img, atol=1 / 255)
 
+    # with a label per row: a strip above each row names its prompt; the images move down by the strips
+    long = "a green square below a red triangle, and far too many words to fit above four small images"
+    tasks.save_grid(images, tmp_path / "labelled.png", nrow=3, scale=2, labels=["three red circles", long])
+    labelled = np.asarray(Image.open(tmp_path / "labelled.png")).astype(float) / 255
+    strip = tasks.LABEL_HEIGHT
+    assert labelled.shape == (2 + 2 * (strip + 4 * 2 + 2), 2 + 3 * (5 * 2 + 2), 3)
+    for i, img in enumerate(images):
+        r, c = divmod(i, 3)
+        y, x = 2 + r * (strip + 10) + strip, 2 + c * 12
+        cell = torch.tensor(labelled[y:y + 8:2, x:x + 10:2]).permute(2, 0, 1)
+        assert torch.allclose(cell.float(), img, atol=1 / 255)
+    for r in range(2):  # dark text on the grey strip, inside the picture's width
+        text = labelled[2 + r * (strip + 10):2 + r * (strip + 10) + strip].mean(-1) < 0.25
+        assert 20 < text.sum() and not text[:, -2:].any()
+
     task = tasks.Task(NoisePolicy(4), None, [], [], grid_prompts=["a", "b"])
     drawn = {}
     for name, seed in (("first", 7), ("again", 7), ("other", 8)):
@@ -92,5 +107,5 @@ def test_the_sample_grid_shrinks_large_images_to_its_tile_and_enlarges_small_one
     for size, tile in ((720, 512), (32, 128), (200, 200)):
         task = tasks.Task(NoisePolicy(size), None, [], [], grid_prompts=["a", "b"])
         tasks.sample_grid(task, args, tmp_path / f"{size}.png", per_prompt=2)
-        h, w = Image.open(tmp_path / f"{size}.png").size
-        assert (h, w) == (2 + 2 * (tile + 2), 2 + 2 * (tile + 2)), size
+        width, height = Image.open(tmp_path / f"{size}.png").size  # two rows, each under its prompt's strip
+        assert (width, height) == (2 + 2 * (tile + 2), 2 + 2 * (tasks.LABEL_HEIGHT + tile + 2)), size

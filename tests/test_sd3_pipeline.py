@@ -172,9 +172,11 @@ def test_one_iteration_of_every_script_on_the_pipeline(name, lora_rank, pipeline
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     summary = SCRIPTS[name].main(_flags(pipeline_dir, prompt_file, tmp_path / "run", "--lora-rank", lora_rank))
     assert summary["model"] == "sd3" and summary["nfe_train"] > 0
-    from PIL import Image  # the grids of the evaluation prompts (the 3 training prompts) x 4 seeds
+    from PIL import Image  # the grids of the evaluation prompts (the 3 training prompts, each named) x 4 seeds
+    from infra.tasks import LABEL_HEIGHT
     for label in ("before", "after"):
-        assert Image.open(tmp_path / "run" / f"samples_{label}.png").size == (2 + 4 * 130, 2 + 3 * 130)
+        assert Image.open(tmp_path / "run" / f"samples_{label}.png").size == (2 + 4 * 130,
+                                                                               2 + 3 * (LABEL_HEIGHT + 130))
     if lora_rank != "0":  # what StableDiffusion3Pipeline.load_lora_weights reads
         assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
