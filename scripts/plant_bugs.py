@@ -381,6 +381,9 @@ BUGS = [
     ("a run's directory given as its checkpoint is refused only after the model loads", "infra/args.py",
      '        if not list(point.glob("run_state_*.pt")):  # (a run', "        if False:  # (a run",
      "tests/test_checkpoints.py::test_resume_errors_are_clear"),
+    ("every prompt label drawn over the first row", "infra/tasks.py",
+     "draw.text((pad + 1, pad + r * pitch), text, fill=(0, 0, 0))", "draw.text((pad + 1, pad), text, fill=(0, 0, 0))",
+     "tests/test_plots.py::test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eval_seed"),
 ]
 
 
