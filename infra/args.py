@@ -412,8 +412,8 @@ def _check_resume_point(args, prog: str):
     """A resumed run trains from its checkpoint up to --iterations, so it must have iterations left. `latest` of a
     finished run is refused: it would train the iterations after the last checkpoint again (minutes each on FLUX)
     and replace the summary with the same numbers."""
-    from infra.run import (checkpoint_iteration, checkpoints, not_a_checkpoint, process_count_mismatch,
-                           prompts_changed)
+    from infra.run import (checkpoint_iteration, checkpoints, inputs_changed, not_a_checkpoint,
+                           process_count_mismatch)
     run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)
     if run_dir is None:
         return
@@ -439,7 +439,7 @@ def _check_resume_point(args, prog: str):
     mismatch = process_count_mismatch(point, int(os.environ.get("WORLD_SIZE", "1")))
     if mismatch:
         raise ArgumentError(prog, mismatch)
-    changed = prompts_changed(point, args, run_prompts(args))
+    changed = inputs_changed(point, args, run_prompts(args))
     if changed:  # before minutes of model loading
         raise ArgumentError(prog, changed)
     trained = checkpoint_iteration(point)

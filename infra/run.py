@@ -117,16 +117,28 @@ def not_a_checkpoint(path: Path) -> str:
 
 
 def prompt_digest(prompts: list[str]) -> dict:
-    """What a checkpoint records of a prompt set (prompts.json): its size and SHA-256."""
+    """What a checkpoint records of a prompt set (inputs.json): its size and SHA-256."""
     return {"prompts": len(prompts), "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
 
 
-def prompts_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str]]]) -> Optional[str]:
-    """Why `checkpoint` cannot continue on these train / eval `prompts` (None: unknown, not compared), or None.
-    A prompt file edited since the checkpoint would make the resumed run draw other prompts than the one it
-    continues, and compare its "after" evaluation with a "before" taken on other prompts: both silently."""
-    recorded = Path(checkpoint) / "prompts.json"
-    if not recorded.is_file():  # (checkpoints written before prompts.json existed)
+def base_digest(pretrained: Optional[str]) -> Optional[str]:
+    """SHA-256 of the transformer's config.json in a --pretrained pipeline directory, without the keys diffusers
+    writes about itself (the architecture: FLUX.1-dev and FLUX.1-schnell differ there); None without one."""
+    path = Path(pretrained) / "transformer" / "config.json" if pretrained else None
+    if path is None or not path.is_file():
+        return None
+    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def inputs_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str]]]) -> Optional[str]:
+    """Why `checkpoint` cannot continue on these train / eval `prompts` (None: unknown, not compared) and this
+    --pretrained, or None. Both may move (the flags are resumable) but not change: a prompt file edited since the
+    checkpoint would make the resumed run draw other prompts than the one it continues and compare its "after"
+    evaluation with a "before" taken on other prompts; another base model would carry the trained LoRA onto weights
+    it was not trained on. Both silently."""
+    recorded = Path(checkpoint) / "inputs.json"
+    if not recorded.is_file():  # (checkpoints written before inputs.json existed)
         return None
     saved = json.loads(recorded.read_text())
     files = {"train": args.train_prompts, "eval": args.eval_prompts}
@@ -141,6 +153,11 @@ def prompts_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str
         return (f"cannot resume {checkpoint}: the {name} prompts of {source} are not those it recorded ({count}): "
                 f"the resumed run would {what} other prompts than the run it continues; restore them, or start a "
                 f"new run in another --output-dir")
+    base = base_digest(args.pretrained)
+    if base and saved.get("base") and base != saved["base"]:
+        return (f"cannot resume {checkpoint}: --pretrained {args.pretrained} holds another transformer than the run "
+                f"trained (its transformer/config.json differs from the one recorded): give the pipeline directory "
+                f"the run started from")
     return None
 
 
@@ -306,7 +323,7 @@ class Run:
             return self.before
         # every check before the first write: a refused resume must leave the run's config.json as it was
         path = self._resolve_checkpoint(self.args.resume_from_checkpoint)
-        changed = prompts_changed(path, self.args, {"train": task.train_prompts, "eval": task.eval_prompts})
+        changed = inputs_changed(path, self.args, {"train": task.train_prompts, "eval": task.eval_prompts})
         if changed:  # (parse_args compared the prompt files already: here a registered model's own prompts too)
             raise SystemExit(changed)
         saved = torch.load(path / f"run_state_{self.accelerator.process_index}.pt", weights_only=False)
@@ -488,9 +505,10 @@ class Run:
                     "toy_samples_before": self.toy_samples.get("before"),
                     "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
         torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
-        if self.is_main:  # what a resume compares its prompt files with (prompts_changed)
-            (path / "prompts.json").write_text(json.dumps({"train": prompt_digest(self.task.train_prompts),
-                                                           "eval": prompt_digest(self.task.eval_prompts)}))
+        if self.is_main:  # what a resume compares its prompt files and --pretrained with (inputs_changed)
+            (path / "inputs.json").write_text(json.dumps({"train": prompt_digest(self.task.train_prompts),
+                                                          "eval": prompt_digest(self.task.eval_prompts),
+                                                          "base": base_digest(self.args.pretrained)}))
         state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
         if self.is_main:
             self.task.policy.save(path / "weights", state)

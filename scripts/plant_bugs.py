@@ -384,6 +384,9 @@ BUGS = [
     ("every prompt label drawn over the first row", "infra/tasks.py",
      "draw.text((pad + 1, pad + r * pitch), text, fill=(0, 0, 0))", "draw.text((pad + 1, pad), text, fill=(0, 0, 0))",
      "tests/test_plots.py::test_the_sample_grid_puts_a_prompt_per_row_and_draws_the_same_noise_from_eval_seed"),
+    ("a resume takes another base transformer from a moved --pretrained", "infra/run.py",
+     '    if base and saved.get("base") and base != saved["base"]:', "    if False:",
+     "tests/test_flux_pipeline.py::test_a_resume_refuses_a_pretrained_directory_whose_transformer_differs"),
 ]
 
 

@@ -220,7 +220,7 @@ def test_a_checkpoint_resumes_in_its_own_runs_directory(tmp_path):
 
 
 def test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume(tmp_path, monkeypatch):
-    """A checkpoint records the size and SHA-256 of its train and evaluation prompts (prompts.json). A file edited
+    """A checkpoint records the size and SHA-256 of its train and evaluation prompts (inputs.json). A file edited
     since would make the resumed run draw other prompts than the run it continues and compare its "after"
     evaluation with a "before" taken on other prompts. Refused with the flags, before the model loads, and again
     when the run starts (a registered model's own prompts are known only then); the restored file resumes."""
@@ -235,7 +235,7 @@ def test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume(tmp_path
              "--save-weights", "false", "--output-dir", str(out), "--train-prompts", str(train), "--eval-prompts",
              str(evals)]
     flow_grpo.main(flags)
-    recorded = json.loads((out / "checkpoints" / "checkpoint-2" / "prompts.json").read_text())
+    recorded = json.loads((out / "checkpoints" / "checkpoint-2" / "inputs.json").read_text())
     assert recorded["train"] == run.prompt_digest(["mode 1", "mode 2", "mode 3"])
     assert recorded["eval"]["prompts"] == 2
     resume = flags + ["--iterations", "6", "--resume-from-checkpoint", "latest"]
@@ -254,11 +254,11 @@ def test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume(tmp_path
     train.write_text("mode 1\nmode 2\n# a comment, which read_prompts skips\nmode 3\n")  # the same prompts
     assert flow_grpo.main(resume)["iterations"] == 6
     # FLUX evaluates on its train file when no --eval-prompts is given: the message names that file
-    flux = SimpleNamespace(model="flux", train_prompts="p.txt", eval_prompts=None)
-    changed = run.prompts_changed(out / "checkpoints" / "checkpoint-2", flux, {"eval": ["mode 1"]})
+    flux = SimpleNamespace(model="flux", train_prompts="p.txt", eval_prompts=None, pretrained=None)
+    changed = run.inputs_changed(out / "checkpoints" / "checkpoint-2", flux, {"eval": ["mode 1"]})
     assert "the eval prompts of --train-prompts p.txt (FLUX / SD3 evaluate on it) are not those it recorded (2 " \
            "then, 1 now)" in changed
-    assert run.prompts_changed(out / "checkpoints" / "checkpoint-2", flux, {"train": None, "eval": None}) is None
+    assert run.inputs_changed(out / "checkpoints" / "checkpoint-2", flux, {"train": None, "eval": None}) is None
 
 
 def test_a_checkpoint_comes_after_an_iteration_that_ends_checkpoint_minutes_after_the_last(tmp_path, monkeypatch):

@@ -171,6 +171,25 @@ def test_a_pretrained_path_under_home_is_expanded_as_a_config_file_gives_it(pipe
     assert policy.sample_shape() == (256, 4)
 
 
+def test_a_resume_refuses_a_pretrained_directory_whose_transformer_differs(pipeline_dir, prompt_files, tmp_path):
+    """--pretrained may move between a run and its resume, but another transformer (FLUX.1-schnell's config for
+    FLUX.1-dev's) would carry the trained LoRA onto weights it was not trained on: refused with the flags."""
+    import shutil
+    from infra.args import ArgumentError
+    moved = tmp_path / "moved"
+    shutil.copytree(pipeline_dir, moved)
+    flow_grpo.main(_flags(moved, prompt_files, tmp_path / "run", "--iterations", "2", "--checkpoint-every", "1"))
+    resume = _flags(moved, prompt_files, tmp_path / "run", "--iterations", "3", "--resume-from-checkpoint", "latest")
+    shutil.move(moved, tmp_path / "elsewhere")  # the same pipeline at another path: accepted
+    resume[resume.index("--pretrained") + 1] = str(tmp_path / "elsewhere")
+    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, resume).pretrained == str(tmp_path / "elsewhere")
+    config = tmp_path / "elsewhere" / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
+    with pytest.raises(ArgumentError, match=r"checkpoint-1: --pretrained .*elsewhere holds another transformer than "
+                                            r"the run trained"):
+        parse_args(flow_grpo.Args, flow_grpo.PRESETS, resume)
+
+
 @pytest.mark.parametrize("alpha", [None, "8"])  # the default 2 x rank, and alpha = rank
 def test_saved_lora_loaded_by_the_pipelines_load_lora_weights_is_the_trained_model(pipeline_dir, prompt_files,
                                                                                    tmp_path, alpha):
