@@ -452,7 +452,9 @@ class Run:
         if found:
             script = Path(sys.argv[0]).name  # the script run (a copy may have another name); not pytest's
             script = script if script.endswith(".py") and script != "__main__.py" else f"{self.algorithm}.py"
-            then = (f"; last checkpoint {found[-1]}; resume: python {script} --resume-from-checkpoint latest "
+            world = self.accelerator.num_processes  # (several: the launcher's command line is not known here)
+            launch = f"python {script}" if world == 1 else f"launch {script} on {world} processes as before, with"
+            then = (f"; last checkpoint {found[-1]}; resume: {launch} --resume-from-checkpoint latest "
                     f"--output-dir {self.out}")
         elif self.iteration is None:  # loading the model, or evaluating it before training
             then = "; nothing trained, nothing to resume"
