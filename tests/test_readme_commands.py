@@ -207,6 +207,12 @@ def test_the_python_commands_parse_and_those_on_the_tiny_flux_run(words, tmp_pat
             parse_args(module.Args, module.PRESETS, words[2:])
         assert e.value.code == 0
         return
+    if "--resume-from-checkpoint" in words:  # the run it resumes, with a checkpoint, where the command looks for it
+        monkeypatch.chdir(tmp_path)
+        out = words[words.index("--output-dir") + 1]
+        module.main(["--output-dir", out, "--iterations", "2", "--checkpoint-every", "1", "--log-every", "0",
+                     "--eval-samples-per-prompt", "1", "--save-weights", "false"])
+        (Path(out) / "summary.json").unlink()  # as a run stopped before its end leaves it
     args = parse_args(module.Args, module.PRESETS, words[2:])
     if args.model not in ("flux", "sd3"):  # the built-in models must run with no weights on disk
         assert args.reward is None or all(p.split(":")[0] in rewards.REWARDS for p in args.reward.split(",")), words
