@@ -401,7 +401,7 @@ def _check_resume_dir(resume: str, output_dir: Optional[str]):
     was looked for in the new directory), and that directory's metrics.jsonl began at the checkpoint."""
     if resume in (None, "latest") or not output_dir:
         return
-    run = Path(resume).resolve().parent.parent
+    run = _run_dir(resume, None)
     if (run / "config.json").is_file() and run != Path(output_dir).resolve():
         raise ValueError(f"--resume-from-checkpoint {resume} continues the run in {run}, in that directory: leave "
                          f"--output-dir out (or give {run}); to keep that run as it is, copy the whole directory "

@@ -135,9 +135,9 @@ def toy2d_policy(keep_reference: bool = True, device="cpu", log=print) -> Toy2DP
 
 def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     """The model named by `--model` with its default prompts, training reward and quality metrics.
-    `--train-prompts` / `--eval-prompts` files replace the default prompt sets."""
-    train = read_prompts(args.train_prompts) if args.train_prompts else None
-    evals = read_prompts(args.eval_prompts) if args.eval_prompts else None
+    `--train-prompts` / `--eval-prompts` files replace the default prompt sets (`run_prompts`)."""
+    prompts = run_prompts(args)
+    train, evals = prompts["train"], prompts["eval"]
     task = _build(args, keep_reference, device, log, train, evals)
     name = args.reward or DEFAULT_REWARDS.get(args.model)
     task.reward_fn = CheckedReward(task.reward_fn, f"reward {name!r}" if name else
@@ -180,9 +180,9 @@ def default_prompts(model: str) -> Optional[tuple[list[str], list[str]]]:
 
 
 def run_prompts(args) -> dict[str, Optional[list[str]]]:
-    """The train and evaluation prompts `load_task` gives a run of `args`, without loading it (the prompt files,
-    else the built-in model's, else FLUX / SD3 evaluate on the train file); None where a registered model's
-    builder chooses them."""
+    """The train and evaluation prompts of a run of `args`, read without loading anything (the resume check compares
+    them with its checkpoint's; `load_task` gives them to the task): the prompt files, else the built-in model's,
+    else FLUX / SD3 evaluate on the train file; None where a registered model's builder chooses them."""
     chosen = {"train": read_prompts(args.train_prompts) if args.train_prompts else None,
               "eval": read_prompts(args.eval_prompts) if args.eval_prompts else None}
     defaults = default_prompts(args.model) if args.model in DEFAULT_REWARDS else None
@@ -195,7 +195,8 @@ def run_prompts(args) -> dict[str, Optional[list[str]]]:
 
 def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[list[str]] = None,
            evals: Optional[list[str]] = None) -> Task:
-    """The model's task; `train` / `evals` are the prompt files' prompts, which FLUX and SD3 embed as they load."""
+    """The model's task; `train` / `evals` are the run's prompts (`run_prompts`), which FLUX and SD3 embed as they
+    load."""
     if args.model in CUSTOM_MODELS:
         return CUSTOM_MODELS[args.model](args, keep_reference, device, log)
     if args.model not in DEFAULT_REWARDS:
@@ -221,7 +222,6 @@ def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[
     if train is None:
         raise SystemExit(f"--model {args.model} needs --train-prompts <file.txt|file.jsonl> (and usually "
                          f"--eval-prompts)")
-    evals = evals or train
     policy = build_pipeline_policy(args, train, evals, keep_reference, device, log)
     return Task(policy, reward, train, evals, grid_prompts=evals[:4])  # samples_{before,after}.png: 4 eval prompts
 
