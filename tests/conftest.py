@@ -63,6 +63,16 @@ def cpu_accelerator():
     return Accelerator(cpu=True)
 
 
+def register_toy_as(monkeypatch, name: str, **changes):
+    """`--model name`: the toy, built as `--model toy2d` with `changes` to its args: a registered model whose policy
+    has no diffusers transformer (and, with lora_rank=0, no LoRA)."""
+    import dataclasses
+
+    from infra import tasks
+    monkeypatch.setitem(tasks.CUSTOM_MODELS, name, lambda args, keep, device, log: tasks._build(
+        dataclasses.replace(args, model="toy2d", **changes), keep, device, log))
+
+
 @pytest.fixture(autouse=True)
 def repository_runs_untouched():
     """No test may write into the repository's own runs/ (a user's runs live there): a run without --output-dir

@@ -3,7 +3,6 @@ graph agrees), the plan is the arithmetic the docstring states, a run applies th
 with one line."""
 
 import contextlib
-import dataclasses
 import json
 
 import pytest
@@ -18,6 +17,7 @@ import pro_grpo
 from infra import memory, tasks
 from infra.args import ArgumentError, parse_args
 from infra.diffusers_models import FluxPolicy, SD3Policy, build_tiny_flux, transformer_blocks
+from conftest import register_toy_as
 
 QUIET = ["--log-every", "0", "--checkpoint-every", "0", "--save-weights", "false"]
 MIB = 2**20
@@ -221,8 +221,7 @@ def test_bad_launches_stop_with_one_line(tmp_path, monkeypatch):
         dgpo.main(["--model", "tiny-flux", "--fit-memory", "--output-dir", str(tmp_path / "a")] + QUIET)
     with pytest.raises(ArgumentError, match="--fit-memory is not used by --model toy2d"):
         dgpo.main(["--fit-memory", "--memory-budget-gib", "1", "--output-dir", str(tmp_path / "b")] + QUIET)
-    monkeypatch.setitem(tasks.CUSTOM_MODELS, "toy-custom", lambda args, keep, device, log: tasks._build(
-        dataclasses.replace(args, model="toy2d"), keep, device, log))  # a registered model without a transformer
+    register_toy_as(monkeypatch, "toy-custom")  # a registered model without a transformer
     with pytest.raises(SystemExit, match="--model toy-custom has none"):
         dgpo.main(["--model", "toy-custom", "--preset", "toy2d", "--fit-memory", "--memory-budget-gib", "1",
                    "--output-dir", str(tmp_path / "b")] + QUIET)

@@ -2,7 +2,6 @@
 LoRA merged into the base weights for rollouts (`--merge-lora-rollouts`). Each must give the eager, unmerged
 model's numbers, leave the weights exactly as they were, and refuse what it cannot do."""
 
-import dataclasses
 import json
 
 import pytest
@@ -13,6 +12,7 @@ import neighbor_grpo
 from infra import tasks
 from infra.args import parse_args
 from infra.diffusers_models import build_tiny_flux
+from conftest import register_toy_as
 from tiny_pipelines import give_lora_an_update
 
 QUIET = ["--log-every", "0", "--checkpoint-every", "0", "--save-weights", "false"]
@@ -90,8 +90,7 @@ def test_merge_lora_rollouts_needs_lora(script, tmp_path, monkeypatch):
                          (["--model", "tiny-flux", "--lora-rank", "0"], "got --model tiny-flux --lora-rank 0")):
         with pytest.raises(SystemExit, match=match):
             parse_args(script.Args, script.PRESETS, [*flags, "--merge-lora-rollouts"])
-    monkeypatch.setitem(tasks.CUSTOM_MODELS, "toy-custom", lambda args, keep, device, log: tasks._build(
-        dataclasses.replace(args, model="toy2d", lora_rank=0), keep, device, log))
+    register_toy_as(monkeypatch, "toy-custom", lora_rank=0)
     args = parse_args(script.Args, script.PRESETS, ["--model", "toy-custom", "--preset", "toy2d", "--lora-rank", "8",
                                                     "--merge-lora-rollouts"])
     with pytest.raises(SystemExit, match="the policy of --model toy-custom has none"):
@@ -164,8 +163,7 @@ def test_compile_and_checkpointing_need_a_diffusers_model(monkeypatch):
     for flag in ("--compile", "--gradient-checkpointing"):
         with pytest.raises(SystemExit, match=f"{flag} is not used by --model toy2d"):
             parse_args(dgpo.Args, dgpo.PRESETS, [flag])
-    monkeypatch.setitem(tasks.CUSTOM_MODELS, "toy-custom", lambda args, keep, device, log: tasks._build(
-        dataclasses.replace(args, model="toy2d"), keep, device, log))
+    register_toy_as(monkeypatch, "toy-custom")
     for flag, match in (("--compile", "--compile compiles a diffusers transformer's blocks; --model toy-custom has "
                                       "none"),
                         ("--gradient-checkpointing", "--gradient-checkpointing needs a diffusers transformer; "
