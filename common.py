@@ -598,7 +598,8 @@ class CommonArgs:
     log_every: int = arg(10, "print a console line every N iterations, and after one that ends a minute or more "
                              "after the last line (0: never)", min=0)
     save_weights: bool = arg(True, "save the trained weights to <output_dir>/final at the end")
-    checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations (0: never)", min=0)
+    checkpoint_every: int = arg(100, "save a resumable checkpoint every N iterations and after the last "
+                                "(0: never)", min=0)
     checkpoint_minutes: float = arg(60.0, "also save one after an iteration that ends this many minutes or more after "
                                           "the last (FLUX iterations take minutes; a crash loses at most this much "
                                           "work; 0: never)", min=0)

@@ -410,8 +410,8 @@ def _check_resume_dir(resume: str, output_dir: Optional[str]):
 
 def _check_resume_point(args, prog: str):
     """A resumed run trains from its checkpoint up to --iterations, so it must have iterations left. `latest` of a
-    finished run is refused: it would train the iterations after the last checkpoint again (minutes each on FLUX)
-    and replace the summary with the same numbers."""
+    finished run is refused: it would evaluate again (minutes on FLUX) and replace the summary with the same
+    numbers."""
     from infra.run import (checkpoint_iteration, checkpoints, inputs_changed, not_a_checkpoint,
                            process_count_mismatch)
     run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)

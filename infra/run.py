@@ -291,14 +291,22 @@ class Run:
         config = self.accelerator.project_configuration  # where trackers and accelerate's own saves go
         config.project_dir = config.logging_dir = chosen[0]
 
+    def _where(self) -> str:
+        """What the run was doing, numbered as its console lines ("it 1/N" is the first iteration)."""
+        if self.evaluating in ("before", "after"):
+            return f"in the evaluation {self.evaluating} training"
+        if self.evaluating:  # --eval-every's, labelled "it K"
+            return f"in the evaluation after iteration {self.evaluating.split()[-1]}"
+        if self.iteration is not None:
+            return f"in iteration {self.iteration + 1} of {self.args.iterations}"
+        return "before training"
+
     def _position(self) -> str:
-        """Where a stopped run stands, for its one-line message: the iteration and what is on disk."""
+        """Where a stopped run stands, for its one-line message: what it was doing and what is on disk."""
         found = self._checkpoints()
-        where = (f" in the {self.evaluating} evaluation" if self.evaluating else
-                 f" at iteration {self.iteration}" if self.iteration is not None else " before training")
         resume = (f"last checkpoint {found[-1]} (resume: --resume-from-checkpoint latest --output-dir {self.out})"
                   if found else "no checkpoint")
-        return f"{where}; {resume}; no final weights were written"
+        return f" {self._where()}; {resume}; no final weights were written"
 
     @property
     def device(self):
@@ -433,9 +441,7 @@ class Run:
 
     def _interrupted(self, signum, frame):
         """SIGINT: stop with one line, the iteration reached, the last checkpoint and how to resume."""
-        where = (f"at iteration {self.iteration} of {self.args.iterations}" if self.iteration is not None else
-                 "before training")
-        self._stop(f"interrupted {where}", 128 + signum)
+        self._stop(f"interrupted {self._where()}", 128 + signum)
 
     def _terminated(self, signum, frame):
         """SIGTERM: in the training loop, finish the iteration and checkpoint it (end_iteration); before training or
@@ -611,8 +617,10 @@ class Run:
         if self.accelerator.num_processes > 1:  # every process decides alike: by the main one's clock, on anyone's
             late, stop = (self.accelerator.reduce(torch.tensor([float(late), float(stop)], device=self.device),  # TERM
                                                   reduction="sum") > 0).tolist()
-        due = bool(every) and (iteration + 1) % every == 0
-        saved = (due or late) and iteration + 1 < self.args.iterations
+        # --checkpoint-every also checkpoints the last iteration: training longer then continues from it at once, and a
+        # run stopped in its final evaluation (minutes for FLUX) resumes to that evaluation alone
+        due = bool(every) and ((iteration + 1) % every == 0 or iteration + 1 == self.args.iterations)
+        saved = due or late
         if saved:
             self.save_checkpoint(iteration + 1)
         if stop:

@@ -279,7 +279,7 @@ BUGS = [
      "test_a_pipeline_checks_its_text_encoders_kernels_at_the_calls_they_make_before_they_embed"),
     # 2026-12-07 (second session): a resume with no iterations left; a reward that cannot score the prompts;
     # SIGTERM
-    ("`latest` of a finished run trains its last iterations again", "infra/args.py",
+    ("`latest` of a finished run evaluates again and rewrites its summary", "infra/args.py",
      "if done is not None and done >= args.iterations:", "if done is not None and done > args.iterations:",
      "tests/test_checkpoints.py::test_a_resume_needs_iterations_left"),
     ("a checkpoint past --iterations is resumed, and the summary claims fewer iterations", "infra/args.py",
@@ -387,6 +387,15 @@ BUGS = [
     ("a resume takes another base transformer from a moved --pretrained", "infra/run.py",
      '    if base and saved.get("base") and base != saved["base"]:', "    if False:",
      "tests/test_flux_pipeline.py::test_a_resume_refuses_a_pretrained_directory_whose_transformer_differs"),
+    # 2026-12-07 (fifth session): the last iteration's checkpoint, and stop messages numbered as the console lines
+    ("no checkpoint after the last iteration: a run stopped in its final evaluation trains again", "infra/run.py",
+     "due = bool(every) and ((iteration + 1) % every == 0 or iteration + 1 == self.args.iterations)",
+     "due = bool(every) and (iteration + 1) % every == 0",
+     "tests/test_checkpoints.py::test_a_run_stopped_in_its_final_evaluation_resumes_to_that_evaluation_alone"),
+    ("a stop message numbers iterations from 0, the console from 1", "infra/run.py",
+     'return f"in iteration {self.iteration + 1} of {self.args.iterations}"',
+     'return f"in iteration {self.iteration} of {self.args.iterations}"',
+     "tests/test_nonfinite.py::test_a_nan_reward_stops_the_run_and_leaves_the_last_checkpoint_intact"),
 ]
 
 

@@ -88,7 +88,7 @@ def main(strategy: str, out: Path, pipeline: Path):
     # full fine-tuning: every weight sharded; 3 iterations with a checkpoint after each
     flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "3", "--checkpoint-every", "1",
                     "--output-dir", str(out / "flow_full")])
-    # the same run cut after 2 iterations (checkpoint-1 is its last), then resumed to 3
+    # the same run cut after 2 iterations (checkpoint-2, after its last, is `latest`), then resumed to 3
     flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "2", "--checkpoint-every", "1",
                     "--output-dir", str(out / "flow_cut")])
     flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "3", "--checkpoint-every", "1",

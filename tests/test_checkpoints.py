@@ -96,7 +96,8 @@ def test_sigterm_outside_the_training_loop_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "evaluate", sigterm_in_the_before_evaluation)
     with pytest.raises(run.Interrupted) as e:
         flow_grpo.main(["--iterations", "3", "--output-dir", str(tmp_path), "--log-every", "0"])
-    assert e.value.code == 143 and str(e.value) == "interrupted before training; nothing trained, nothing to resume"
+    assert e.value.code == 143 and str(e.value) == ("interrupted in the evaluation before training; nothing trained, "
+                                                    "nothing to resume")
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -123,9 +124,9 @@ def test_checkpoints_are_pruned_and_hold_loadable_weights(tmp_path):
     flow_grpo.main(["--iterations", "7", "--checkpoint-every", "2", "--checkpoints-total-limit", "2", "--log-every",
                     "0", "--output-dir", str(tmp_path)])
     found = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert found == ["checkpoint-4", "checkpoint-6"]
+    assert found == ["checkpoint-6", "checkpoint-7"]  # every 2 iterations and after the last
     policy = tasks.toy2d_policy(keep_reference=False)
-    policy.load(tmp_path / "checkpoints" / "checkpoint-6" / "weights")
+    policy.load(tmp_path / "checkpoints" / "checkpoint-7" / "weights")
     assert any(not torch.equal(v, tasks.toy2d_policy(keep_reference=False).net.state_dict()[k])
                for k, v in policy.net.state_dict().items())
 
@@ -167,11 +168,11 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_wrote_it(tmp_path, 
     flow_grpo.main(flags)
     resume = flags + ["--iterations", "6", "--resume-from-checkpoint", "latest"]
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match=r"checkpoint-2 was written by 1 process and this run has 2: resume it "
+    with pytest.raises(SystemExit, match=r"checkpoint-4 was written by 1 process and this run has 2: resume it "
                                          r"with 1 .*or plain python"):
         flow_grpo.main(resume)
     monkeypatch.delenv("WORLD_SIZE")
-    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
     shutil.copy(checkpoint / "run_state_0.pt", checkpoint / "run_state_1.pt")  # as 2 processes would leave it
     with pytest.raises(SystemExit, match=r"written by 2 processes and this run has 1: resume it with 2 "
                                          r"\(accelerate launch --num_processes 2"):
@@ -189,7 +190,7 @@ def test_a_checkpoint_resumes_only_with_the_script_that_wrote_it(tmp_path):
              "--save-weights", "false", "--output-dir", str(tmp_path)]
     flow_grpo.main(flags)
     config = (tmp_path / "config.json").read_text()
-    with pytest.raises(SystemExit, match=r"checkpoint-2 is a checkpoint of flow_grpo.py, not of dgpo.py: resume it "
+    with pytest.raises(SystemExit, match=r"checkpoint-3 is a checkpoint of flow_grpo.py, not of dgpo.py: resume it "
                                          r"with flow_grpo.py$"):
         dgpo.main(flags + ["--iterations", "4", "--resume-from-checkpoint", "latest"])
     assert (tmp_path / "config.json").read_text() == config
@@ -255,10 +256,10 @@ def test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume(tmp_path
     assert flow_grpo.main(resume)["iterations"] == 6
     # FLUX evaluates on its train file when no --eval-prompts is given: the message names that file
     flux = SimpleNamespace(model="flux", train_prompts="p.txt", eval_prompts=None, pretrained=None)
-    changed = run.inputs_changed(out / "checkpoints" / "checkpoint-2", flux, {"eval": ["mode 1"]})
+    changed = run.inputs_changed(out / "checkpoints" / "checkpoint-6", flux, {"eval": ["mode 1"]})
     assert "the eval prompts of --train-prompts p.txt (FLUX / SD3 evaluate on it) are not those it recorded (2 " \
            "then, 1 now)" in changed
-    assert run.inputs_changed(out / "checkpoints" / "checkpoint-2", flux, {"train": None, "eval": None}) is None
+    assert run.inputs_changed(out / "checkpoints" / "checkpoint-6", flux, {"train": None, "eval": None}) is None
 
 
 def test_a_checkpoint_comes_after_an_iteration_that_ends_checkpoint_minutes_after_the_last(tmp_path, monkeypatch):
@@ -284,34 +285,67 @@ def test_a_checkpoint_comes_after_an_iteration_that_ends_checkpoint_minutes_afte
     assert resumed["iterations"] == 8
 
 
-def test_a_resume_needs_iterations_left(tmp_path):
+def test_a_resume_needs_iterations_left(tmp_path, capsys):
     flags = ["--iterations", "5", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "1",
              "--save-weights", "false", "--output-dir", str(tmp_path)]
     first = flow_grpo.main(flags)
-    # `latest` of a finished run would train iterations 4 and 5 again and write the same summary over it
+    assert [p.name for p in run.checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]  # the last one too
+    # `latest` of a finished run would evaluate it again and write the same summary over it
     with pytest.raises(SystemExit, match=r"finished its 5 iterations .*nothing to resume.*--iterations above 5 "
-                                         r"\(it continues from the last checkpoint, checkpoint-4\)"):
+                                         r"\(it continues from the last checkpoint, checkpoint-5\)"):
         flow_grpo.main(flags + ["--resume-from-checkpoint", "latest"])
     # a checkpoint past --iterations: the run would end at once, its summary claiming fewer iterations than trained
     with pytest.raises(SystemExit, match=r"checkpoint-4 has trained 4 iterations, more than --iterations 3"):
         flow_grpo.main(flags[2:] + ["--iterations", "3", "--resume-from-checkpoint",
                                     str(tmp_path / "checkpoints" / "checkpoint-4")])
     assert json.loads((tmp_path / "summary.json").read_text()) == first  # the refusals wrote nothing
-    # training longer continues from checkpoint-4
+    # training longer continues from the last iteration: nothing is trained twice
+    capsys.readouterr()
     longer = flow_grpo.main(flags[2:] + ["--iterations", "6", "--resume-from-checkpoint", "latest"])
+    assert f"resumed from {tmp_path / 'checkpoints' / 'checkpoint-5'} at iteration 5" in capsys.readouterr().out
     assert longer["iterations"] == 6
     assert [json.loads(l)["iteration"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
         range(6))
 
 
+def test_a_run_stopped_in_its_final_evaluation_resumes_to_that_evaluation_alone(tmp_path, monkeypatch):
+    """The last iteration is checkpointed: a run stopped in its "after" evaluation (many minutes for FLUX) resumes
+    there, trains nothing again and ends as the uninterrupted run. Before, it trained again every iteration after
+    the last --checkpoint-every multiple (up to 99 FLUX iterations at the default 100)."""
+    flags = ["--iterations", "3", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "2",
+             "--save-weights", "false"]
+    whole = flow_grpo.main(flags + ["--output-dir", str(tmp_path / "whole")])
+    evaluate, begin = run.Run.evaluate, run.Run.begin_iteration
+
+    def stopped_in_after(self, task, label):
+        if label == "after":
+            self.evaluating = label
+            self._interrupted(signal.SIGINT, None)
+        return evaluate(self, task, label)
+
+    monkeypatch.setattr(run.Run, "evaluate", stopped_in_after)
+    with pytest.raises(run.Interrupted, match=r"checkpoint-3; resume: python .* --resume-from-checkpoint latest"):
+        flow_grpo.main(flags + ["--output-dir", str(tmp_path / "cut")])
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    trained = []
+    monkeypatch.setattr(run.Run, "evaluate", evaluate)
+    monkeypatch.setattr(run.Run, "begin_iteration", lambda self, policy: trained.append(1) or begin(self, policy))
+    resumed = flow_grpo.main(flags + ["--output-dir", str(tmp_path / "cut"), "--resume-from-checkpoint", "latest"])
+    assert trained == []
+    for key in ("eval_reward_before", "eval_reward_after", "on_manifold_after", "nfe_rollout", "nfe_train",
+                "trainable_tensors_changed"):
+        assert resumed[key] == whole[key], key
+    assert [json.loads(l)["iteration"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()] == [
+        0, 1, 2]
+
+
 def test_latest_is_the_highest_iteration_not_the_last_name_in_alphabetical_order(tmp_path):
     # checkpoint-10 sorts before checkpoint-9 as text: pruning and `latest` must read the number
-    flow_grpo.main(["--iterations", "12", "--checkpoint-every", "1", "--checkpoints-total-limit", "3", "--log-every",
+    flow_grpo.main(["--iterations", "11", "--checkpoint-every", "1", "--checkpoints-total-limit", "3", "--log-every",
                     "0", "--eval-samples-per-prompt", "1", "--save-weights", "false", "--output-dir", str(tmp_path)])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "checkpoint-10", "checkpoint-11", "checkpoint-9"]
     (tmp_path / "checkpoints" / "checkpoint-12.partial").mkdir()  # an interrupted save is never `latest`
-    (tmp_path / "summary.json").unlink()  # as if the run had been cut before its end (a finished run is refused)
     flow_grpo.main(["--resume-from-checkpoint", "latest", "--output-dir", str(tmp_path), "--iterations", "12"])
     assert [json.loads(l)["iteration"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
         range(12))
@@ -328,7 +362,7 @@ def test_a_resumed_run_counts_the_time_spent_before_its_checkpoint(tmp_path):
     torch.save(saved, state_file)
     (tmp_path / "samples.png").unlink()
     (tmp_path / "summary.json").unlink()  # as if the run had been cut after checkpoint-2
-    resumed = flow_grpo.main(flags + ["--resume-from-checkpoint", "latest"])
+    resumed = flow_grpo.main(flags + ["--resume-from-checkpoint", str(state_file.parent)])
     assert resumed["wall_seconds"] >= 1000
     assert resumed["wall_seconds"] - resumed["train_seconds"] >= 400  # the evaluation time: 400 + the "after" one
     assert resumed["train_seconds"] >= 600

@@ -294,7 +294,7 @@ def test_an_output_dir_that_holds_a_run_is_refused_unless_resumed_or_overwritten
     flow_grpo.main(flags + ["--overwrite", "--iterations", "2"])
     assert json.loads((out / "summary.json").read_text())["iterations"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # a fresh log, not appended to the old one
-    assert not (out / "checkpoints").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]  # the old run's checkpoint-4 is gone
 
 
 def test_overwrite_and_resume_together_are_refused_and_a_run_started_with_overwrite_resumes(tmp_path):
@@ -350,7 +350,7 @@ def test_ctrl_c_stops_with_one_line_naming_the_iteration_checkpoint_and_resume_c
     assert proc.returncode == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("interrupted at iteration ") and " of 100000; last checkpoint " in line, err
+    assert line.startswith("interrupted in iteration ") and " of 100000; last checkpoint " in line, err
     assert f"resume: python dgpo.py --resume-from-checkpoint latest --output-dir {out}" in line
     assert not (out / "final").exists()
 

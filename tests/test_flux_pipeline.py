@@ -185,7 +185,7 @@ def test_a_resume_refuses_a_pretrained_directory_whose_transformer_differs(pipel
     assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, resume).pretrained == str(tmp_path / "elsewhere")
     config = tmp_path / "elsewhere" / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
-    with pytest.raises(ArgumentError, match=r"checkpoint-1: --pretrained .*elsewhere holds another transformer than "
+    with pytest.raises(ArgumentError, match=r"checkpoint-2: --pretrained .*elsewhere holds another transformer than "
                                             r"the run trained"):
         parse_args(flow_grpo.Args, flow_grpo.PRESETS, resume)
 

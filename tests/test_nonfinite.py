@@ -42,7 +42,7 @@ def test_a_learning_rate_that_blows_up_the_weights_stops_the_run_at_once(tmp_pat
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("stopped: log-probability ratio is") and "at iteration 0" in last, proc.stderr
+    assert last.startswith("stopped: log-probability ratio is") and "in iteration 1 of 5" in last, proc.stderr
     assert "--learning-rate" in last and "--attention-backend" in last
     assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
 
@@ -53,7 +53,7 @@ def test_a_nan_reward_stops_the_run_and_leaves_the_last_checkpoint_intact(tmp_pa
     with pytest.raises(common.NonFiniteError) as e:
         flow_grpo.main(flags)
     message = e.value.code
-    assert isinstance(message, str) and message.startswith("stopped: reward is nan") and "at iteration 3" in message
+    assert isinstance(message, str) and message.startswith("stopped: reward is nan") and "in iteration 4 of 8" in message
     assert f"last checkpoint {tmp_path / 'checkpoints' / 'checkpoint-2'}" in message
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
@@ -83,7 +83,7 @@ def test_a_nan_loss_is_caught_when_it_is_logged(tmp_path, monkeypatch):
     original = dgpo.dgpo_loss
     monkeypatch.setattr(dgpo, "dgpo_loss", lambda *a, **k: original(*a, **k) * float("nan"))
     monkeypatch.setattr(dgpo, "optimizer_step", lambda *a, **k: torch.tensor(0.0))  # let the NaN reach the log
-    with pytest.raises(common.NonFiniteError, match="stopped: loss/dgpo_loss is nan .* at iteration 0"):
+    with pytest.raises(common.NonFiniteError, match="stopped: loss/dgpo_loss is nan .* in iteration 1 of 3"):
         dgpo.main(["--iterations", "3", "--checkpoint-every", "1", "--output-dir", str(tmp_path), *FLAGS])
     assert not (tmp_path / "checkpoints").exists()
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])  # logged, for the post-mortem

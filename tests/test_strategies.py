@@ -158,7 +158,7 @@ def test_compiled_blocks_train_as_eager_ones_under_each_strategy(runs, strategy)
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_resumed_run_equals_uninterrupted_run(runs, strategy):
-    """Cut after 2 iterations (checkpoint-1 its last), resumed to 3: the metrics and weights of the uninterrupted
+    """Cut after 2 iterations (checkpoint-2 its last), resumed to 3: the metrics and weights of the uninterrupted
     run, through each strategy's own save_state / load_state."""
     full, cut = metrics(runs[strategy] / "flow_full"), metrics(runs[strategy] / "flow_cut")
     assert [r["iteration"] for r in cut] == [0, 1, 2]
