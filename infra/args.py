@@ -390,7 +390,7 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
     return args
 
 
-def _run_dir(resume: str, output_dir: Optional[str]) -> Optional[Path]:
+def run_dir_of(resume: str, output_dir: Optional[str]) -> Optional[Path]:
     """The directory of the run a `--resume-from-checkpoint` continues (<run>/checkpoints/checkpoint-N)."""
     return Path(output_dir) if output_dir else (Path(resume).resolve().parent.parent if resume != "latest" else None)
 
@@ -401,7 +401,7 @@ def _check_resume_dir(resume: str, output_dir: Optional[str]):
     was looked for in the new directory), and that directory's metrics.jsonl began at the checkpoint."""
     if resume in (None, "latest") or not output_dir:
         return
-    run = _run_dir(resume, None)
+    run = run_dir_of(resume, None)
     if (run / "config.json").is_file() and run != Path(output_dir).resolve():
         raise ValueError(f"--resume-from-checkpoint {resume} continues the run in {run}, in that directory: leave "
                          f"--output-dir out (or give {run}); to keep that run as it is, copy the whole directory "
@@ -414,7 +414,7 @@ def _check_resume_point(args, prog: str):
     numbers."""
     from infra.run import (checkpoint_iteration, checkpoints, inputs_changed, not_a_checkpoint,
                            process_count_mismatch)
-    run_dir = _run_dir(args.resume_from_checkpoint, args.output_dir)
+    run_dir = run_dir_of(args.resume_from_checkpoint, args.output_dir)
     if run_dir is None:
         return
     if args.resume_from_checkpoint == "latest":
@@ -451,7 +451,7 @@ def _check_resume_point(args, prog: str):
 
 def _saved_config(resume: str, output_dir: Optional[str], prog: str) -> Optional[dict]:
     """The config.json of the run a `--resume-from-checkpoint` points at (None if that run has none)."""
-    run_dir = _run_dir(resume, output_dir)
+    run_dir = run_dir_of(resume, output_dir)
     if run_dir is None or not (run_dir / "config.json").is_file():
         return None
     saved = json.loads((run_dir / "config.json").read_text())

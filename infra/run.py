@@ -182,8 +182,9 @@ class Run:
             if isinstance(getattr(handler, "__self__", None), Run) and on_main_thread:
                 signal.signal(signum, default)
         resume = args.resume_from_checkpoint
-        if args.output_dir is None and resume not in (None, "latest"):
-            args.output_dir = str(Path(resume).resolve().parent.parent)  # <output_dir>/checkpoints/checkpoint-N
+        if args.output_dir is None and resume not in (None, "latest"):  # the checkpoint's run, as parse_args found it
+            from infra.args import run_dir_of
+            args.output_dir = str(run_dir_of(resume, None))
         default_dir = args.output_dir is None
         if default_dir:  # this process's guess; the main process claims the run's own once the processes can talk
             stamp = time.strftime("%Y%m%d-%H%M%S")
