@@ -108,7 +108,8 @@ if [[ $NGPU -gt 0 ]]; then
     done
   done
   judge $t0
-  # resume each config's LoRA Flow-GRPO run from its checkpoint (accelerate's sharded / DeepSpeed state)
+  # resume each config's LoRA Flow-GRPO run from its last checkpoint (accelerate's sharded / DeepSpeed state) and
+  # train one more iteration on the loaded state
   t0=$SECONDS
   for cfg in "${CONFIGS[@]}"; do
     name="${cfg}_flow_grpo_flux_r8"
@@ -116,7 +117,7 @@ if [[ $NGPU -gt 0 ]]; then
     mv "$OUT/$name/summary.json" "$OUT/$name/summary.first.json"
     timeout -k 10 "${SMOKE_TIMEOUT:-1800}" "$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$cfg.yaml" \
       --num_processes "$NGPU" flow_grpo.py \
-      --resume-from-checkpoint latest --output-dir "$OUT/$name" --iterations 2 --log-every 0 "${PIPE[@]}" \
+      --resume-from-checkpoint latest --output-dir "$OUT/$name" --iterations 3 --log-every 0 "${PIPE[@]}" \
       --model flux --pretrained "$OUT/pipelines/flux" --lora-rank 8 > "$OUT/$name.resume.log" 2>&1
     grep -q "resumed from" "$OUT/$name.resume.log" || rm -f "$OUT/$name/summary.json"  # not resumed: a failure
     cp "$OUT/$name.resume.log" "$OUT/$name.log"
