@@ -25,7 +25,7 @@ Where the two codes differ, the presets follow each one (docs/choices.md lists e
   gradient accumulation 4), no KL, no EMA.
 
 Run:
-    python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~20 s
+    python flow_grpo.py                                     # toy2d, Flow-GRPO-style, CPU, ~15 s
     python flow_grpo.py --preset toy2d-dancegrpo            # DanceGRPO's variant on the toy
     python flow_grpo.py --model tiny-flux --iterations 2    # the FLUX code path, random weights
     python flow_grpo.py --model shapes                      # text-to-image on CPU: coloured shapes (infra/shapes.py)
