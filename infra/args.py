@@ -390,15 +390,11 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
     return args
 
 
-def run_dir_of(resume: str, output_dir: Optional[str]) -> Optional[Path]:
-    """The directory of the run a `--resume-from-checkpoint` continues (<run>/checkpoints/checkpoint-N)."""
-    return Path(output_dir) if output_dir else (Path(resume).resolve().parent.parent if resume != "latest" else None)
-
-
 def _check_resume_dir(resume: str, output_dir: Optional[str]):
     """A checkpoint inside a run's directory (<run>/checkpoints/checkpoint-N beside <run>/config.json) continues
     that run there. Into another --output-dir it ran with the preset's flags instead of the run's (its config.json
     was looked for in the new directory), and that directory's metrics.jsonl began at the checkpoint."""
+    from infra.run import run_dir_of
     if resume in (None, "latest") or not output_dir:
         return
     run = run_dir_of(resume, None)
@@ -413,7 +409,7 @@ def _check_resume_point(args, prog: str):
     finished run is refused: it would evaluate again (minutes on FLUX) and replace the summary with the same
     numbers."""
     from infra.run import (checkpoint_iteration, checkpoints, inputs_changed, not_a_checkpoint,
-                           process_count_mismatch)
+                           process_count_mismatch, run_dir_of)
     run_dir = run_dir_of(args.resume_from_checkpoint, args.output_dir)
     if run_dir is None:
         return
@@ -451,6 +447,7 @@ def _check_resume_point(args, prog: str):
 
 def _saved_config(resume: str, output_dir: Optional[str], prog: str) -> Optional[dict]:
     """The config.json of the run a `--resume-from-checkpoint` points at (None if that run has none)."""
+    from infra.run import run_dir_of
     run_dir = run_dir_of(resume, output_dir)
     if run_dir is None or not (run_dir / "config.json").is_file():
         return None

@@ -7,10 +7,10 @@ nothing; without --output-dir the directory it claimed is removed again at exit)
 line per iteration), summary.json, final/ (the trained weights), checkpoints/checkpoint-N/, and the pictures
 (samples_before/after.png for image tasks, samples.png for the toy).
 
-An --output-dir that holds a run is refused unless the run is resumed or --overwrite is given. Ctrl-C stops the
-run with one line: the iteration it reached, its last checkpoint and the command that resumes from it. SIGTERM (a
-scheduler's preemption or time limit) lets the iteration in progress finish, writes a checkpoint, then stops the same
-way, so a resumed run loses nothing.
+An --output-dir that holds a run is refused unless the run is resumed or --overwrite is given, and one that a live
+run writes into is refused even then (RunLock, run.lock). Ctrl-C stops the run with one line: what it was doing, its
+last checkpoint and the command that resumes from it. SIGTERM (a scheduler's preemption or time limit) lets the
+iteration in progress finish, writes a checkpoint, then stops the same way, so a resumed run loses nothing.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -82,6 +84,11 @@ def checkpoint_iteration(path: Path) -> Optional[int]:
     """N of a complete checkpoint directory `checkpoint-N` (None for anything else, a `.partial` one included)."""
     tail = Path(path).name.split("-")[-1]
     return int(tail) if tail.isdigit() else None
+
+
+def run_dir_of(resume: str, output_dir: Optional[str]) -> Optional[Path]:
+    """The directory of the run a `--resume-from-checkpoint` continues (<run>/checkpoints/checkpoint-N)."""
+    return Path(output_dir) if output_dir else (Path(resume).resolve().parent.parent if resume != "latest" else None)
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -168,6 +175,113 @@ def _remove_if_empty(path: Path):
         path.rmdir()
 
 
+class RunLock:
+    """One run at a time writes into an output directory. Two would interleave their metrics.jsonl lines, overwrite
+    each other's checkpoints, and a second one started with --overwrite would delete the first one's outputs while it
+    runs: a job submitted twice, or an auto-resume job requeued while the first still runs.
+
+    The main process holds `<output_dir>/run.lock` (host, pid, a token) from its first write to its end, and a thread
+    touches it every HEARTBEAT_SECONDS. Another run that finds it refuses while its holder lives, and takes over a
+    lock whose holder died without removing it (SIGKILL, a lost node): on this host when the holder's pid is gone; on
+    another host when the lock's time stands still for WATCH_SECONDS (watched, not compared with this host's clock,
+    which may differ from the file system's), or is over ABANDONED_SECONDS old."""
+
+    HEARTBEAT_SECONDS = 30.0
+    WATCH_SECONDS = 120.0
+    ABANDONED_SECONDS = 1800.0
+    POLL_SECONDS = 5.0
+
+    def __init__(self, out: Path, log=print):
+        self.path, self.log = Path(out) / "run.lock", log
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._stop = threading.Event()
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; the reason to refuse when a live run holds it, else None."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder, mtime = self._holder()
+                alive, why = self._judge(holder, mtime) if holder is not None else (None, "")
+                if alive:
+                    return (f"{self.path.parent} is in use by another run: {why}. Two runs in one directory would "
+                            f"interleave their metrics and overwrite each other's checkpoints: wait for it to end, "
+                            f"stop it, or choose another --output-dir")
+                if alive is False and self._holder()[0] == holder:  # (still the lock that was judged)
+                    self.log(f"note: taking over {self.path}: {why}")
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                continue  # (alive None: the lock changed hands while it was judged)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            break
+        atexit.register(self.release)
+        threading.Thread(target=self._beat, name="run.lock heartbeat", daemon=True).start()
+        return None
+
+    def _judge(self, holder: dict, mtime: float) -> tuple[Optional[bool], str]:
+        """(True, who) if the lock's run lives, (False, why not) if it died, (None, "") if the lock changed hands."""
+        who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "a run whose lock cannot be read"
+        if holder.get("host") == self.me["host"]:
+            if holder.get("pid") == self.me["pid"]:
+                return False, "an earlier run in this process left it"
+            if _alive(holder.get("pid")):
+                return True, (f"{who}, started {holder.get('started')} (if that process is not a run, delete "
+                              f"{self.path})")
+            return False, f"its run ({who}) has ended"
+        age = time.time() - mtime
+        if age > self.ABANDONED_SECONDS:
+            return False, f"its run ({who}) gave no heartbeat for {age / 60:.0f} min"
+        self.log(f"{self.path} is held by {who}: watching it up to {self.WATCH_SECONDS:.0f} s for the heartbeat of "
+                 f"a live run")
+        deadline = time.monotonic() + self.WATCH_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(self.POLL_SECONDS)
+            now, now_mtime = self._holder()
+            if now != holder:
+                return None, ""
+            if now_mtime != mtime:
+                return True, f"{who}, started {holder.get('started')}, alive (its {self.path.name} was refreshed)"
+        return False, f"its run ({who}) gave no heartbeat for {self.WATCH_SECONDS:.0f} s"
+
+    def _holder(self) -> tuple[Optional[dict], Optional[float]]:
+        """The lock's content ({} if unreadable: half written) and time; (None, None) without a lock."""
+        try:
+            mtime, text = self.path.stat().st_mtime, self.path.read_text()
+        except OSError:
+            return None, None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None
+        return (holder if isinstance(holder, dict) else {}), mtime
+
+    def _beat(self):
+        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self):
+        """Stop the heartbeat and remove the lock, if it is still this run's."""
+        self._stop.set()
+        if self._holder()[0] == self.me:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+def _alive(pid) -> bool:
+    """Whether a process of this host has that pid (one of another user counts as alive)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Run:
     """One training run: the Accelerator, per-process seeding, console + jsonl + tracker logging, summary."""
 
@@ -183,7 +297,6 @@ class Run:
                 signal.signal(signum, default)
         resume = args.resume_from_checkpoint
         if args.output_dir is None and resume not in (None, "latest"):  # the checkpoint's run, as parse_args found it
-            from infra.args import run_dir_of
             args.output_dir = str(run_dir_of(resume, None))
         default_dir = args.output_dir is None
         if default_dir:  # this process's guess; the main process claims the run's own once the processes can talk
@@ -253,6 +366,7 @@ class Run:
         self.toy_samples = {}  # "before" / "after": the toy's evaluation samples, for samples.png
         self.memory_plan = None  # --fit-memory's plan, for summary.json
         self._attention_checked = False
+        self.lock = None  # the main process's RunLock on --output-dir, from the first write on
         NonFiniteError.where = self._position
         if on_main_thread:  # Ctrl-C from here on, the model's minutes of loading included: one line, not a traceback
             self._previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupted),
@@ -390,22 +504,30 @@ class Run:
         deletes what an earlier run left here first."""
         args = self.args
         text = json.dumps(dataclasses.asdict(args), indent=2)
+        refusal = None
         if self.is_main:
-            if args.overwrite and args.resume_from_checkpoint is None:
-                for name in OUTPUTS:
-                    path = self.out / name
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    elif path.exists():
-                        path.unlink()
+            self.lock = RunLock(self.out, log=self.print)
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
-                (self.out / "config.json").write_text(text)
-                if args.resume_from_checkpoint is None:
-                    (self.out / "metrics.jsonl").write_text("")
+                refusal = self.lock.acquire()  # no other run writes here from now on (RunLock)
+                if refusal is None:
+                    if args.overwrite and args.resume_from_checkpoint is None:
+                        for name in OUTPUTS:
+                            path = self.out / name
+                            if path.is_dir():
+                                shutil.rmtree(path)
+                            elif path.exists():
+                                path.unlink()
+                    (self.out / "config.json").write_text(text)
+                    if args.resume_from_checkpoint is None:
+                        (self.out / "metrics.jsonl").write_text("")
             except OSError as e:  # what parse_args cannot see ahead (/proc, a read-only file system)
-                raise SystemExit(f"--output-dir {self.out}: {e.strerror} ({e.filename}): choose another "
-                                 f"--output-dir") from None
+                refusal = f"--output-dir {self.out}: {e.strerror} ({e.filename}): choose another --output-dir"
+        if self.accelerator.num_processes > 1:  # every process stops alike: one alone would wait in a collective
+            from accelerate.utils import broadcast_object_list
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise SystemExit(refusal)
         self.accelerator.wait_for_everyone()
         if self.accelerator.num_processes > 1:  # every process writes its part of each checkpoint into --output-dir
             from accelerate.utils import broadcast_object_list
@@ -469,6 +591,8 @@ class Run:
             then = (f"; no checkpoint yet (one every --checkpoint-every {self.args.checkpoint_every} iterations), "
                     f"nothing to resume")
         self._restore_signals()
+        if self.lock is not None:
+            self.lock.release()
         if self.is_main:
             print(f"{what}{then}", file=sys.stderr)
         raise Interrupted(f"{what}{then}", status)
@@ -693,9 +817,12 @@ class Run:
             ema = self.eval_ema
             if ema is not None and ema.steps < ema.every:  # a short run: the EMA still holds the base weights
                 self.print(f"note: the evaluation EMA updates every {ema.every} optimizer steps and this run took "
-                           f"{ema.steps}, so the 'after' evaluation{' and final/' if self.args.save_weights else ''} "
-                           f"are the base weights; --eval-ema false evaluates and saves the trained ones")
+                           f"{ema.steps}, so the 'after' evaluation scored the base weights"
+                           f"{' and final/ holds them' if self.args.save_weights else ''}; --eval-ema false evaluates "
+                           f"and saves the trained ones")
         if self.args.report_to != "none":
             self.accelerator.end_training()
         self._restore_signals()
+        if self.lock is not None:
+            self.lock.release()
         return summary

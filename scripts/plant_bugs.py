@@ -396,6 +396,21 @@ BUGS = [
      'return f"in iteration {self.iteration + 1} of {self.args.iterations}"',
      'return f"in iteration {self.iteration} of {self.args.iterations}"',
      "tests/test_nonfinite.py::test_a_nan_reward_stops_the_run_and_leaves_the_last_checkpoint_intact"),
+    # the same session: one run at a time in an output directory (RunLock)
+    ("a live run's lock on this host is taken over", "infra/run.py",
+     '            if _alive(holder.get("pid")):', "            if False:",
+     "tests/test_run_lock.py::test_a_directory_a_live_run_on_another_host_holds_is_refused_and_nothing_is_deleted"),
+    ("a heartbeat on another host goes unseen", "infra/run.py",
+     "            if now_mtime != mtime:", "            if False:",
+     "tests/test_run_lock.py::test_a_directory_a_live_run_on_another_host_holds_is_refused_and_nothing_is_deleted"),
+    ("the lock's heartbeat never beats", "infra/run.py",
+     "                os.utime(self.path)", "                pass",
+     "tests/test_run_lock.py::test_a_run_that_ends_leaves_no_lock_and_its_heartbeat_refreshed_it_while_it_ran"),
+    ("a finished run leaves its lock", "infra/run.py",
+     "        self._restore_signals()\n        if self.lock is not None:\n            self.lock.release()\n"
+     "        return summary",
+     "        self._restore_signals()\n        return summary",
+     "tests/test_run_lock.py::test_a_run_that_ends_leaves_no_lock_and_its_heartbeat_refreshed_it_while_it_ran"),
 ]
 
 

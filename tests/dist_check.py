@@ -65,6 +65,27 @@ def main(out: Path):
     (out / f"sigterm_rank{rank}.json").write_text(json.dumps(sigterm_one_process(out, rank)))
     default_output_dir(out, rank)
     (out / f"unshared_rank{rank}.json").write_text(json.dumps(unshared_output_dir(out, rank)))
+    (out / f"locked_rank{rank}.json").write_text(json.dumps(locked_output_dir(out, rank)))
+
+
+def locked_output_dir(out: Path, rank: int) -> dict:
+    """An --output-dir a live run holds (its run.lock names the launcher, a live process of this host): process 0
+    finds it and refuses; process 1, which takes no lock, must stop with it, not wait in a collective."""
+    import os
+    import socket
+
+    import flow_grpo
+    locked = out / "locked"
+    if rank == 0:
+        locked.mkdir()
+        (locked / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
+                                                     "token": "theirs", "started": "2026-12-07 10:00:00"}))
+    try:
+        flow_grpo.main(["--iterations", "1", "--output-dir", str(locked), "--log-every", "0", "--save-weights",
+                        "false", "--eval-samples-per-prompt", "8"])
+        return {"status": 0}
+    except SystemExit as e:
+        return {"status": 1, "message": str(e)}
 
 
 def unshared_output_dir(out: Path, rank: int) -> dict:

@@ -167,3 +167,13 @@ def test_an_output_dir_that_is_not_shared_by_the_processes_stops_them_all_at_sta
                                      f"process writes its part of every checkpoint into it: on several nodes, put "
                                      f"it on a filesystem they all share")
     assert (two_process_run / "node0" / "metrics.jsonl").read_text() == ""  # nothing trained
+
+
+def test_a_directory_a_live_run_holds_stops_every_process_at_start(two_process_run):
+    """Process 0 alone takes the lock and finds it held; both processes stop with its line, neither hangs (before,
+    a refusal on process 0 alone left the others waiting in a collective for the launcher to kill them)."""
+    results = [json.loads((two_process_run / f"locked_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["status"] for r in results] == [1, 1]
+    assert results[0]["message"] == results[1]["message"]
+    assert results[0]["message"].startswith(f"{two_process_run / 'locked'} is in use by another run: pid ")
+    assert sorted(p.name for p in (two_process_run / "locked").iterdir()) == ["run.lock"]  # nothing written

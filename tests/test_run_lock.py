@@ -1,0 +1,155 @@
+"""One run at a time in an output directory (infra/run.py's RunLock): a live run's directory is refused, a dead run's
+lock is taken over, and a run that ends, however it ends, leaves no lock behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import flow_grpo
+from infra import run
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--iterations", "2", "--log-every", "0", "--eval-samples-per-prompt", "1", "--save-weights", "false"]
+
+
+def write_lock(out: Path, host: str, pid: int, age: float = 0.0) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "run.lock"
+    lock.write_text(json.dumps({"host": host, "pid": pid, "token": "theirs", "started": "2026-12-07 10:00:00"}))
+    os.utime(lock, (time.time() - age, time.time() - age))
+    return lock
+
+
+@pytest.fixture
+def quick_clock(monkeypatch):
+    """Seconds, not minutes: a holder on another host is watched for 1.5 s, polled every 0.05 s, abandoned after 5 s."""
+    monkeypatch.setattr(run.RunLock, "WATCH_SECONDS", 1.5)
+    monkeypatch.setattr(run.RunLock, "ABANDONED_SECONDS", 5.0)
+    monkeypatch.setattr(run.RunLock, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(run.RunLock, "HEARTBEAT_SECONDS", 0.1)
+
+
+def test_a_run_that_ends_leaves_no_lock_and_its_heartbeat_refreshed_it_while_it_ran(tmp_path, quick_clock,
+                                                                                    monkeypatch):
+    seen = []
+    original = run.Run.end_iteration
+
+    def look(self, *a, **k):  # the lock while the run trains, after its heartbeat had time to beat
+        time.sleep(0.3)
+        lock = self.out / "run.lock"
+        seen.append((json.loads(lock.read_text()), time.time() - lock.stat().st_mtime))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(run.Run, "end_iteration", look)
+    flow_grpo.main(QUICK + ["--output-dir", str(tmp_path)])
+    assert [holder["pid"] for holder, _ in seen] == [os.getpid()] * 2
+    assert all(age < 0.25 for _, age in seen), seen  # touched every 0.1 s, though the iteration slept 0.3 s
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_directory_a_live_run_on_another_host_holds_is_refused_and_nothing_is_deleted(tmp_path, quick_clock):
+    out = tmp_path / "run"
+    flow_grpo.main(QUICK + ["--output-dir", str(out)])
+    summary = (out / "summary.json").read_text()
+    lock = write_lock(out, "other-node", 4242)
+    beating = threading.Event()
+
+    def heartbeat():  # the other node's run, alive
+        while not beating.wait(0.1):
+            os.utime(lock)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit, match=r"run is in use by another run: pid 4242 on other-node, started "
+                                             r"2026-12-07 10:00:00, alive \(its run.lock was refreshed\)\. .*wait "
+                                             r"for it to end, stop it, or choose another --output-dir"):
+            flow_grpo.main(QUICK + ["--output-dir", str(out), "--overwrite"])
+    finally:
+        beating.set()
+    assert (out / "summary.json").read_text() == summary  # --overwrite deleted nothing of the live run's
+    assert json.loads(lock.read_text())["token"] == "theirs"
+    # a live process of this host: refused at once, naming the lock to delete if that process is no run
+    write_lock(out, socket_host(), os.getppid())
+    with pytest.raises(SystemExit, match=f"in use by another run: pid {os.getppid()} on {socket_host()}, started "
+                                         f"2026-12-07 10:00:00 \\(if that process is not a run, delete "
+                                         f"{out / 'run.lock'}\\)"):
+        flow_grpo.main(QUICK + ["--output-dir", str(out), "--overwrite"])
+    assert (out / "summary.json").read_text() == summary
+
+
+def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, quick_clock, capsys, monkeypatch):
+    # a process of this host that has ended (SIGKILL leaves its lock): taken over at once
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    write_lock(tmp_path / "dead", socket_host(), ended.pid)
+    assert flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "dead")])["iterations"] == 2
+    out = capsys.readouterr().out
+    dead = tmp_path / "dead" / "run.lock"
+    assert f"taking over {dead}: its run (pid {ended.pid} on {socket_host()}) has ended" in out
+    assert "watching" not in out  # at once
+    # another host's, older than ABANDONED_SECONDS: taken over at once
+    write_lock(tmp_path / "stale", "other-node", 4242, age=600.0)
+    flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "stale")])
+    assert "its run (pid 4242 on other-node) gave no heartbeat for 10 min" in capsys.readouterr().out
+    # another host's, fresh when the run comes to write but silent from then on: watched, then taken over
+    acquire, waited = run.RunLock.acquire, []
+
+    def found_fresh(self):
+        write_lock(self.path.parent, "other-node", 4242)
+        t0 = time.time()
+        refusal = acquire(self)
+        waited.append(time.time() - t0)
+        return refusal
+
+    monkeypatch.setattr(run.RunLock, "acquire", found_fresh)
+    flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "silent")])
+    out = capsys.readouterr().out
+    assert "run.lock is held by pid 4242 on other-node: watching it up to 2 s for the heartbeat of a live run" in out
+    assert "its run (pid 4242 on other-node) gave no heartbeat for 2 s" in out and waited[0] >= 1.5
+    monkeypatch.setattr(run.RunLock, "acquire", acquire)
+    # a lock its run died writing (empty), long ago
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "run.lock").write_text("")
+    os.utime(tmp_path / "torn" / "run.lock", (time.time() - 600, time.time() - 600))
+    flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "torn")])
+    assert "its run (a run whose lock cannot be read) gave no heartbeat for 10 min" in capsys.readouterr().out
+    for name in ("dead", "stale", "silent", "torn"):
+        assert not (tmp_path / name / "run.lock").exists()
+
+
+def socket_host() -> str:
+    import socket
+    return socket.gethostname()
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_directory_of_a_running_one_is_refused_and_the_first_goes_on(tmp_path):
+    """As a user meets it: the same job submitted twice. The second (here with --overwrite) is refused before it
+    writes anything; the first is undisturbed, and Ctrl-C ends it without leaving its lock."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "flow_grpo.py", "--iterations", "100000", "--log-every", "0",
+                              "--eval-samples-per-prompt", "1", "--output-dir", str(out)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert time.time() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, "flow_grpo.py", "--output-dir", str(out), "--overwrite", *QUICK],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith(f"{out} is in use by another run: pid {first.pid} ")
+        lines = len((out / "metrics.jsonl").read_text().splitlines())
+        time.sleep(1.0)
+        assert first.poll() is None and len((out / "metrics.jsonl").read_text().splitlines()) > lines  # going on
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert first.returncode == 130 and not (out / "run.lock").exists()
