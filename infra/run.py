@@ -182,9 +182,10 @@ class RunLock:
 
     The main process holds `<output_dir>/run.lock` (host, pid, a token) from its first write to its end, and a thread
     touches it every HEARTBEAT_SECONDS. Another run that finds it refuses while its holder lives, and takes over a
-    lock whose holder died without removing it (SIGKILL, a lost node): on this host when the holder's pid is gone; on
-    another host when the lock's time stands still for WATCH_SECONDS (watched, not compared with this host's clock,
-    which may differ from the file system's), or is over ABANDONED_SECONDS old."""
+    lock whose holder died without removing it (SIGKILL, a lost node): at once when the holder's pid is gone from
+    this host or the lock is over ABANDONED_SECONDS old; else when the lock's time stands still for WATCH_SECONDS
+    (watched, not compared with this host's clock, which may differ from the file system's; a pid of this host that
+    lives may be another process's since)."""
 
     HEARTBEAT_SECONDS = 30.0
     WATCH_SECONDS = 120.0
@@ -227,10 +228,9 @@ class RunLock:
         if holder.get("host") == self.me["host"]:
             if holder.get("pid") == self.me["pid"]:
                 return False, "an earlier run in this process left it"
-            if _alive(holder.get("pid")):
-                return True, (f"{who}, started {holder.get('started')} (if that process is not a run, delete "
-                              f"{self.path})")
-            return False, f"its run ({who}) has ended"
+            if not _alive(holder.get("pid")):
+                return False, f"its run ({who}) has ended"
+        # a live pid may be another process's now (a container restarted with the same hostname): the heartbeat tells
         age = time.time() - mtime
         if age > self.ABANDONED_SECONDS:
             return False, f"its run ({who}) gave no heartbeat for {age / 60:.0f} min"

@@ -69,23 +69,32 @@ def main(out: Path):
 
 
 def locked_output_dir(out: Path, rank: int) -> dict:
-    """An --output-dir a live run holds (its run.lock names the launcher, a live process of this host): process 0
-    finds it and refuses; process 1, which takes no lock, must stop with it, not wait in a collective."""
+    """An --output-dir a live run holds (its run.lock names the launcher, a live process of this host, and beats):
+    process 0 finds it and refuses; process 1, which takes no lock, must stop with it, not wait in a collective."""
     import os
     import socket
+    import threading
 
     import flow_grpo
-    locked = out / "locked"
+    locked, beating = out / "locked", threading.Event()
     if rank == 0:
         locked.mkdir()
         (locked / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
                                                      "token": "theirs", "started": "2026-12-07 10:00:00"}))
+
+        def heartbeat():  # the live run's
+            while not beating.wait(0.2):
+                os.utime(locked / "run.lock")
+
+        threading.Thread(target=heartbeat, daemon=True).start()
     try:
         flow_grpo.main(["--iterations", "1", "--output-dir", str(locked), "--log-every", "0", "--save-weights",
                         "false", "--eval-samples-per-prompt", "8"])
         return {"status": 0}
     except SystemExit as e:
         return {"status": 1, "message": str(e)}
+    finally:
+        beating.set()
 
 
 def unshared_output_dir(out: Path, rank: int) -> dict:

@@ -1,6 +1,7 @@
 """One run at a time in an output directory (infra/run.py's RunLock): a live run's directory is refused, a dead run's
 lock is taken over, and a run that ends, however it ends, leaves no lock behind."""
 
+import contextlib
 import json
 import os
 import signal
@@ -54,34 +55,36 @@ def test_a_run_that_ends_leaves_no_lock_and_its_heartbeat_refreshed_it_while_it_
     assert not (tmp_path / "run.lock").exists()
 
 
-def test_a_directory_a_live_run_on_another_host_holds_is_refused_and_nothing_is_deleted(tmp_path, quick_clock):
+def test_a_directory_a_live_run_holds_is_refused_and_nothing_is_deleted(tmp_path, quick_clock):
     out = tmp_path / "run"
     flow_grpo.main(QUICK + ["--output-dir", str(out)])
     summary = (out / "summary.json").read_text()
-    lock = write_lock(out, "other-node", 4242)
-    beating = threading.Event()
+    # the other node's run, alive: its heartbeat beats; then a live process of this host whose lock beats
+    for host, pid in (("other-node", 4242), (socket_host(), os.getppid())):
+        lock = write_lock(out, host, pid)
+        with beating(lock):
+            with pytest.raises(SystemExit, match=f"run is in use by another run: pid {pid} on {host}, started "
+                                                 f"2026-12-07 10:00:00, alive \\(its run.lock was refreshed\\)\\. "
+                                                 f".*wait for it to end, stop it, or choose another --output-dir"):
+                flow_grpo.main(QUICK + ["--output-dir", str(out), "--overwrite"])
+        assert (out / "summary.json").read_text() == summary  # --overwrite deleted nothing of the live run's
+        assert json.loads(lock.read_text())["token"] == "theirs"
 
-    def heartbeat():  # the other node's run, alive
-        while not beating.wait(0.1):
+
+@contextlib.contextmanager
+def beating(lock: Path):
+    """A live run's heartbeat on `lock`, every 0.1 s."""
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(0.1):
             os.utime(lock)
 
     threading.Thread(target=heartbeat, daemon=True).start()
     try:
-        with pytest.raises(SystemExit, match=r"run is in use by another run: pid 4242 on other-node, started "
-                                             r"2026-12-07 10:00:00, alive \(its run.lock was refreshed\)\. .*wait "
-                                             r"for it to end, stop it, or choose another --output-dir"):
-            flow_grpo.main(QUICK + ["--output-dir", str(out), "--overwrite"])
+        yield
     finally:
-        beating.set()
-    assert (out / "summary.json").read_text() == summary  # --overwrite deleted nothing of the live run's
-    assert json.loads(lock.read_text())["token"] == "theirs"
-    # a live process of this host: refused at once, naming the lock to delete if that process is no run
-    write_lock(out, socket_host(), os.getppid())
-    with pytest.raises(SystemExit, match=f"in use by another run: pid {os.getppid()} on {socket_host()}, started "
-                                         f"2026-12-07 10:00:00 \\(if that process is not a run, delete "
-                                         f"{out / 'run.lock'}\\)"):
-        flow_grpo.main(QUICK + ["--output-dir", str(out), "--overwrite"])
-    assert (out / "summary.json").read_text() == summary
+        stop.set()
 
 
 def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, quick_clock, capsys, monkeypatch):
@@ -98,21 +101,24 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, quick_clock, capsys,
     write_lock(tmp_path / "stale", "other-node", 4242, age=600.0)
     flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "stale")])
     assert "its run (pid 4242 on other-node) gave no heartbeat for 10 min" in capsys.readouterr().out
-    # another host's, fresh when the run comes to write but silent from then on: watched, then taken over
-    acquire, waited = run.RunLock.acquire, []
+    # fresh when the run comes to write, silent from then on: watched WATCH_SECONDS, then taken over. Another host's,
+    # and this host's of a pid that lives but is no run now (the pids of a restarted container repeat)
+    acquire = run.RunLock.acquire
+    for name, host, pid in (("silent", "other-node", 4242), ("reused", socket_host(), os.getppid())):
+        waited = []
 
-    def found_fresh(self):
-        write_lock(self.path.parent, "other-node", 4242)
-        t0 = time.time()
-        refusal = acquire(self)
-        waited.append(time.time() - t0)
-        return refusal
+        def found_fresh(self):
+            write_lock(self.path.parent, host, pid)
+            t0 = time.time()
+            refusal = acquire(self)
+            waited.append(time.time() - t0)
+            return refusal
 
-    monkeypatch.setattr(run.RunLock, "acquire", found_fresh)
-    flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "silent")])
-    out = capsys.readouterr().out
-    assert "run.lock is held by pid 4242 on other-node: watching it up to 2 s for the heartbeat of a live run" in out
-    assert "its run (pid 4242 on other-node) gave no heartbeat for 2 s" in out and waited[0] >= 1.5
+        monkeypatch.setattr(run.RunLock, "acquire", found_fresh)
+        flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / name)])
+        out = capsys.readouterr().out
+        assert f"run.lock is held by pid {pid} on {host}: watching it up to 2 s for the heartbeat of a live run" in out
+        assert f"its run (pid {pid} on {host}) gave no heartbeat for 2 s" in out and waited[0] >= 1.5
     monkeypatch.setattr(run.RunLock, "acquire", acquire)
     # a lock its run died writing (empty), long ago
     (tmp_path / "torn").mkdir()
@@ -120,7 +126,7 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, quick_clock, capsys,
     os.utime(tmp_path / "torn" / "run.lock", (time.time() - 600, time.time() - 600))
     flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "torn")])
     assert "its run (a run whose lock cannot be read) gave no heartbeat for 10 min" in capsys.readouterr().out
-    for name in ("dead", "stale", "silent", "torn"):
+    for name in ("dead", "stale", "silent", "reused", "torn"):
         assert not (tmp_path / name / "run.lock").exists()
 
 
