@@ -311,7 +311,8 @@ def test_a_resume_needs_iterations_left(tmp_path, capsys):
 def test_a_run_stopped_in_its_final_evaluation_resumes_to_that_evaluation_alone(tmp_path, monkeypatch):
     """The last iteration is checkpointed: a run stopped in its "after" evaluation (many minutes for FLUX) resumes
     there, trains nothing again and ends as the uninterrupted run. Before, it trained again every iteration after
-    the last --checkpoint-every multiple (up to 99 FLUX iterations at the default 100)."""
+    the last --checkpoint-every multiple below --iterations (at the default 100, the last 100 of a 300-iteration
+    FLUX preset)."""
     flags = ["--iterations", "3", "--checkpoint-every", "2", "--log-every", "0", "--eval-samples-per-prompt", "2",
              "--save-weights", "false"]
     whole = flow_grpo.main(flags + ["--output-dir", str(tmp_path / "whole")])
