@@ -366,8 +366,9 @@ def parse_args(args_cls, presets: dict[str, dict], argv: Optional[list[str]] = N
         values = {name: f.default for name, f in fields.items()}
         values.update(presets[preset], preset=preset)
         resume = explicit.get("resume_from_checkpoint", layer.get("resume_from_checkpoint"))
-        _check_resume_dir(resume, explicit.get("output_dir", layer.get("output_dir")))
-        saved = _saved_config(resume, explicit.get("output_dir", layer.get("output_dir")), prog) if resume else None
+        output_dir = explicit.get("output_dir", layer.get("output_dir"))
+        _check_resume_dir(resume, output_dir)
+        saved = _saved_config(resume, output_dir, prog) if resume else None
         if saved is not None:  # the run's own config: the flags need not be repeated
             values.update({k: v for k, v in saved.items() if k in fields})
         for source, flagged in ((layer, False), (explicit, True)):

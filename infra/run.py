@@ -502,6 +502,7 @@ class Run:
     def _write_config(self):
         """The run's first writes: only now that the model loaded and the kernels passed their check. --overwrite
         deletes what an earlier run left here first."""
+        from accelerate.utils import broadcast_object_list
         args = self.args
         text = json.dumps(dataclasses.asdict(args), indent=2)
         refusal = None
@@ -524,13 +525,11 @@ class Run:
             except OSError as e:  # what parse_args cannot see ahead (/proc, a read-only file system)
                 refusal = f"--output-dir {self.out}: {e.strerror} ({e.filename}): choose another --output-dir"
         if self.accelerator.num_processes > 1:  # every process stops alike: one alone would wait in a collective
-            from accelerate.utils import broadcast_object_list
             refusal = broadcast_object_list([refusal])[0]
         if refusal:
             raise SystemExit(refusal)
         self.accelerator.wait_for_everyone()
         if self.accelerator.num_processes > 1:  # every process writes its part of each checkpoint into --output-dir
-            from accelerate.utils import broadcast_object_list
             written = broadcast_object_list([text if self.is_main else None])[0]
             config = self.out / "config.json"
             sees = torch.tensor([float(config.is_file() and config.read_text() == written)], device=self.device)

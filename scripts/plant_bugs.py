@@ -366,7 +366,7 @@ BUGS = [
      "        if on_main_thread:  # Ctrl-C from here on", "        if False:  # Ctrl-C from here on",
      "tests/test_checkpoints.py::test_ctrl_c_while_the_model_loads_is_one_line_and_leaves_no_directory"),
     ("a checkpoint resumed into another --output-dir takes the preset's flags", "infra/args.py",
-     "        _check_resume_dir(resume, explicit.get(\"output_dir\", layer.get(\"output_dir\")))\n", "",
+     "        _check_resume_dir(resume, output_dir)\n", "",
      "tests/test_checkpoints.py::test_a_checkpoint_resumes_in_its_own_runs_directory"),
     ("another script resumes a checkpoint", "infra/run.py",
      '        wrote = saved["progress"].get("algorithm", self.algorithm)', "        wrote = self.algorithm",
