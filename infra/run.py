@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,7 +71,8 @@ def weight_fingerprint(state: dict[str, torch.Tensor], names: list[str]) -> torc
 
 
 class Interrupted(SystemExit):
-    """Ctrl-C (exit status 130) or SIGTERM (143): the run stops with one line, printed by the main process."""
+    """Ctrl-C (exit status 130), SIGTERM (143) or a write that failed (1): the run stops with one line, printed by the
+    main process."""
 
     def __init__(self, message: str, status: int = 130):
         super().__init__(status)
@@ -168,6 +170,21 @@ def inputs_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str]
     return None
 
 
+def write_error(e: Exception, out: Path) -> Optional[str]:
+    """What went wrong, if `e` is a write that failed (a full disk, a quota, a file-size limit, a lost mount), with the
+    free space left; None for any other error. Not only OSError: torch.save's zip writer says "[enforce fail at
+    inline_container.cc] unexpected pos" or "file write failed" (a RuntimeError), safetensors an "I/O error"."""
+    if isinstance(e, OSError):
+        what = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    elif re.search(r"unexpected pos|write|I/O error|os error|no space|quota|too large", str(e), re.IGNORECASE):
+        what = f"{type(e).__name__}: {str(e).strip()}"
+    else:
+        return None
+    with contextlib.suppress(OSError):
+        what += f"; {shutil.disk_usage(out).free / 2 ** 30:.1f} GiB free on the disk of {out}"
+    return what
+
+
 def _remove_if_empty(path: Path):
     """At exit: the default directory a run claimed, if the run failed before writing into it (a model that did not
     load). A directory that holds anything stays."""
@@ -259,9 +276,23 @@ class RunLock:
         return (holder if isinstance(holder, dict) else {}), mtime
 
     def _beat(self):
-        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+        while not self._stop.wait(self.HEARTBEAT_SECONDS) and self.lost() is None:  # (another's lock: never touched)
             with contextlib.suppress(OSError):
                 os.utime(self.path)
+
+    def lost(self) -> Optional[str]:
+        """None while the lock is this run's; else what became of it. A run that gave no heartbeat for WATCH_SECONDS
+        (suspended with Ctrl-Z or SIGSTOP, its file system unreachable) finds its directory another run's when it
+        goes on; or the directory was deleted or moved under it."""
+        holder, _ = self._holder()
+        if holder == self.me:
+            return None
+        if holder is None:
+            return (f"its {self.path} was removed (the directory deleted or moved, or a run that took it over has "
+                    f"ended)")
+        return (f"another run took over its directory: {self.path} names pid {holder.get('pid')} on "
+                f"{holder.get('host')}, started {holder.get('started')} (this run gave no heartbeat for "
+                f"{self.WATCH_SECONDS:.0f} s: suspended, or its file system out of reach)")
 
     def release(self):
         """Stop the heartbeat and remove the lock, if it is still this run's."""
@@ -417,11 +448,23 @@ class Run:
         return "before training"
 
     def _position(self) -> str:
-        """Where a stopped run stands, for its one-line message: what it was doing and what is on disk."""
+        """Where a run stopped on a non-finite number stands, for its one-line message (NonFiniteError)."""
+        return f" {self._where()}{self._resume_hint()}; no final weights were written"
+
+    def _resume_hint(self) -> str:
+        """"; last checkpoint ...; resume: <the command>", or why there is nothing to resume."""
         found = self._checkpoints()
-        resume = (f"last checkpoint {found[-1]} (resume: --resume-from-checkpoint latest --output-dir {self.out})"
-                  if found else "no checkpoint")
-        return f" {self._where()}; {resume}; no final weights were written"
+        if found:
+            script = Path(sys.argv[0]).name  # the script run (a copy may have another name); not pytest's
+            script = script if script.endswith(".py") and script != "__main__.py" else f"{self.algorithm}.py"
+            world = self.accelerator.num_processes  # (several: the launcher's command line is not known here)
+            launch = f"python {script}" if world == 1 else f"launch {script} on {world} processes as before, with"
+            return (f"; last checkpoint {found[-1]}; resume: {launch} --resume-from-checkpoint latest "
+                    f"--output-dir {self.out}")
+        if self.iteration is None:  # loading the model, or evaluating it before training
+            return "; nothing trained, nothing to resume"
+        return (f"; no checkpoint yet (one every --checkpoint-every {self.args.checkpoint_every} iterations), "
+                f"nothing to resume")
 
     @property
     def device(self):
@@ -575,26 +618,25 @@ class Run:
             print(f"SIGTERM: finishing the iteration in progress ({self.iteration + 1} of {self.args.iterations}), "
                   f"then a checkpoint", file=sys.stderr)
 
-    def _stop(self, what: str, status: int):
-        found = self._checkpoints()
-        if found:
-            script = Path(sys.argv[0]).name  # the script run (a copy may have another name); not pytest's
-            script = script if script.endswith(".py") and script != "__main__.py" else f"{self.algorithm}.py"
-            world = self.accelerator.num_processes  # (several: the launcher's command line is not known here)
-            launch = f"python {script}" if world == 1 else f"launch {script} on {world} processes as before, with"
-            then = (f"; last checkpoint {found[-1]}; resume: {launch} --resume-from-checkpoint latest "
-                    f"--output-dir {self.out}")
-        elif self.iteration is None:  # loading the model, or evaluating it before training
-            then = "; nothing trained, nothing to resume"
-        else:
-            then = (f"; no checkpoint yet (one every --checkpoint-every {self.args.checkpoint_every} iterations), "
-                    f"nothing to resume")
+    def _stop(self, what: str, status: int, then: Optional[str] = None):
+        """Stop every process with one line: `what`, then the last checkpoint and the command that resumes from it
+        (or the caller's own `then`)."""
+        then = self._resume_hint() if then is None else then
         self._restore_signals()
         if self.lock is not None:
             self.lock.release()
         if self.is_main:
             print(f"{what}{then}", file=sys.stderr)
         raise Interrupted(f"{what}{then}", status)
+
+    def _agree(self, error: Optional[str]) -> Optional[str]:
+        """The first process's error (None: none had one), on every process: all stop on it together, where one that
+        stopped alone would leave the others waiting in their next collective. A collective itself: every process
+        calls it at the same point."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+            error = next((e for e in gather_object([error]) if e is not None), None)
+        return error
 
     def _restore_signals(self):
         """Give SIGINT and SIGTERM back to the handlers they had before the run."""
@@ -629,22 +671,36 @@ class Run:
         if self.is_main and path.exists():  # half checkpoint that `latest` would pick
             shutil.rmtree(path)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(path))
-        state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
-                 for name, obj in self.state.items()}
-        progress = {"algorithm": self.algorithm, "iteration": iterations_done, "nfe": dict(self.task.policy.nfe),
-                    "before": self.before, "fingerprint_before": self.fingerprint_before,
-                    "toy_samples_before": self.toy_samples.get("before"),
-                    "elapsed": self.elapsed_before + time.time() - self.start_time, "eval_seconds": self.eval_seconds}
-        torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
-        if self.is_main:  # what a resume compares its prompt files and --pretrained with (inputs_changed)
-            (path / "inputs.json").write_text(json.dumps({"train": prompt_digest(self.task.train_prompts),
-                                                          "eval": prompt_digest(self.task.eval_prompts),
-                                                          "base": base_digest(self.args.pretrained)}))
-        state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
-        if self.is_main:
-            self.task.policy.save(path / "weights", state)
-        self.accelerator.wait_for_everyone()
+        error = None
+        try:  # every process's part (a full disk, a quota: stop with one line, below)
+            self.accelerator.save_state(str(path))
+            state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                     for name, obj in self.state.items()}
+            progress = {"algorithm": self.algorithm, "iteration": iterations_done, "nfe": dict(self.task.policy.nfe),
+                        "before": self.before, "fingerprint_before": self.fingerprint_before,
+                        "toy_samples_before": self.toy_samples.get("before"), "eval_seconds": self.eval_seconds,
+                        "elapsed": self.elapsed_before + time.time() - self.start_time}
+            torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
+            if self.is_main:  # what a resume compares its prompt files and --pretrained with (inputs_changed)
+                (path / "inputs.json").write_text(json.dumps({"train": prompt_digest(self.task.train_prompts),
+                                                              "eval": prompt_digest(self.task.eval_prompts),
+                                                              "base": base_digest(self.args.pretrained)}))
+        except Exception as e:  # noqa: BLE001 (only a write that failed is caught: write_error)
+            if (error := write_error(e, self.out)) is None:
+                raise
+        if self._agree(error) is None:
+            state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
+            try:
+                if self.is_main:
+                    self.task.policy.save(path / "weights", state)
+            except Exception as e:  # noqa: BLE001
+                if (error := write_error(e, self.out)) is None:
+                    raise
+        error = self._agree(error)  # (also the barrier before the rename)
+        if error is not None:  # the half-written checkpoint goes (its space with it); the complete ones stay
+            if self.is_main:
+                shutil.rmtree(path, ignore_errors=True)
+            self._stop(f"could not write checkpoint {final}: {error}", 1)
         if self.is_main:
             if final.exists():
                 shutil.rmtree(final)
@@ -731,16 +787,20 @@ class Run:
         every = self.args.eval_every
         if every and (iteration + 1) % every == 0 and iteration + 1 < self.args.iterations:
             metrics.update({f"eval/{k}": v for k, v in self.evaluate(task, f"it {iteration + 1}").items()})
+        every, minutes = self.args.checkpoint_every, self.args.checkpoint_minutes
+        late = bool(minutes) and time.time() - self._last_checkpoint >= 60 * minutes and self.is_main
+        stop, lost = self._terminating, self.lock.lost() if self.lock is not None else None  # (the main process's)
+        if self.accelerator.num_processes > 1:  # every process decides alike: by the main one's clock and lock, on
+            flags = torch.tensor([float(late), float(stop), float(lost is not None)], device=self.device)  # anyone's
+            late, stop, gone = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()  # SIGTERM
+            lost = (lost or "process 0 found its run.lock another run's") if gone else None
+        if lost is not None:  # before this iteration writes anything: the directory is not this run's any more
+            self._stop(f"stopped in iteration {iteration + 1} of {self.args.iterations}: {lost}", 1,
+                       then="; this run writes nothing more into it")
         self.log(iteration, metrics)
         for k, v in metrics.items():  # before any checkpoint is written from this state
             if isinstance(v, (float, int, torch.Tensor)):
                 check_finite(k, v)
-        every, minutes = self.args.checkpoint_every, self.args.checkpoint_minutes
-        late = bool(minutes) and time.time() - self._last_checkpoint >= 60 * minutes and self.is_main
-        stop = self._terminating
-        if self.accelerator.num_processes > 1:  # every process decides alike: by the main one's clock, on anyone's
-            late, stop = (self.accelerator.reduce(torch.tensor([float(late), float(stop)], device=self.device),  # TERM
-                                                  reduction="sum") > 0).tolist()
         # --checkpoint-every also checkpoints the last iteration: training longer then continues from it at once, and a
         # run stopped in its final evaluation (minutes for FLUX) resumes to that evaluation alone
         due = bool(every) and ((iteration + 1) % every == 0 or iteration + 1 == self.args.iterations)
@@ -789,28 +849,47 @@ class Run:
         if self.memory_plan is not None:
             summary["memory_plan"] = self.memory_plan
         summary.update(extra)
-        self.accelerator.wait_for_everyone()
+        lost = self._agree(self.lock.lost() if self.lock is not None else None)  # (also the barrier it had)
+        if lost is not None:
+            self._stop(f"stopped before writing the run's outputs: {lost}", 1, then="; this run writes nothing into it")
         state = gathered_state_dict(task.policy)  # every process: FSDP gathers the weights collectively
         if self.is_main:  # did training move the weights? (a smoke run must fail when it did not)
             changed = weight_fingerprint(state, self.trainable_names) != self.fingerprint_before
             summary["trainable_tensors_changed"] = int(changed.any(-1).sum())
             summary["trainable_tensors"] = len(self.trainable_names)
+        final = self.out / "final"
         if self.args.save_weights:
-            # final/ holds the weights that were evaluated: with an evaluation EMA, the EMA. Written inside the swap:
-            # a state dict may hold references to the parameters themselves (DDP), which the swap's exit restores.
-            with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
-                if self.eval_ema is not None:
-                    state = gathered_state_dict(task.policy, masters=False)
-                if self.is_main:
-                    task.policy.save(self.out / "final", state)
-            summary["weights"] = str(self.out / "final")
+            summary["weights"] = str(final)
             summary["weights_are_the_evaluation_ema"] = self.eval_ema is not None
-        if self.is_main and set(self.toy_samples) == {"before", "after"}:
-            from infra.plots import toy_picture
-            toy_picture(self.out / "samples.png", self.toy_samples["before"], self.toy_samples["after"],
-                        self.out / "metrics.jsonl", before["reward"], after["reward"])
+        error = None
+        try:  # (a full disk, a quota: stop with one line, below)
+            if self.args.save_weights:
+                # final/ holds the weights that were evaluated: with an evaluation EMA, the EMA. Written inside the
+                # swap: a state dict may hold references to the parameters themselves (DDP), which its exit restores.
+                with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
+                    if self.eval_ema is not None:
+                        state = gathered_state_dict(task.policy, masters=False)
+                    if self.is_main:  # written whole, then renamed: never half of it in final/
+                        partial = final.with_name("final.partial")
+                        shutil.rmtree(partial, ignore_errors=True)
+                        task.policy.save(partial, state)
+                        shutil.rmtree(final, ignore_errors=True)  # (a resumed run's earlier final/)
+                        os.replace(partial, final)
+            if self.is_main and set(self.toy_samples) == {"before", "after"}:
+                from infra.plots import toy_picture
+                toy_picture(self.out / "samples.png", self.toy_samples["before"], self.toy_samples["after"],
+                            self.out / "metrics.jsonl", before["reward"], after["reward"])
+            if self.is_main:
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        except Exception as e:  # noqa: BLE001
+            if (error := write_error(e, self.out)) is None:
+                raise
+        error = self._agree(error)
+        if error is not None:
+            if self.is_main:
+                shutil.rmtree(final.with_name("final.partial"), ignore_errors=True)
+            self._stop(f"could not write the run's outputs: {error}", 1)
         if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.print(f"summary: {self.out / 'summary.json'}\n" + json.dumps(summary, indent=2))
             self.print(self._reading(before, after))
             ema = self.eval_ema

@@ -66,6 +66,7 @@ def main(out: Path):
     default_output_dir(out, rank)
     (out / f"unshared_rank{rank}.json").write_text(json.dumps(unshared_output_dir(out, rank)))
     (out / f"locked_rank{rank}.json").write_text(json.dumps(locked_output_dir(out, rank)))
+    (out / f"full_disk_rank{rank}.json").write_text(json.dumps(full_disk_on_one_process(out, rank)))
 
 
 def locked_output_dir(out: Path, rank: int) -> dict:
@@ -95,6 +96,32 @@ def locked_output_dir(out: Path, rank: int) -> dict:
         return {"status": 1, "message": str(e)}
     finally:
         beating.set()
+
+
+def full_disk_on_one_process(out: Path, rank: int) -> dict:
+    """Process 1 alone cannot write its run state into checkpoint-2 (its disk or quota is full): both processes stop
+    with its line, neither waits in a collective for the other, and checkpoint-1 stays."""
+    import errno
+    import os
+
+    import flow_grpo
+    from infra import run
+    save = torch.save
+
+    def full(obj, f, *a, **k):
+        if rank == 1 and str(f).endswith("checkpoint-2.partial/run_state_1.pt"):  # (after accelerate's own files)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return save(obj, f, *a, **k)
+
+    torch.save = full
+    try:
+        flow_grpo.main(["--iterations", "3", "--output-dir", str(out / "full_disk"), "--log-every", "0",
+                        "--checkpoint-every", "1", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+        return {"status": 0}
+    except run.Interrupted as e:
+        return {"status": e.code, "message": str(e)}
+    finally:
+        torch.save = save
 
 
 def unshared_output_dir(out: Path, rank: int) -> dict:

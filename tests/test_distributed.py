@@ -177,3 +177,15 @@ def test_a_directory_a_live_run_holds_stops_every_process_at_start(two_process_r
     assert results[0]["message"] == results[1]["message"]
     assert results[0]["message"].startswith(f"{two_process_run / 'locked'} is in use by another run: pid ")
     assert sorted(p.name for p in (two_process_run / "locked").iterdir()) == ["run.lock"]  # nothing written
+
+
+def test_a_write_that_fails_on_one_process_stops_every_process_with_its_line(two_process_run):
+    """Process 1's run state could not be written into checkpoint-2 (dist_check.py): both stop with the same line,
+    which names process 1's file; the half checkpoint is gone and checkpoint-1 stays."""
+    results = [json.loads((two_process_run / f"full_disk_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["status"] for r in results] == [1, 1]
+    assert results[0]["message"] == results[1]["message"]
+    checkpoints = two_process_run / "full_disk" / "checkpoints"
+    assert results[0]["message"].startswith(f"could not write checkpoint {checkpoints / 'checkpoint-2'}: No space left "
+                                            f"on device ({checkpoints / 'checkpoint-2.partial' / 'run_state_1.pt'})")
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-1"]

@@ -159,3 +159,53 @@ def test_a_second_run_in_the_directory_of_a_running_one_is_refused_and_the_first
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)
     assert first.returncode == 130 and not (out / "run.lock").exists()
+
+
+@pytest.mark.parametrize("when", ["taken over in iteration 2", "removed in iteration 2", "taken over at the end"])
+def test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_write(when, tmp_path, quick_clock,
+                                                                                  monkeypatch):
+    """A run suspended (Ctrl-Z, SIGSTOP) for longer than WATCH_SECONDS goes on to find that a second run took its
+    silent lock over; or the directory was deleted or moved under it. It must not write into the other run's
+    outputs: it stops with one line before the next write, and leaves the other's lock as it is, untouched."""
+    lock, taken = tmp_path / "run.lock", []
+    original_begin, original_evaluate = run.Run.begin_iteration, run.Run.evaluate
+
+    def begin(self, policy):
+        original_begin(self, policy)
+        if self.iteration == 1 and not when.endswith("end"):
+            take(self)
+
+    def evaluate(self, task, label):
+        result = original_evaluate(self, task, label)
+        if label == "after" and when.endswith("end"):
+            take(self)
+        return result
+
+    def take(self):  # what the second run's RunLock.acquire did while this one was suspended
+        if when.startswith("removed"):
+            lock.unlink()
+            return
+        write_lock(tmp_path, "other-node", 4242, age=100.0)
+        time.sleep(0.3)  # 3 heartbeats of this run: none may touch the other's lock
+        taken.append(time.time() - lock.stat().st_mtime)
+
+    monkeypatch.setattr(run.Run, "begin_iteration", begin)
+    monkeypatch.setattr(run.Run, "evaluate", evaluate)
+    with pytest.raises(run.Interrupted) as e:
+        flow_grpo.main(["--iterations", "3", "--checkpoint-every", "1", "--output-dir", str(tmp_path), *QUICK[2:]])
+    assert e.value.code == 1
+    taken_over = (f"another run took over its directory: {lock} names pid 4242 on other-node, started 2026-12-07 "
+                  f"10:00:00 (this run gave no heartbeat for 2 s: suspended, or its file system out of reach)")
+    lines = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+    if when == "removed in iteration 2":
+        assert str(e.value) == (f"stopped in iteration 2 of 3: its {lock} was removed (the directory deleted or "
+                                f"moved, or a run that took it over has ended); this run writes nothing more into it")
+        assert lines == 1 and not lock.exists()
+    elif when == "taken over in iteration 2":
+        assert str(e.value) == f"stopped in iteration 2 of 3: {taken_over}; this run writes nothing more into it"
+        assert lines == 1 and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"]
+    else:
+        assert str(e.value) == f"stopped before writing the run's outputs: {taken_over}; this run writes nothing into it"
+        assert lines == 3 and not (tmp_path / "summary.json").exists()
+    if when.startswith("taken"):
+        assert taken[0] > 99 and json.loads(lock.read_text())["token"] == "theirs"  # untouched, and still there
