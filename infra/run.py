@@ -320,6 +320,9 @@ class Run:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         self.args, self.algorithm = args, algorithm
+        # the script to resume with: the file that built this Run (a copy of flow_grpo.py may have another name), not
+        # sys.argv[0], which is pytest's, or a benchmark's that calls the script's main()
+        self.script = Path(sys._getframe(1).f_code.co_filename).name
         self._last_line = time.time()  # of the console's metrics lines (log)
         on_main_thread = threading.current_thread() is threading.main_thread()
         for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
@@ -455,8 +458,7 @@ class Run:
         """"; last checkpoint ...; resume: <the command>", or why there is nothing to resume."""
         found = self._checkpoints()
         if found:
-            script = Path(sys.argv[0]).name  # the script run (a copy may have another name); not pytest's
-            script = script if script.endswith(".py") and script != "__main__.py" else f"{self.algorithm}.py"
+            script = self.script if self.script.endswith(".py") else f"{self.algorithm}.py"
             world = self.accelerator.num_processes  # (several: the launcher's command line is not known here)
             launch = f"python {script}" if world == 1 else f"launch {script} on {world} processes as before, with"
             return (f"; last checkpoint {found[-1]}; resume: {launch} --resume-from-checkpoint latest "

@@ -127,7 +127,7 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_iteration_wit
         got = json.loads((two_process_run / f"sigterm_rank{rank}.json").read_text())
         assert got["status"] == 143, got
         assert got["message"].startswith("stopped by SIGTERM after 2 of 5 iterations; last checkpoint "), got
-        assert got["message"].endswith(f"checkpoint-2; resume: launch dist_check.py on 2 processes as before, with "
+        assert got["message"].endswith(f"checkpoint-2; resume: launch flow_grpo.py on 2 processes as before, with "
                                        f"--resume-from-checkpoint latest --output-dir {two_process_run / 'sigterm'}")
     assert [p.name for p in (two_process_run / "sigterm" / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert len((two_process_run / "sigterm" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -110,8 +110,9 @@ def test_the_worker_measures_every_iteration_after_the_first_on_the_depth_asked_
 
 
 @pytest.mark.slow
-def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys):
-    sys.argv = ["timing.py", "--config", "tiny", "--methods", "Flow-GRPO", "--out", str(tmp_path / "t.md")]
+def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["timing.py", "--config", "tiny", "--methods", "Flow-GRPO", "--out",
+                                      str(tmp_path / "t.md")])
     timing.main()
     row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Flow-GRPO"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -122,10 +123,10 @@ def test_a_measurement_run_gives_a_consistent_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_variants_give_one_row_each_with_the_same_work_and_the_memory_plan_is_listed(tmp_path):
-    sys.argv = ["timing.py", "--config", "tiny", "--methods", "DGPO", "--variants", "plain=",
+def test_variants_give_one_row_each_with_the_same_work_and_the_memory_plan_is_listed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["timing.py", "--config", "tiny", "--methods", "DGPO", "--variants", "plain=",
                 "merged=--merge-lora-rollouts", "fit=--fit-memory --memory-budget-gib 1",
-                "--out", str(tmp_path / "t.md")]
+                "--out", str(tmp_path / "t.md")])
     assert timing.main() == 0
     text = (tmp_path / "t.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| DGPO")]
@@ -138,8 +139,8 @@ def test_variants_give_one_row_each_with_the_same_work_and_the_memory_plan_is_li
 
 @pytest.mark.parametrize("argv, match", [(["--variants", "compile"], "each one is NAME=FLAGS"),
                                          (["--methods", "DPO"], "unknown \\['DPO'\\]")])
-def test_bad_variants_and_methods_stop_before_running(argv, match):
-    sys.argv = ["timing.py", "--config", "tiny", *argv]
+def test_bad_variants_and_methods_stop_before_running(argv, match, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["timing.py", "--config", "tiny", *argv])
     with pytest.raises(SystemExit, match=match):
         timing.main()
 
