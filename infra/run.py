@@ -792,14 +792,23 @@ class Run:
         every, minutes = self.args.checkpoint_every, self.args.checkpoint_minutes
         late = bool(minutes) and time.time() - self._last_checkpoint >= 60 * minutes and self.is_main
         stop, lost = self._terminating, self.lock.lost() if self.lock is not None else None  # (the main process's)
-        if self.accelerator.num_processes > 1:  # every process decides alike: by the main one's clock and lock, on
-            flags = torch.tensor([float(late), float(stop), float(lost is not None)], device=self.device)  # anyone's
-            late, stop, gone = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()  # SIGTERM
-            lost = (lost or "process 0 found its run.lock another run's") if gone else None
-        if lost is not None:  # before this iteration writes anything: the directory is not this run's any more
-            self._stop(f"stopped in iteration {iteration + 1} of {self.args.iterations}: {lost}", 1,
-                       then="; this run writes nothing more into it")
-        self.log(iteration, metrics)
+        failed = None  # metrics.jsonl could not be written (a full disk)
+        if lost is None:  # (a directory that is not this run's any more gets nothing written into it)
+            try:
+                self.log(iteration, metrics)
+            except Exception as e:  # noqa: BLE001 (only a write that failed is caught: write_error)
+                if (failed := write_error(e, self.out)) is None:
+                    raise
+        if self.accelerator.num_processes > 1:  # every process decides alike: by the main one's clock, lock and
+            flags = torch.tensor([late, stop, lost is not None, failed is not None], device=self.device).float()
+            late, stop, gone, broke = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()  # disk, on
+            lost = (lost or "process 0 found its run.lock another run's") if gone else None  # anyone's SIGTERM
+            failed = (failed or "process 0 could not write metrics.jsonl") if broke else None
+        where = f"in iteration {iteration + 1} of {self.args.iterations}"
+        if lost is not None:  # before this iteration wrote anything: the directory is not this run's any more
+            self._stop(f"stopped {where}: {lost}", 1, then="; this run writes nothing more into it")
+        if failed is not None:
+            self._stop(f"stopped {where}: could not write its metrics: {failed}", 1)
         for k, v in metrics.items():  # before any checkpoint is written from this state
             if isinstance(v, (float, int, torch.Tensor)):
                 check_finite(k, v)

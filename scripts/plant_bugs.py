@@ -428,7 +428,7 @@ BUGS = [
      "tests/test_write_failures.py::test_a_full_disk_while_writing_the_final_weights_leaves_no_half_of_them_and_"
      "resumes_to_the_evaluation"),
     ("a run whose directory another run took over writes on", "infra/run.py",
-     "        if lost is not None:  # before this iteration writes anything", "        if False:  # before",
+     "        if lost is not None:  # before this iteration wrote anything", "        if False:  # before",
      "tests/test_run_lock.py::test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_write"),
     ("the heartbeat refreshes another run's lock", "infra/run.py",
      "self._stop.wait(self.HEARTBEAT_SECONDS) and self.lost() is None:", "self._stop.wait(self.HEARTBEAT_SECONDS):",

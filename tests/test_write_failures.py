@@ -97,6 +97,24 @@ def test_a_full_disk_while_writing_the_final_weights_leaves_no_half_of_them_and_
     assert summary["nfe_train"] > 0  # the totals of the whole run, the 2 iterations trained before the resume
 
 
+def test_a_full_disk_at_the_metrics_line_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    log = run.Run.log
+
+    def full_at_iteration_3(self, iteration, metrics):
+        if iteration == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.out / "metrics.jsonl"))
+        return log(self, iteration, metrics)
+
+    monkeypatch.setattr(run.Run, "log", full_at_iteration_3)
+    with pytest.raises(run.Interrupted) as e:
+        flow_grpo.main(["--iterations", "4", "--checkpoint-every", "2", "--output-dir", str(tmp_path), *FLAGS])
+    assert e.value.code == 1
+    assert str(e.value).startswith(f"stopped in iteration 3 of 4: could not write its metrics: No space left on device "
+                                   f"({tmp_path / 'metrics.jsonl'}); "), str(e.value)
+    assert f"; last checkpoint {tmp_path / 'checkpoints' / 'checkpoint-2'}; resume: python flow_grpo.py" in str(e.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]  # none from the unlogged one
+
+
 def test_only_a_write_that_failed_is_reported_as_one():
     """Any other error keeps its traceback: a CUDA fault in the middle of a checkpoint is not a full disk."""
     out = Path(".")
