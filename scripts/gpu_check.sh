@@ -97,7 +97,7 @@ fi
 
 # 5. full depth without gradient checkpointing, eager and compiled (against part 3's checkpointed rows). By
 # `benchmarks/memory_estimate.py --activations`, 8 samples at 512 px keep 74 GiB of activations without it: with the
-# 22 GiB bf16 base that fits an H200.
+# 22 GiB bf16 base that fits an H200, not an 80 GB H100 (there only the fit-memory row fits).
 if [[ $PARTS == *" 5 "* ]]; then
   t0=$SECONDS
   # shellcheck disable=SC2086
