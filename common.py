@@ -193,17 +193,17 @@ def sde_step_with_logprob(x, v, sigma, sigma_next, noise_level: float, prev_samp
 class NonFiniteError(SystemExit):
     """A NaN or infinite reward, loss, log-probability ratio or gradient norm. It is a SystemExit: the run stops with
     one line on stderr and exit status 1, no traceback, before anything is saved from the broken state (the last
-    checkpoint stays as it was, no final weights are written). The run in progress sets `where` (the iteration, the
-    last checkpoint)."""
+    checkpoint stays as it was, no final weights are written). The run in progress sets `stopping`: it lets go of its
+    output directory and signal handlers, and says where it stands (the iteration, the last checkpoint)."""
 
-    where: Callable[[], str] = staticmethod(lambda: "")
+    stopping: Callable[[], str] = staticmethod(lambda: "")
 
     def __init__(self, name: str, value):
         value = torch.as_tensor(value).detach().float().flatten()
         bad = value[~torch.isfinite(value)]
         self.quantity = name
         super().__init__(f"stopped: {name} is {bad[0].item()} ({len(bad)} of {len(value)} values non-finite)"
-                         f"{NonFiniteError.where()}. Likely causes: the attention kernel (try --attention-backend "
+                         f"{NonFiniteError.stopping()}. Likely causes: the attention kernel (try --attention-backend "
                          f"efficient or math), a learning rate too high for this model (--learning-rate), or the "
                          f"precision (--mixed-precision no)")
 

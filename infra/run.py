@@ -401,7 +401,7 @@ class Run:
         self.memory_plan = None  # --fit-memory's plan, for summary.json
         self._attention_checked = False
         self.lock = None  # the main process's RunLock on --output-dir, from the first write on
-        NonFiniteError.where = self._position
+        NonFiniteError.stopping = self._stopping
         if on_main_thread:  # Ctrl-C from here on, the model's minutes of loading included: one line, not a traceback
             self._previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupted),
                                        signal.SIGTERM: signal.signal(signal.SIGTERM, self._terminated)}
@@ -450,8 +450,10 @@ class Run:
             return f"in iteration {self.iteration + 1} of {self.args.iterations}"
         return "before training"
 
-    def _position(self) -> str:
-        """Where a run stopped on a non-finite number stands, for its one-line message (NonFiniteError)."""
+    def _stopping(self) -> str:
+        """A non-finite number stops the run (NonFiniteError): it lets go of what it holds, as `_stop` does (a notebook
+        that goes on must not keep the lock or this run's Ctrl-C handler), and says where it stands."""
+        self._let_go()
         return f" {self._where()}{self._resume_hint()}; no final weights were written"
 
     def _resume_hint(self) -> str:
@@ -624,9 +626,7 @@ class Run:
         """Stop every process with one line: `what`, then the last checkpoint and the command that resumes from it
         (or the caller's own `then`)."""
         then = self._resume_hint() if then is None else then
-        self._restore_signals()
-        if self.lock is not None:
-            self.lock.release()
+        self._let_go()
         if self.is_main:
             print(f"{what}{then}", file=sys.stderr)
         raise Interrupted(f"{what}{then}", status)
@@ -640,11 +640,16 @@ class Run:
             error = next((e for e in gather_object([error]) if e is not None), None)
         return error
 
-    def _restore_signals(self):
-        """Give SIGINT and SIGTERM back to the handlers they had before the run."""
+    def _let_go(self):
+        """The run ends (finished or stopped): SIGINT and SIGTERM go back to the handlers they had before it, its
+        output directory's lock goes, and a later non-finite number is not reported as this run's."""
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
+        if self.lock is not None:
+            self.lock.release()
+        if NonFiniteError.stopping == self._stopping:
+            NonFiniteError.stopping = staticmethod(lambda: "")  # (the class's default: no run in progress)
 
     def _checkpoints(self) -> list[Path]:
         return checkpoints(self.out)
@@ -911,7 +916,5 @@ class Run:
                            f"and saves the trained ones")
         if self.args.report_to != "none":
             self.accelerator.end_training()
-        self._restore_signals()
-        if self.lock is not None:
-            self.lock.release()
+        self._let_go()
         return summary

@@ -407,9 +407,7 @@ BUGS = [
      "                os.utime(self.path)", "                pass",
      "tests/test_run_lock.py::test_a_run_that_ends_leaves_no_lock_and_its_heartbeat_refreshed_it_while_it_ran"),
     ("a finished run leaves its lock", "infra/run.py",
-     "        self._restore_signals()\n        if self.lock is not None:\n            self.lock.release()\n"
-     "        return summary",
-     "        self._restore_signals()\n        return summary",
+     "        self._let_go()\n        return summary", "        return summary",
      "tests/test_run_lock.py::test_a_run_that_ends_leaves_no_lock_and_its_heartbeat_refreshed_it_while_it_ran"),
     # the sixth session: writes that fail, and a directory lost to another run
     ("torch.save's full-disk error is taken for another error (a traceback)", "infra/run.py",
@@ -433,6 +431,9 @@ BUGS = [
     ("the heartbeat refreshes another run's lock", "infra/run.py",
      "self._stop.wait(self.HEARTBEAT_SECONDS) and self.lost() is None:", "self._stop.wait(self.HEARTBEAT_SECONDS):",
      "tests/test_run_lock.py::test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_write"),
+    ("a run stopped on NaN keeps its lock and Ctrl-C handler", "infra/run.py",
+     '        self._let_go()\n        return f" {self._where()}', '        return f" {self._where()}',
+     "tests/test_nonfinite.py::test_a_run_stopped_on_nan_lets_go_of_its_directory_and_its_ctrl_c_handler"),
 ]
 
 

@@ -67,6 +67,21 @@ def test_a_nan_reward_stops_the_run_and_leaves_the_last_checkpoint_intact(tmp_pa
     assert summary["iterations"] == 8 and (tmp_path / "final" / "model.safetensors").exists()
 
 
+def test_a_run_stopped_on_nan_lets_go_of_its_directory_and_its_ctrl_c_handler(tmp_path, monkeypatch):
+    """What a notebook that goes on after the stop needs: no lock keeping other runs out of the directory, Ctrl-C
+    back to Python's own handler (not the stopped run's one-line stop), and a later non-finite number not reported
+    as that run's."""
+    import signal
+    nan_reward_from_call(monkeypatch, 3)  # iteration 2
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(common.NonFiniteError, match="in iteration 2 of 4"):
+        flow_grpo.main(["--iterations", "4", "--output-dir", str(tmp_path), *FLAGS])
+    assert not (tmp_path / "run.lock").exists()
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert str(common.NonFiniteError("loss", float("nan"))).startswith("stopped: loss is nan (1 of 1 values "
+                                                                       "non-finite). Likely causes")
+
+
 def test_a_nan_gradient_stops_before_the_optimizer_step():
     net = torch.nn.Linear(2, 1)
     policy = common.Policy(net)
