@@ -185,6 +185,22 @@ def write_error(e: Exception, out: Path) -> Optional[str]:
     return what
 
 
+class WriteFailure:
+    """`with WriteFailure(out) as writing:` catches a write that failed in its block (write_error) and keeps what
+    went wrong in `writing.error` (None: nothing did); any other error goes on, with its traceback."""
+
+    def __init__(self, out: Path):
+        self.out, self.error = out, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, traceback) -> bool:
+        if isinstance(e, Exception):
+            self.error = write_error(e, self.out)
+        return self.error is not None
+
+
 def _remove_if_empty(path: Path):
     """At exit: the default directory a run claimed, if the run failed before writing into it (a model that did not
     load). A directory that holds anything stays."""
@@ -678,8 +694,7 @@ class Run:
         if self.is_main and path.exists():  # half checkpoint that `latest` would pick
             shutil.rmtree(path)
         self.accelerator.wait_for_everyone()
-        error = None
-        try:  # every process's part (a full disk, a quota: stop with one line, below)
+        with WriteFailure(self.out) as writing:  # every process's part (a full disk, a quota: one line, below)
             self.accelerator.save_state(str(path))
             state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                      for name, obj in self.state.items()}
@@ -692,18 +707,13 @@ class Run:
                 (path / "inputs.json").write_text(json.dumps({"train": prompt_digest(self.task.train_prompts),
                                                               "eval": prompt_digest(self.task.eval_prompts),
                                                               "base": base_digest(self.args.pretrained)}))
-        except Exception as e:  # noqa: BLE001 (only a write that failed is caught: write_error)
-            if (error := write_error(e, self.out)) is None:
-                raise
-        if self._agree(error) is None:
+        error = self._agree(writing.error)
+        if error is None:
             state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
-            try:
+            with WriteFailure(self.out) as writing:
                 if self.is_main:
                     self.task.policy.save(path / "weights", state)
-            except Exception as e:  # noqa: BLE001
-                if (error := write_error(e, self.out)) is None:
-                    raise
-        error = self._agree(error)  # (also the barrier before the rename)
+            error = self._agree(writing.error)  # (also the barrier before the rename)
         if error is not None:  # the half-written checkpoint goes (its space with it); the complete ones stay
             if self.is_main:
                 shutil.rmtree(path, ignore_errors=True)
@@ -797,13 +807,10 @@ class Run:
         every, minutes = self.args.checkpoint_every, self.args.checkpoint_minutes
         late = bool(minutes) and time.time() - self._last_checkpoint >= 60 * minutes and self.is_main
         stop, lost = self._terminating, self.lock.lost() if self.lock is not None else None  # (the main process's)
-        failed = None  # metrics.jsonl could not be written (a full disk)
-        if lost is None:  # (a directory that is not this run's any more gets nothing written into it)
-            try:
+        with WriteFailure(self.out) as writing:  # metrics.jsonl (a full disk)
+            if lost is None:  # (a directory that is not this run's any more gets nothing written into it)
                 self.log(iteration, metrics)
-            except Exception as e:  # noqa: BLE001 (only a write that failed is caught: write_error)
-                if (failed := write_error(e, self.out)) is None:
-                    raise
+        failed = writing.error
         if self.accelerator.num_processes > 1:  # every process decides alike: by the main one's clock, lock and
             flags = torch.tensor([late, stop, lost is not None, failed is not None], device=self.device).float()
             late, stop, gone, broke = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()  # disk, on
@@ -877,8 +884,7 @@ class Run:
         if self.args.save_weights:
             summary["weights"] = str(final)
             summary["weights_are_the_evaluation_ema"] = self.eval_ema is not None
-        error = None
-        try:  # (a full disk, a quota: stop with one line, below)
+        with WriteFailure(self.out) as writing:  # (a full disk, a quota: one line, below)
             if self.args.save_weights:
                 # final/ holds the weights that were evaluated: with an evaluation EMA, the EMA. Written inside the
                 # swap: a state dict may hold references to the parameters themselves (DDP), which its exit restores.
@@ -897,10 +903,7 @@ class Run:
                             self.out / "metrics.jsonl", before["reward"], after["reward"])
             if self.is_main:
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        except Exception as e:  # noqa: BLE001
-            if (error := write_error(e, self.out)) is None:
-                raise
-        error = self._agree(error)
+        error = self._agree(writing.error)
         if error is not None:
             if self.is_main:
                 shutil.rmtree(final.with_name("final.partial"), ignore_errors=True)

@@ -418,8 +418,8 @@ BUGS = [
      "tests/test_write_failures.py::test_a_full_disk_at_a_later_checkpoint_keeps_the_earlier_one_and_the_run_"
      "resumes_from_it"),
     ("a write that fails on one process alone stops it alone", "infra/run.py",
-     "        error = self._agree(error)  # (also the barrier before the rename)",
-     "        self.accelerator.wait_for_everyone()",
+     "        error = self._agree(writing.error)\n        if error is None:",
+     "        error = writing.error\n        if error is None:",
      "tests/test_distributed.py::test_a_write_that_fails_on_one_process_stops_every_process_with_its_line"),
     ("final weights that could not be written stay half on the disk", "infra/run.py",
      '                shutil.rmtree(final.with_name("final.partial"), ignore_errors=True)', "                pass",
