@@ -69,6 +69,17 @@ def main(out: Path):
     (out / f"full_disk_rank{rank}.json").write_text(json.dumps(full_disk_on_one_process(out, rank)))
 
 
+def outcome(flags: list[str]) -> dict:
+    """A 2-process flow_grpo run as this process saw it: {"status": 0}, or the exit status and the line it stopped
+    with (a refusal at start is status 1)."""
+    import flow_grpo
+    try:
+        flow_grpo.main(flags)
+        return {"status": 0}
+    except SystemExit as e:
+        return {"status": e.code if isinstance(e.code, int) else 1, "message": str(e)}
+
+
 def locked_output_dir(out: Path, rank: int) -> dict:
     """An --output-dir a live run holds (its run.lock names the launcher, a live process of this host, and beats):
     process 0 finds it and refuses; process 1, which takes no lock, must stop with it, not wait in a collective."""
@@ -76,7 +87,6 @@ def locked_output_dir(out: Path, rank: int) -> dict:
     import socket
     import threading
 
-    import flow_grpo
     locked, beating = out / "locked", threading.Event()
     if rank == 0:
         locked.mkdir()
@@ -89,11 +99,8 @@ def locked_output_dir(out: Path, rank: int) -> dict:
 
         threading.Thread(target=heartbeat, daemon=True).start()
     try:
-        flow_grpo.main(["--iterations", "1", "--output-dir", str(locked), "--log-every", "0", "--save-weights",
-                        "false", "--eval-samples-per-prompt", "8"])
-        return {"status": 0}
-    except SystemExit as e:
-        return {"status": 1, "message": str(e)}
+        return outcome(["--iterations", "1", "--output-dir", str(locked), "--log-every", "0", "--save-weights", "false",
+                        "--eval-samples-per-prompt", "8"])
     finally:
         beating.set()
 
@@ -104,8 +111,6 @@ def full_disk_on_one_process(out: Path, rank: int) -> dict:
     import errno
     import os
 
-    import flow_grpo
-    from infra import run
     save = torch.save
 
     def full(obj, f, *a, **k):
@@ -115,11 +120,8 @@ def full_disk_on_one_process(out: Path, rank: int) -> dict:
 
     torch.save = full
     try:
-        flow_grpo.main(["--iterations", "3", "--output-dir", str(out / "full_disk"), "--log-every", "0",
+        return outcome(["--iterations", "3", "--output-dir", str(out / "full_disk"), "--log-every", "0",
                         "--checkpoint-every", "1", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
-        return {"status": 0}
-    except run.Interrupted as e:
-        return {"status": e.code, "message": str(e)}
     finally:
         torch.save = save
 
@@ -127,13 +129,8 @@ def full_disk_on_one_process(out: Path, rank: int) -> dict:
 def unshared_output_dir(out: Path, rank: int) -> dict:
     """Several nodes whose --output-dir is not on a shared filesystem, played by one directory per process: each
     process would write its checkpoint parts where the others cannot read them. Both stop at start, together."""
-    import flow_grpo
-    try:
-        flow_grpo.main(["--iterations", "1", "--output-dir", str(out / f"node{rank}"), "--log-every", "0",
-                        "--save-weights", "false", "--eval-samples-per-prompt", "8"])
-        return {"status": 0}
-    except SystemExit as e:
-        return {"status": 1, "message": str(e)}
+    return outcome(["--iterations", "1", "--output-dir", str(out / f"node{rank}"), "--log-every", "0",
+                    "--save-weights", "false", "--eval-samples-per-prompt", "8"])
 
 
 def default_output_dir(out: Path, rank: int):
@@ -160,7 +157,6 @@ def sigterm_one_process(out: Path, rank: int) -> dict:
     import os
     import signal
 
-    import flow_grpo
     from infra import run
     original = run.Run.begin_iteration
 
@@ -171,11 +167,8 @@ def sigterm_one_process(out: Path, rank: int) -> dict:
 
     run.Run.begin_iteration = begin
     try:
-        flow_grpo.main(["--iterations", "5", "--output-dir", str(out / "sigterm"), "--log-every", "0",
+        return outcome(["--iterations", "5", "--output-dir", str(out / "sigterm"), "--log-every", "0",
                         "--checkpoint-every", "0", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
-        return {"status": 0}
-    except run.Interrupted as e:
-        return {"status": e.code, "message": str(e)}
     finally:
         run.Run.begin_iteration = original
 
