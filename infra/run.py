@@ -8,9 +8,11 @@ line per iteration), summary.json, final/ (the trained weights), checkpoints/che
 (samples_before/after.png for image tasks, samples.png for the toy).
 
 An --output-dir that holds a run is refused unless the run is resumed or --overwrite is given, and one that a live
-run writes into is refused even then (RunLock, run.lock). Ctrl-C stops the run with one line: what it was doing, its
-last checkpoint and the command that resumes from it. SIGTERM (a scheduler's preemption or time limit) lets the
-iteration in progress finish, writes a checkpoint, then stops the same way, so a resumed run loses nothing.
+run writes into is refused even then (RunLock, run.lock); a run that finds its lock another run's (it was suspended
+for minutes) stops before its next write. Ctrl-C stops the run with one line: what it was doing, its last checkpoint
+and the command that resumes from it. SIGTERM (a scheduler's preemption or time limit) lets the iteration in progress
+finish, writes a checkpoint, then stops the same way, so a resumed run loses nothing. A write that fails (a full disk)
+stops it the same way too, with the half-written checkpoint or final/ removed (WriteFailure).
 """
 
 from __future__ import annotations
