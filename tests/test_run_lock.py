@@ -209,3 +209,60 @@ def test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_wri
         assert lines == 3 and not (tmp_path / "summary.json").exists()
     if when.startswith("taken"):
         assert taken[0] > 99 and json.loads(lock.read_text())["token"] == "theirs"  # untouched, and still there
+
+
+@pytest.mark.slow
+def test_a_run_suspended_past_the_watch_finds_its_directory_taken_and_stops_without_writing(tmp_path):
+    """As it happens, with real processes and the real 2-minute watch: a run suspended (SIGSTOP, as Ctrl-Z) gives no
+    heartbeat, so a second run started with --overwrite takes its directory over. When the first goes on (SIGCONT),
+    it must stop with one line naming the second, and never append to the second's metrics."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "flow_grpo.py", "--iterations", "100000", "--log-every", "0", "--eval-samples-per-prompt",
+           "1", "--save-weights", "false", "--checkpoint-every", "0", "--output-dir", str(out)]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        wait_for_metrics(out, first)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.Popen(cmd + ["--overwrite"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        lock = out / "run.lock"
+        deadline = time.time() + run.RunLock.WATCH_SECONDS + 240
+        while holder(lock) != second.pid:  # watched 2 minutes, silent: taken over
+            assert time.time() < deadline and second.poll() is None, second.communicate()
+            time.sleep(0.5)
+        wait_for_metrics(out, second)  # (--overwrite emptied the first's)
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 1 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("stopped in iteration ") and (f": another run took over its directory: {lock} names "
+                                                              f"pid {second.pid} on {socket_host()}, started ") in last
+        assert last.endswith("; this run writes nothing more into it")
+        time.sleep(1.0)
+        assert second.poll() is None and json.loads(lock.read_text())["pid"] == second.pid
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == list(range(len(rows)))  # the second's lines alone
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGINT)
+                proc.communicate(timeout=60)
+    assert second.returncode == 130 and not (out / "run.lock").exists()
+
+
+def holder(lock: Path):
+    """The pid a run.lock names (None: no lock, or one half written)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(lock.read_text())["pid"]
+    return None
+
+
+def wait_for_metrics(out: Path, proc: subprocess.Popen, seconds: float = 240.0):
+    """Until `out`'s metrics.jsonl holds a line (the run is training), while `proc` lives."""
+    deadline = time.time() + seconds
+    log = out / "metrics.jsonl"
+    while not log.is_file() or not log.read_text():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
