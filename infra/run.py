@@ -178,7 +178,8 @@ def write_error(e: Exception, out: Path) -> Optional[str]:
     inline_container.cc] unexpected pos" or "file write failed" (a RuntimeError), safetensors an "I/O error"."""
     if isinstance(e, OSError):
         what = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
-    elif re.search(r"unexpected pos|write|I/O error|os error|no space|quota|too large", str(e), re.IGNORECASE):
+    elif re.search(r"unexpected pos|file write failed|write\(\): fd|I/O error|os error \d+|no space left|quota|"
+                   r"file too large", str(e), re.IGNORECASE):  # (the words of torch.save and safetensors)
         what = f"{type(e).__name__}: {str(e).strip()}"
     else:
         return None

@@ -122,8 +122,12 @@ def test_only_a_write_that_failed_is_reported_as_one():
                            out).startswith("RuntimeError: [enforce fail at inline_container.cc:672]")
     assert run.write_error(RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed "
                                         "writing file data/3: file write failed"), out) is not None
+    assert run.write_error(RuntimeError("write(): fd 3 failed with No space left on device"), out) is not None
+    assert run.write_error(Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+                           out) is not None  # (safetensors' SafetensorError)
     assert run.write_error(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "x.pt"), out).startswith(
         "Disk quota exceeded (x.pt); ")
     for other in (RuntimeError("CUDA error: an illegal memory access was encountered"), KeyError("eval_ema"),
-                  ValueError("expected a tensor")):
+                  ValueError("expected a tensor"), RuntimeError("a leaf Variable that requires grad is being used "
+                                                                "in an in-place operation; cannot write to it")):
         assert run.write_error(other, out) is None
