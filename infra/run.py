@@ -43,8 +43,9 @@ from infra.progress import LOG_INTERVAL, duration
 from infra.rewards import attention_shapes
 from infra.tasks import Task, evaluate, sample_grid
 
-OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "checkpoints", "samples.png",
-           "samples_before.png", "samples_after.png")  # what a run writes into its --output-dir
+OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "final.partial", "checkpoints", "samples.png",
+           "samples_before.png", "samples_after.png")  # what a run writes into its --output-dir (final.partial: a
+# run stopped while it wrote final/)
 
 
 def gathered_state_dict(policy: Policy, masters: bool = True) -> dict[str, torch.Tensor]:
