@@ -487,8 +487,12 @@ class Run:
                     f"--output-dir {self.out}")
         if self.iteration is None:  # loading the model, or evaluating it before training
             return "; nothing trained, nothing to resume"
-        return (f"; no checkpoint yet (one every --checkpoint-every {self.args.checkpoint_every} iterations), "
-                f"nothing to resume")
+        every, minutes = self.args.checkpoint_every, self.args.checkpoint_minutes
+        if not every and not minutes:
+            return "; no checkpoints (--checkpoint-every 0), nothing to resume"
+        when = " or ".join(([f"every --checkpoint-every {every} iterations"] if every else []) +
+                           ([f"after --checkpoint-minutes {minutes:g}"] if minutes else []))
+        return f"; no checkpoint yet (one {when}), nothing to resume"
 
     @property
     def device(self):

@@ -38,7 +38,8 @@ def test_a_file_size_limit_the_first_checkpoint_exceeds_stops_the_run_with_one_l
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"could not write checkpoint {tmp_path / 'checkpoints' / 'checkpoint-1'}: "), last
     assert "GiB free on the disk of" in last and last.endswith("no checkpoint yet (one every --checkpoint-every 1 "
-                                                              "iterations), nothing to resume"), last
+                                                              "iterations or after --checkpoint-minutes 60), nothing "
+                                                              "to resume"), last
     assert list((tmp_path / "checkpoints").iterdir()) == []  # the .partial one is gone
     assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
     assert not (tmp_path / "run.lock").exists()
@@ -113,6 +114,20 @@ def test_a_full_disk_at_the_metrics_line_stops_the_run_with_one_line(tmp_path, m
                                    f"({tmp_path / 'metrics.jsonl'}); "), str(e.value)
     assert f"; last checkpoint {tmp_path / 'checkpoints' / 'checkpoint-2'}; resume: python flow_grpo.py" in str(e.value)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]  # none from the unlogged one
+
+
+@pytest.mark.parametrize("flags, hint", [(["--checkpoint-every", "0", "--checkpoint-minutes", "0"],
+                                          "no checkpoints (--checkpoint-every 0), nothing to resume"),
+                                         (["--checkpoint-every", "0", "--checkpoint-minutes", "30"],
+                                          "no checkpoint yet (one after --checkpoint-minutes 30), nothing to resume")])
+def test_the_stop_line_says_why_there_is_no_checkpoint_to_resume(flags, hint, tmp_path, monkeypatch):
+    def full(self, iteration, metrics):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.out / "metrics.jsonl"))
+
+    monkeypatch.setattr(run.Run, "log", full)
+    with pytest.raises(run.Interrupted) as e:
+        flow_grpo.main(["--iterations", "2", "--output-dir", str(tmp_path), *flags, *FLAGS])
+    assert str(e.value).endswith(f"; {hint}"), str(e.value)
 
 
 def test_only_a_write_that_failed_is_reported_as_one():
