@@ -595,8 +595,7 @@ class Run:
                         (self.out / "metrics.jsonl").write_text("")
             except OSError as e:  # what parse_args cannot see ahead (/proc, a read-only file system)
                 refusal = f"--output-dir {self.out}: {e.strerror} ({e.filename}): choose another --output-dir"
-        if self.accelerator.num_processes > 1:  # every process stops alike: one alone would wait in a collective
-            refusal = broadcast_object_list([refusal])[0]
+        refusal = self._agree(refusal)  # process 0's, on every process: one that stopped alone would wait
         if refusal:
             raise SystemExit(refusal)
         self.accelerator.wait_for_everyone()
@@ -888,7 +887,7 @@ class Run:
             changed = weight_fingerprint(state, self.trainable_names) != self.fingerprint_before
             summary["trainable_tensors_changed"] = int(changed.any(-1).sum())
             summary["trainable_tensors"] = len(self.trainable_names)
-        final = self.out / "final"
+        final, partial = self.out / "final", self.out / "final.partial"  # written whole, then renamed
         if self.args.save_weights:
             summary["weights"] = str(final)
             summary["weights_are_the_evaluation_ema"] = self.eval_ema is not None
@@ -899,8 +898,7 @@ class Run:
                 with self.eval_ema.swapped_in() if self.eval_ema is not None else contextlib.nullcontext():
                     if self.eval_ema is not None:
                         state = gathered_state_dict(task.policy, masters=False)
-                    if self.is_main:  # written whole, then renamed: never half of it in final/
-                        partial = final.with_name("final.partial")
+                    if self.is_main:  # never half of it in final/
                         shutil.rmtree(partial, ignore_errors=True)
                         task.policy.save(partial, state)
                         shutil.rmtree(final, ignore_errors=True)  # (a resumed run's earlier final/)
@@ -914,7 +912,7 @@ class Run:
         error = self._agree(writing.error)
         if error is not None:
             if self.is_main:
-                shutil.rmtree(final.with_name("final.partial"), ignore_errors=True)
+                shutil.rmtree(partial, ignore_errors=True)  # (its space with it)
             self._stop(f"could not write the run's outputs: {error}", 1)
         if self.is_main:
             self.print(f"summary: {self.out / 'summary.json'}\n" + json.dumps(summary, indent=2))

@@ -422,7 +422,7 @@ BUGS = [
      "        error = writing.error\n        if error is None:",
      "tests/test_distributed.py::test_a_write_that_fails_on_one_process_stops_every_process_with_its_line"),
     ("final weights that could not be written stay half on the disk", "infra/run.py",
-     '                shutil.rmtree(final.with_name("final.partial"), ignore_errors=True)', "                pass",
+     "                shutil.rmtree(partial, ignore_errors=True)  # (its space with it)", "                pass",
      "tests/test_write_failures.py::test_a_full_disk_while_writing_the_final_weights_leaves_no_half_of_them_and_"
      "resumes_to_the_evaluation"),
     ("a run whose directory another run took over writes on", "infra/run.py",
