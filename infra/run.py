@@ -220,9 +220,10 @@ class RunLock:
     The main process holds `<output_dir>/run.lock` (host, pid, a token) from its first write to its end, and a thread
     touches it every HEARTBEAT_SECONDS. Another run that finds it refuses while its holder lives, and takes over a
     lock whose holder died without removing it (SIGKILL, a lost node): at once when the holder's pid is gone from
-    this host or the lock is over ABANDONED_SECONDS old; else when the lock's time stands still for WATCH_SECONDS
-    (watched, not compared with this host's clock, which may differ from the file system's; a pid of this host that
-    lives may be another process's since)."""
+    this host's process space or the lock is over ABANDONED_SECONDS old; else when the lock's time stands still for
+    WATCH_SECONDS (watched, not compared with this host's clock, which may differ from the file system's; a pid of
+    this host that lives may be another process's since). "This host's process space": the same host name, boot and
+    pid namespace (`pid_space`), since two containers may share a host name and a directory but not their pids."""
 
     HEARTBEAT_SECONDS = 30.0
     WATCH_SECONDS = 120.0
@@ -231,8 +232,8 @@ class RunLock:
 
     def __init__(self, out: Path, log=print):
         self.path, self.log = Path(out) / "run.lock", log
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.me = {"host": socket.gethostname(), "pid_space": pid_space(), "pid": os.getpid(),
+                   "token": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._stop = threading.Event()
 
     def acquire(self) -> Optional[str]:
@@ -262,7 +263,7 @@ class RunLock:
     def _judge(self, holder: dict, mtime: float) -> tuple[Optional[bool], str]:
         """(True, who) if the lock's run lives, (False, why not) if it died, (None, "") if the lock changed hands."""
         who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "a run whose lock cannot be read"
-        if holder.get("host") == self.me["host"]:
+        if holder.get("host") == self.me["host"] and holder.get("pid_space") == self.me["pid_space"]:
             if holder.get("pid") == self.me["pid"]:
                 return False, "an earlier run in this process left it"
             if not _alive(holder.get("pid")):
@@ -320,6 +321,17 @@ class RunLock:
         if self._holder()[0] == self.me:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+def pid_space() -> Optional[str]:
+    """Where this process's pid means this process: the boot and the pid namespace (Linux), None where unknown. Two
+    containers of one host name (`docker run --hostname`, a pod and its restarted twin) differ here, so a pid that is
+    gone from one is not taken for a run that ended in the other."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
 
 
 def _alive(pid) -> bool:

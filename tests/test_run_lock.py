@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--iterations", "2", "--log-every", "0", "--eval-samples-per-prompt", "1", "--save-weights", "false"]
 
 
-def write_lock(out: Path, host: str, pid: int, age: float = 0.0) -> Path:
+def write_lock(out: Path, host: str, pid: int, age: float = 0.0, space: str = "this") -> Path:
+    """A lock as another run writes it; `space`: its pid namespace, "this" for this process's (run.pid_space)."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / "run.lock"
-    lock.write_text(json.dumps({"host": host, "pid": pid, "token": "theirs", "started": "2026-12-07 10:00:00"}))
+    lock.write_text(json.dumps({"host": host, "pid_space": run.pid_space() if space == "this" else space, "pid": pid,
+                                "token": "theirs", "started": "2026-12-07 10:00:00"}))
     os.utime(lock, (time.time() - age, time.time() - age))
     return lock
 
@@ -101,14 +103,17 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, quick_clock, capsys,
     write_lock(tmp_path / "stale", "other-node", 4242, age=600.0)
     flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "stale")])
     assert "its run (pid 4242 on other-node) gave no heartbeat for 10 min" in capsys.readouterr().out
-    # fresh when the run comes to write, silent from then on: watched WATCH_SECONDS, then taken over. Another host's,
-    # and this host's of a pid that lives but is no run now (the pids of a restarted container repeat)
+    # fresh when the run comes to write, silent from then on: watched WATCH_SECONDS, then taken over. Another host's;
+    # this host's of a pid that lives but is no run now (the pids of a restarted container repeat); and the lock of a
+    # twin container (the same host name, another pid namespace) whose pid is gone from this one: not taken at once
     acquire = run.RunLock.acquire
-    for name, host, pid in (("silent", "other-node", 4242), ("reused", socket_host(), os.getppid())):
+    for name, host, pid, space in (("silent", "other-node", 4242, "this"),
+                                   ("reused", socket_host(), os.getppid(), "this"),
+                                   ("twin", socket_host(), ended.pid, "another-boot/4026531836")):
         waited = []
 
         def found_fresh(self):
-            write_lock(self.path.parent, host, pid)
+            write_lock(self.path.parent, host, pid, space=space)
             t0 = time.time()
             refusal = acquire(self)
             waited.append(time.time() - t0)
@@ -126,7 +131,7 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, quick_clock, capsys,
     os.utime(tmp_path / "torn" / "run.lock", (time.time() - 600, time.time() - 600))
     flow_grpo.main(QUICK + ["--output-dir", str(tmp_path / "torn")])
     assert "its run (a run whose lock cannot be read) gave no heartbeat for 10 min" in capsys.readouterr().out
-    for name in ("dead", "stale", "silent", "reused", "torn"):
+    for name in ("dead", "stale", "silent", "reused", "twin", "torn"):
         assert not (tmp_path / name / "run.lock").exists()
 
 
