@@ -737,6 +737,14 @@ class Run:
             if self.is_main:
                 shutil.rmtree(path, ignore_errors=True)
             self._stop(f"could not write checkpoint {final}: {error}", 1)
+        # a run suspended while it wrote (past the lock's watch) may find its directory another run's by now: renamed,
+        # this checkpoint would join that run's, and the pruning below remove theirs
+        lost = self._agree(self.lock.lost() if self.lock is not None else None)
+        if lost is not None:
+            if self.is_main:
+                shutil.rmtree(path, ignore_errors=True)  # (this run's own .partial)
+            self._stop(f"stopped before completing checkpoint {final}: {lost}", 1,
+                       then="; this run writes nothing more into it")
         if self.is_main:
             if final.exists():
                 shutil.rmtree(final)

@@ -22,7 +22,8 @@
 # GPU_CHECK_PARTS (default "1 2 3") picks the parts. Timeouts (seconds): GPU_CHECK_SMOKE_S (240) for the whole smoke,
 # GPU_CHECK_METHOD_S (75) per method at reduced depth, GPU_CHECK_FULL_S (120) per method at full depth,
 # GPU_CHECK_LEVER_S (180) per lever run. GPU_CHECK_TIMING_CONFIG=tiny GPU_CHECK_DEPTH="1 1" runs parts 2-5 at
-# diffusers' tiny widths (a CPU rehearsal of the script).
+# diffusers' tiny widths (a CPU rehearsal of the script). PYTHON=...: the interpreter (default: the first of `python`,
+# `python3` that imports torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
@@ -30,7 +31,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # no stale tables
 rm -f "$OUT"/{timing,timing_full_depth,levers,levers_merged,levers_full_depth}.md "$OUT/smoke_lines.txt"
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$(for py in python python3; do command -v $py > /dev/null && $py -c "import torch" 2> /dev/null &&
+  { command -v $py; break; }; done)}
+[[ -n $PY ]] || { echo "neither python nor python3 imports torch here: set PYTHON=/path/to/python"; exit 1; }
+export PYTHON=$PY
 CONFIG=${GPU_CHECK_TIMING_CONFIG:-flux-dev}
 DEPTH=${GPU_CHECK_DEPTH:-19 38}
 PARTS=" ${GPU_CHECK_PARTS:-1 2 3} "

@@ -13,10 +13,14 @@
 # if any run failed (each run's log is OUT_DIR/<name>.log).
 #   bash scripts/gpu_smoke.sh [OUT_DIR]
 # SMOKE_JOBS=N: runs at a time (default: 4 on a GPU, 1 on a CPU); SMOKE_TIMEOUT=S: a run is killed after S s (1800);
-# PYTHON=...: the interpreter (default `python`, else `python3`); `accelerate launch` runs through it too.
+# PYTHON=...: the interpreter (default: the first of `python`, `python3` that imports torch); `accelerate launch` runs
+# through it too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$(for py in python python3; do command -v $py > /dev/null && $py -c "import torch" 2> /dev/null &&
+  { command -v $py; break; }; done)}
+[[ -n $PY ]] || { echo "neither python nor python3 imports torch here: set PYTHON=/path/to/python"; exit 1; }
+export PYTHON=$PY
 OUT=${1:-runs/gpu_smoke}
 mkdir -p "$OUT"
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")

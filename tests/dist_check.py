@@ -67,6 +67,7 @@ def main(out: Path):
     (out / f"unshared_rank{rank}.json").write_text(json.dumps(unshared_output_dir(out, rank)))
     (out / f"locked_rank{rank}.json").write_text(json.dumps(locked_output_dir(out, rank)))
     (out / f"full_disk_rank{rank}.json").write_text(json.dumps(full_disk_on_one_process(out, rank)))
+    (out / f"taken_rank{rank}.json").write_text(json.dumps(taken_over_while_checkpointing(out, rank)))
 
 
 def outcome(flags: list[str]) -> dict:
@@ -121,6 +122,28 @@ def full_disk_on_one_process(out: Path, rank: int) -> dict:
     torch.save = full
     try:
         return outcome(["--iterations", "3", "--output-dir", str(out / "full_disk"), "--log-every", "0",
+                        "--checkpoint-every", "1", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+    finally:
+        torch.save = save
+
+
+def taken_over_while_checkpointing(out: Path, rank: int) -> dict:
+    """The run was suspended while it wrote checkpoint-2, long enough for a second run to take its directory over
+    (played by process 0 writing the second run's lock after its run state): only process 0 reads the lock, and both
+    processes must stop with its line, checkpoint-2 neither completed nor left half-written."""
+    import socket
+
+    save = torch.save
+
+    def suspended(obj, f, *a, **k):
+        save(obj, f, *a, **k)
+        if rank == 0 and str(f).endswith("checkpoint-2.partial/run_state_0.pt"):
+            (out / "taken" / "run.lock").write_text(json.dumps({"host": socket.gethostname() + "-other", "pid": 4242,
+                                                                "token": "theirs", "started": "2026-12-07 10:00:00"}))
+
+    torch.save = suspended
+    try:
+        return outcome(["--iterations", "3", "--output-dir", str(out / "taken"), "--log-every", "0",
                         "--checkpoint-every", "1", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
     finally:
         torch.save = save

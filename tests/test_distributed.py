@@ -179,6 +179,19 @@ def test_a_directory_a_live_run_holds_stops_every_process_at_start(two_process_r
     assert sorted(p.name for p in (two_process_run / "locked").iterdir()) == ["run.lock"]  # nothing written
 
 
+def test_a_directory_taken_over_while_a_checkpoint_is_written_stops_every_process(two_process_run):
+    """Process 0 finds its run.lock another run's before it completes checkpoint-2 (dist_check.py): both processes
+    stop with its line, and checkpoint-2 is neither completed among the other run's nor left half-written."""
+    results = [json.loads((two_process_run / f"taken_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["status"] for r in results] == [1, 1]
+    checkpoints = two_process_run / "taken" / "checkpoints"
+    assert results[0]["message"] == results[1]["message"]
+    assert results[0]["message"].startswith(f"stopped before completing checkpoint {checkpoints / 'checkpoint-2'}: "
+                                            f"another run took over its directory")
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-1"]
+    assert json.loads((two_process_run / "taken" / "run.lock").read_text())["token"] == "theirs"  # untouched
+
+
 def test_a_write_that_fails_on_one_process_stops_every_process_with_its_line(two_process_run):
     """Process 1's run state could not be written into checkpoint-2 (dist_check.py): both stop with the same line,
     which names process 1's file; the half checkpoint is gone and checkpoint-1 stays."""

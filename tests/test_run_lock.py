@@ -166,7 +166,8 @@ def test_a_second_run_in_the_directory_of_a_running_one_is_refused_and_the_first
     assert first.returncode == 130 and not (out / "run.lock").exists()
 
 
-@pytest.mark.parametrize("when", ["taken over in iteration 2", "removed in iteration 2", "taken over at the end"])
+@pytest.mark.parametrize("when", ["taken over in iteration 2", "removed in iteration 2", "taken over at the end",
+                                  "taken over while checkpoint 2 is written"])
 def test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_write(when, tmp_path, quick_clock,
                                                                                   monkeypatch):
     """A run suspended (Ctrl-Z, SIGSTOP) for longer than WATCH_SECONDS goes on to find that a second run took its
@@ -174,11 +175,17 @@ def test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_wri
     outputs: it stops with one line before the next write, and leaves the other's lock as it is, untouched."""
     lock, taken = tmp_path / "run.lock", []
     original_begin, original_evaluate = run.Run.begin_iteration, run.Run.evaluate
+    original_save = run.gathered_state_dict
 
     def begin(self, policy):
         original_begin(self, policy)
-        if self.iteration == 1 and not when.endswith("end"):
+        if self.iteration == 1 and when.endswith("iteration 2"):
             take(self)
+
+    def save(policy):  # the checkpoint's state written, its weights about to be
+        if when.endswith("written") and (tmp_path / "checkpoints" / "checkpoint-2.partial").is_dir():
+            take(None)
+        return original_save(policy)
 
     def evaluate(self, task, label):
         result = original_evaluate(self, task, label)
@@ -196,6 +203,7 @@ def test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_wri
 
     monkeypatch.setattr(run.Run, "begin_iteration", begin)
     monkeypatch.setattr(run.Run, "evaluate", evaluate)
+    monkeypatch.setattr(run, "gathered_state_dict", save)
     with pytest.raises(run.Interrupted) as e:
         flow_grpo.main(["--iterations", "3", "--checkpoint-every", "1", "--output-dir", str(tmp_path), *QUICK[2:]])
     assert e.value.code == 1
@@ -209,6 +217,11 @@ def test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_wri
     elif when == "taken over in iteration 2":
         assert str(e.value) == f"stopped in iteration 2 of 3: {taken_over}; this run writes nothing more into it"
         assert lines == 1 and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"]
+    elif when == "taken over while checkpoint 2 is written":  # neither completed nor pruned into the other's
+        checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+        assert str(e.value) == (f"stopped before completing checkpoint {checkpoint}: {taken_over}; this run writes "
+                                f"nothing more into it")
+        assert lines == 2 and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"]
     else:
         assert str(e.value) == f"stopped before writing the run's outputs: {taken_over}; this run writes nothing into it"
         assert lines == 3 and not (tmp_path / "summary.json").exists()
