@@ -10,6 +10,7 @@ A reward is a callable `(samples, prompts) -> (B,) float tensor`; `get_reward` b
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -200,6 +201,33 @@ def load_image_reward(root: Path, device="cpu"):
 
 LEARNED_REWARDS: dict[str, Callable] = {"hpsv2": load_hpsv21, "pickscore": load_pickscore, "clip": load_clip_score,
                                         "imagereward": load_image_reward}
+# What each of them reads under --reward-dir: the weights a checkpoint fingerprints (reward_digest)
+REWARD_FILES = {"hpsv2": ("HPS_v2.1_compressed.pt",), "pickscore": ("PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"),
+                "clip": ("clip-vit-large-patch14",), "imagereward": ("ImageReward.pt", "med_config.json")}
+
+
+def reward_digest(spec: str, root: Optional[str] = None) -> Optional[str]:
+    """A fingerprint of the learned reward weights `spec` ("pickscore", "hpsv2:1,clip:0.5") reads from --reward-dir:
+    each file's name, size and the SHA-256 of its first and last MiB (hashing GBs of weights whole would take a
+    minute); hidden files (`hf download`'s .cache, its timestamps) are left out. None without a learned reward, or
+    while one is missing (loading it says what to fetch)."""
+    names = [name for name in (item.strip().partition(":")[0] for item in spec.split(",")) if name in REWARD_FILES]
+    root, digest = reward_dir(root), hashlib.sha256()
+    for name in names:
+        for part in REWARD_FILES[name]:
+            path = root / part
+            if not path.exists():
+                return None
+            files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and not any(
+                p.startswith(".") for p in f.relative_to(path).parts))
+            for f in files:
+                size = f.stat().st_size
+                digest.update(f"{name} {f.relative_to(root)} {size}\n".encode())
+                with open(f, "rb") as data:
+                    digest.update(data.read(2 ** 20))
+                    data.seek(max(size - 2 ** 20, 0))
+                    digest.update(data.read(2 ** 20))
+    return digest.hexdigest() if names else None
 
 
 REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward,

@@ -40,8 +40,8 @@ import torch
 from common import NonFiniteError, Policy, check_finite, parse_toy_prompt
 from infra import attention
 from infra.progress import LOG_INTERVAL, duration
-from infra.rewards import attention_shapes
-from infra.tasks import Task, evaluate, sample_grid
+from infra.rewards import attention_shapes, reward_digest, reward_dir
+from infra.tasks import DEFAULT_REWARDS, Task, evaluate, sample_grid
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "final.partial", "checkpoints", "samples.png",
            "samples_before.png", "samples_after.png")  # what a run writes into its --output-dir (final.partial: a
@@ -144,11 +144,12 @@ def base_digest(pretrained: Optional[str]) -> Optional[str]:
 
 
 def inputs_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str]]]) -> Optional[str]:
-    """Why `checkpoint` cannot continue on these train / eval `prompts` (None: unknown, not compared) and this
-    --pretrained, or None. Both may move (the flags are resumable) but not change: a prompt file edited since the
-    checkpoint would make the resumed run draw other prompts than the one it continues and compare its "after"
-    evaluation with a "before" taken on other prompts; another base model would carry the trained LoRA onto weights
-    it was not trained on. Both silently."""
+    """Why `checkpoint` cannot continue on these train / eval `prompts` (None: unknown, not compared), this
+    --pretrained and the reward weights in this --reward-dir, or None. They may move (the flags are resumable) but not
+    change: a prompt file edited since the checkpoint would make the resumed run draw other prompts than the one it
+    continues and compare its "after" evaluation with a "before" taken on other prompts; another base model would
+    carry the trained LoRA onto weights it was not trained on; other reward weights would change the objective. All
+    silently."""
     recorded = Path(checkpoint) / "inputs.json"
     if not recorded.is_file():  # (checkpoints written before inputs.json existed)
         return None
@@ -170,7 +171,19 @@ def inputs_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str]
         return (f"cannot resume {checkpoint}: --pretrained {args.pretrained} holds another transformer than the run "
                 f"trained (its transformer/config.json differs from the one recorded): give the pipeline directory "
                 f"the run started from")
+    spec = reward_spec(args)
+    rewards = reward_digest(spec, args.reward_dir) if spec else None
+    if rewards and saved.get("rewards") and rewards != saved["rewards"]:
+        return (f"cannot resume {checkpoint}: the weights of --reward {spec} in {reward_dir(args.reward_dir)} are not "
+                f"those the run trained with (their files differ from the ones recorded): the resumed run would "
+                f"optimise another reward, and score its \"after\" evaluation with another model than its \"before\"; "
+                f"point --reward-dir at the weights the run started with")
     return None
+
+
+def reward_spec(args) -> Optional[str]:
+    """The --reward a run trains on: the flag, else its model's default (None for a model registered without one)."""
+    return args.reward or DEFAULT_REWARDS.get(args.model)
 
 
 def write_error(e: Exception, out: Path) -> Optional[str]:
@@ -722,10 +735,12 @@ class Run:
                         "toy_samples_before": self.toy_samples.get("before"), "eval_seconds": self.eval_seconds,
                         "elapsed": self.elapsed_before + time.time() - self.start_time}
             torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
-            if self.is_main:  # what a resume compares its prompt files and --pretrained with (inputs_changed)
-                (path / "inputs.json").write_text(json.dumps({"train": prompt_digest(self.task.train_prompts),
-                                                              "eval": prompt_digest(self.task.eval_prompts),
-                                                              "base": base_digest(self.args.pretrained)}))
+            if self.is_main:  # what a resume compares its prompts, --pretrained and rewards with (inputs_changed)
+                spec = reward_spec(self.args)
+                (path / "inputs.json").write_text(json.dumps({
+                    "train": prompt_digest(self.task.train_prompts), "eval": prompt_digest(self.task.eval_prompts),
+                    "base": base_digest(self.args.pretrained),
+                    "rewards": reward_digest(spec, self.args.reward_dir) if spec else None}))
         error = self._agree(writing.error)
         if error is None:
             state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively

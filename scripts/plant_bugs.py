@@ -441,6 +441,12 @@ BUGS = [
      "infra/run.py", "        lost = self._agree(self.lock.lost() if self.lock is not None else None)\n",
      "        lost = None\n",
      "tests/test_run_lock.py::test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_write"),
+    ("a resume takes other reward weights in --reward-dir", "infra/run.py",
+     'if rewards and saved.get("rewards") and rewards != saved["rewards"]:', "if False:",
+     "tests/test_rewards.py::test_a_resume_refuses_reward_weights_other_than_the_runs"),
+    ("the reward digest reads only the first MiB of a file", "infra/rewards.py",
+     "                    data.seek(max(size - 2 ** 20, 0))", "                    data.seek(0)",
+     "tests/test_rewards.py::test_the_reward_digest_fingerprints_the_weights_not_where_they_lie"),
 ]
 
 

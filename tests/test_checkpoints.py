@@ -255,7 +255,8 @@ def test_a_prompt_file_edited_since_the_checkpoint_is_refused_at_resume(tmp_path
     train.write_text("mode 1\nmode 2\n# a comment, which read_prompts skips\nmode 3\n")  # the same prompts
     assert flow_grpo.main(resume)["iterations"] == 6
     # FLUX evaluates on its train file when no --eval-prompts is given: the message names that file
-    flux = SimpleNamespace(model="flux", train_prompts="p.txt", eval_prompts=None, pretrained=None)
+    flux = SimpleNamespace(model="flux", train_prompts="p.txt", eval_prompts=None, pretrained=None, reward="mean_color",
+                           reward_dir=None)
     changed = run.inputs_changed(out / "checkpoints" / "checkpoint-6", flux, {"eval": ["mode 1"]})
     assert "the eval prompts of --train-prompts p.txt (FLUX / SD3 evaluate on it) are not those it recorded (2 " \
            "then, 1 now)" in changed

@@ -279,3 +279,53 @@ def test_a_registered_models_reward_is_checked_and_named_by_its_model(tmp_path):
                             "--eval-samples-per-prompt", "4", "--output-dir", str(tmp_path / "run")])
     finally:
         del tasks.CUSTOM_MODELS["toy-short-reward"]
+
+
+def test_the_reward_digest_fingerprints_the_weights_not_where_they_lie(tmp_path):
+    """What a checkpoint records of its reward models (rewards.reward_digest): the same files at another path, with
+    `hf download`'s hidden metadata rewritten, read alike; other weights (a byte at the end of a large file) do not."""
+    import shutil
+    root = save_tiny_clip_rewards(tmp_path / "a")
+    digest = rewards.reward_digest("pickscore", str(root))
+    assert digest is not None and rewards.reward_digest("clip", str(root)) not in (None, digest)
+    shutil.copytree(root, tmp_path / "b")
+    (tmp_path / "b" / "PickScore_v1" / ".cache").mkdir()
+    (tmp_path / "b" / "PickScore_v1" / ".cache" / "model.safetensors.metadata").write_text("downloaded just now")
+    assert rewards.reward_digest("pickscore:2, mean_color", str(tmp_path / "b")) == digest  # (weights: flags)
+    assert rewards.reward_digest("mean_color", str(root)) is None  # no weights to fingerprint
+    hps = root / "HPS_v2.1_compressed.pt"
+    assert rewards.reward_digest("hpsv2", str(root)) is None  # missing: its load says what to fetch
+    data = bytearray(torch.randint(0, 256, (3 * 2 ** 20,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    hps.write_bytes(bytes(data))
+    before = rewards.reward_digest("hpsv2", str(root))
+    data[-1] ^= 1
+    hps.write_bytes(bytes(data))
+    assert before is not None and rewards.reward_digest("hpsv2", str(root)) != before
+
+
+def test_a_resume_refuses_reward_weights_other_than_the_runs(tmp_path):
+    """--reward-dir may move between a run and its resume, but other weights in it would change the reward the run
+    optimises and score its "after" evaluation with another model than its "before": refused with the flags, before
+    minutes of model loading."""
+    import json
+    import shutil
+
+    import flow_grpo
+    from infra.args import ArgumentError, parse_args
+    root = save_tiny_clip_rewards(tmp_path / "rewards")
+    flags = ["--model", "tiny-flux", "--reward", "pickscore", "--output-dir", str(tmp_path / "run"), "--log-every",
+             "0", "--save-weights", "false", "--checkpoint-every", "1"]
+    flow_grpo.main(flags + ["--reward-dir", str(root), "--iterations", "1"])
+    recorded = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-1" / "inputs.json").read_text())
+    assert recorded["rewards"] == rewards.reward_digest("pickscore", str(root))
+    shutil.move(root, tmp_path / "moved")  # the same weights elsewhere: accepted
+    resume = flags + ["--reward-dir", str(tmp_path / "moved"), "--iterations", "2", "--resume-from-checkpoint", "latest"]
+    assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, resume).reward_dir == str(tmp_path / "moved")
+    model, _ = tiny_clip(tmp_path / "vocab")
+    with torch.no_grad():
+        model.logit_scale.add_(0.5)  # PickScore fine-tuned further, say: the same files, other numbers
+    model.save_pretrained(tmp_path / "moved" / "PickScore_v1")
+    with pytest.raises(ArgumentError, match=r"checkpoint-1: the weights of --reward pickscore in .*moved are not those "
+                                            r"the run trained with"):
+        parse_args(flow_grpo.Args, flow_grpo.PRESETS, resume)
