@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dgpo
 from conftest import free_port
 from tiny_pipelines import save_tiny_flux_pipeline
 
@@ -149,11 +150,15 @@ def test_compiled_blocks_train_as_eager_ones_under_each_strategy(runs, strategy)
     wa, wb = weights(runs[strategy] / "dgpo_lora" / "final"), weights(runs[strategy] / "dgpo_lora_compiled" / "final")
     assert wa.keys() == wb.keys() and len(wa) > 0
     # As between strategies (test_sharded_training_equals_ddp), weights whose gradient nearly cancels take an Adam
-    # step that float noise changes: measured 20 of 10,752 beyond 1e-4 relative + 1e-5, the largest off by 1.7e-4,
-    # under each strategy. Not training, or a wrong gradient, moves most weights by up to 2 steps of lr = 2e-3.
+    # step that float noise changes: a gradient at the scale of Adam's eps (1e-8) moves its weight by anything up to
+    # lr, either way. Measured with torch 2.13: 20 of 10,752 beyond 1e-4 relative + 1e-5, the largest off by 1.7e-4,
+    # under each strategy; with torch 2.11 (its inductor rounds otherwise): 41, the largest off by 1.4e-3, all but a
+    # few in one rank row of the single block's to_v lora_A, whose second-step moves there ranged 5.3e-4 to 7.2e-4
+    # (a full step is 0.74 lr) and some flipped sign. Two Adam steps apart by float noise differ by at most 2 lr.
+    # Not training, or a wrong gradient, moves most weights otherwise.
     beyond, largest = weight_differences(wa, wb, atol=1e-5)
     assert beyond <= 1e-2, f"{beyond:.2%} of the weights differ"
-    assert largest < 5e-4
+    assert largest <= 2 * dgpo.PRESETS["tiny-flux"]["learning_rate"]  # (NaN fails here too)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
