@@ -186,10 +186,17 @@ def reward_spec(args) -> Optional[str]:
     return args.reward or DEFAULT_REWARDS.get(args.model)
 
 
-def write_error(e: Exception, out: Path) -> Optional[str]:
+def write_error(e: BaseException, out: Path) -> Optional[str]:
     """What went wrong, if `e` is a write that failed (a full disk, a quota, a file-size limit, a lost mount), with the
     free space left; None for any other error. Not only OSError: torch.save's zip writer says "[enforce fail at
-    inline_container.cc] unexpected pos" or "file write failed" (a RuntimeError), safetensors an "I/O error"."""
+    inline_container.cc] unexpected pos" or "file write failed" (a RuntimeError), safetensors an "I/O error"; FSDP's
+    sharded save (torch.distributed.checkpoint) raises a CheckpointException, a BaseException, on every process,
+    holding the error of each process that failed."""
+    failures = getattr(e, "failures", None)  # (CheckpointException: {rank: (its error, its traceback)})
+    if isinstance(failures, dict) and failures:
+        rank, (error, _) = next(iter(sorted(failures.items(), key=lambda item: item[0])))
+        what = write_error(error, out) if isinstance(error, Exception) else None
+        return f"process {rank}: {what}" if what else None
     if isinstance(e, OSError):
         what = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
     elif re.search(r"unexpected pos|file write failed|write\(\): fd|I/O error|os error \d+|no space left|quota|"
@@ -213,7 +220,7 @@ class WriteFailure:
         return self
 
     def __exit__(self, kind, e, traceback) -> bool:
-        if isinstance(e, Exception):
+        if isinstance(e, Exception) or hasattr(e, "failures"):  # (a CheckpointException is a BaseException)
             self.error = write_error(e, self.out)
         return self.error is not None
 

@@ -120,6 +120,37 @@ def main(strategy: str, out: Path, pipeline: Path):
     from accelerate.state import AcceleratorState
     (out / f"distributed_type_{os.environ['RANK']}.json").write_text(
         json.dumps(str(AcceleratorState().distributed_type)))
+    if strategy != "deepspeed":  # (DeepSpeed's save waits in its own barrier for the process that failed: docs)
+        (out / f"full_disk_{os.environ['RANK']}.json").write_text(json.dumps(full_disk_on_process_1(out, tiny)))
+
+
+def full_disk_on_process_1(out: Path, tiny: list[str]) -> dict:
+    """Process 1's disk takes no more than 200 bytes per file (RLIMIT_FSIZE, as a full disk or a quota fails a write)
+    from the start of checkpoint-2: under FSDP2 its shard of the sharded save (torch.distributed.checkpoint) fails,
+    under DDP its RNG state. Every process must stop with the same line, checkpoint-1 kept."""
+    import resource
+    import signal
+
+    import flow_grpo
+    from infra import run
+    save, limit = run.Run.save_checkpoint, resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def full_from_2(self, n):
+        if n == 2 and int(os.environ["RANK"]) == 1:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the signal kills the process at the write)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (200, limit[1]))
+        return save(self, n)
+
+    run.Run.save_checkpoint = full_from_2
+    try:
+        flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "3", "--checkpoint-every", "1", "--log-every", "0",
+                        "--save-weights", "false", "--output-dir", str(out / "full_disk")])
+        return {"status": 0}
+    except SystemExit as e:
+        return {"status": e.code, "message": str(e)}
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        run.Run.save_checkpoint = save
 
 
 if __name__ == "__main__":
