@@ -120,14 +120,17 @@ def main(strategy: str, out: Path, pipeline: Path):
     from accelerate.state import AcceleratorState
     (out / f"distributed_type_{os.environ['RANK']}.json").write_text(
         json.dumps(str(AcceleratorState().distributed_type)))
-    if strategy != "deepspeed":  # (DeepSpeed's save waits in its own barrier for the process that failed: docs)
-        (out / f"full_disk_{os.environ['RANK']}.json").write_text(json.dumps(full_disk_on_process_1(out, tiny)))
+    # a full disk on process 1 alone; under DeepSpeed on both (its save waits in its own closing barrier for a process
+    # that failed alone: docs/usage.md)
+    full = (0, 1) if strategy == "deepspeed" else (1,)
+    (out / f"full_disk_{os.environ['RANK']}.json").write_text(json.dumps(full_disk(out, tiny, full)))
 
 
-def full_disk_on_process_1(out: Path, tiny: list[str]) -> dict:
-    """Process 1's disk takes no more than 200 bytes per file (RLIMIT_FSIZE, as a full disk or a quota fails a write)
-    from the start of checkpoint-2: under FSDP2 its shard of the sharded save (torch.distributed.checkpoint) fails,
-    under DDP its RNG state. Every process must stop with the same line, checkpoint-1 kept."""
+def full_disk(out: Path, tiny: list[str], ranks: tuple[int, ...]) -> dict:
+    """The disk of the processes `ranks` takes no more than 200 bytes per file (RLIMIT_FSIZE, as a full disk or a
+    quota fails a write) from the start of checkpoint-2: under FSDP2 a shard of the sharded save
+    (torch.distributed.checkpoint) fails, under DDP an RNG state, under DeepSpeed its checkpoint files. Every process
+    must stop with the same line, checkpoint-1 kept."""
     import resource
     import signal
 
@@ -136,7 +139,7 @@ def full_disk_on_process_1(out: Path, tiny: list[str]) -> dict:
     save, limit = run.Run.save_checkpoint, resource.getrlimit(resource.RLIMIT_FSIZE)
 
     def full_from_2(self, n):
-        if n == 2 and int(os.environ["RANK"]) == 1:
+        if n == 2 and int(os.environ["RANK"]) in ranks:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the signal kills the process at the write)
             resource.setrlimit(resource.RLIMIT_FSIZE, (200, limit[1]))
         return save(self, n)

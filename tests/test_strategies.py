@@ -161,18 +161,19 @@ def test_compiled_blocks_train_as_eager_ones_under_each_strategy(runs, strategy)
     assert largest <= 2 * dgpo.PRESETS["tiny-flux"]["learning_rate"]  # (NaN fails here too)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_full_disk_on_one_process_stops_every_process_with_its_line(runs, strategy):
     """Process 1 alone cannot write its part of checkpoint-2 (strategies_check.py): under FSDP2 the sharded save
     raises a CheckpointException (a BaseException) on every process, under DDP process 1's RNG state fails alone.
     Both processes stop with the same line, naming process 1 under FSDP2; the half checkpoint goes, checkpoint-1
-    stays. (DeepSpeed's save waits in its closing barrier for the failed process: not covered, docs/multi-gpu.md.)"""
+    stays. DeepSpeed's save waits in its closing barrier for a process that failed alone (docs/usage.md): there the
+    disk is full for both processes, and both stop together."""
     results = [json.loads((runs[strategy] / f"full_disk_{rank}.json").read_text()) for rank in (0, 1)]
     checkpoints = runs[strategy] / "full_disk" / "checkpoints"
     assert [r["status"] for r in results] == [1, 1] and results[0]["message"] == results[1]["message"]
     line = results[0]["message"]
     assert line.startswith(f"could not write checkpoint {checkpoints / 'checkpoint-2'}: "), line
-    assert ("process 1: File too large" if strategy == "fsdp" else "unexpected pos") in line
+    assert ("process 1: File too large" if strategy == "fsdp" else "unexpected pos") in line, line
     assert f"last checkpoint {checkpoints / 'checkpoint-1'}; resume: " in line
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-1"]
 
