@@ -320,7 +320,8 @@ def test_a_resume_refuses_reward_weights_other_than_the_runs(tmp_path):
     recorded = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-1" / "inputs.json").read_text())
     assert recorded["rewards"] == rewards.reward_digest("pickscore", str(root))
     shutil.move(root, tmp_path / "moved")  # the same weights elsewhere: accepted
-    resume = flags + ["--reward-dir", str(tmp_path / "moved"), "--iterations", "2", "--resume-from-checkpoint", "latest"]
+    resume = flags + ["--reward-dir", str(tmp_path / "moved"), "--iterations", "2", "--resume-from-checkpoint",
+                      "latest"]
     assert parse_args(flow_grpo.Args, flow_grpo.PRESETS, resume).reward_dir == str(tmp_path / "moved")
     model, _ = tiny_clip(tmp_path / "vocab")
     with torch.no_grad():
