@@ -933,6 +933,7 @@ class Run:
         if self.args.save_weights:
             summary["weights"] = str(final)
             summary["weights_are_the_evaluation_ema"] = self.eval_ema is not None
+        taken = None  # (the main process) its directory found another run's while final/ was written: suspended
         with WriteFailure(self.out) as writing:  # (a full disk, a quota: one line, below)
             if self.args.save_weights:
                 # final/ holds the weights that were evaluated: with an evaluation EMA, the EMA. Written inside the
@@ -943,14 +944,23 @@ class Run:
                     if self.is_main:  # never half of it in final/
                         shutil.rmtree(partial, ignore_errors=True)
                         task.policy.save(partial, state)
-                        shutil.rmtree(final, ignore_errors=True)  # (a resumed run's earlier final/)
-                        os.replace(partial, final)
-            if self.is_main and set(self.toy_samples) == {"before", "after"}:
+                        # (renamed, it would replace the other run's final/)
+                        taken = self.lock.lost() if self.lock is not None else None
+                        if taken is None:
+                            shutil.rmtree(final, ignore_errors=True)  # (a resumed run's earlier final/)
+                            os.replace(partial, final)
+                        else:
+                            shutil.rmtree(partial, ignore_errors=True)  # (this run's own final.partial)
+            if self.is_main and taken is None and set(self.toy_samples) == {"before", "after"}:
                 from infra.plots import toy_picture
                 toy_picture(self.out / "samples.png", self.toy_samples["before"], self.toy_samples["after"],
                             self.out / "metrics.jsonl", before["reward"], after["reward"])
-            if self.is_main:
+            if self.is_main and taken is None:
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        taken = self._agree(taken)
+        if taken is not None:
+            self._stop(f"stopped before completing the run's outputs: {taken}", 1,
+                       then="; this run writes nothing more into it")
         error = self._agree(writing.error)
         if error is not None:
             if self.is_main:

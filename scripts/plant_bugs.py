@@ -450,6 +450,10 @@ BUGS = [
     ("FSDP's failed sharded save (a BaseException) is a traceback on every process", "infra/run.py",
      '        if isinstance(e, Exception) or hasattr(e, "failures"):', "        if isinstance(e, Exception):",
      "tests/test_strategies.py::test_a_full_disk_on_one_process_stops_every_process_with_its_line"),
+    ("a run whose directory was taken over while it wrote final/ replaces the other run's", "infra/run.py",
+     "                        taken = self.lock.lost() if self.lock is not None else None\n",
+     "                        taken = None\n",
+     "tests/test_run_lock.py::test_a_run_whose_directory_is_taken_over_while_it_writes_final_does_not_complete_it"),
 ]
 
 

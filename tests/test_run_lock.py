@@ -229,6 +229,30 @@ def test_a_run_whose_directory_is_not_its_own_any_more_stops_before_its_next_wri
         assert taken[0] > 99 and json.loads(lock.read_text())["token"] == "theirs"  # untouched, and still there
 
 
+def test_a_run_whose_directory_is_taken_over_while_it_writes_final_does_not_complete_it(tmp_path, quick_clock,
+                                                                                        monkeypatch):
+    """Suspended while it wrote final/ (minutes of weights for FLUX), past the lock's watch: renamed, its
+    final.partial would replace the other run's final/. It removes it and stops, writing no summary or picture."""
+    import common
+    save = common.Toy2DPolicy.save
+
+    def taken_while_saving(self, directory, state=None):
+        save(self, directory, state)
+        if Path(directory).name == "final.partial":
+            write_lock(tmp_path, "other-node", 4242, age=100.0)
+
+    monkeypatch.setattr(common.Toy2DPolicy, "save", taken_while_saving)
+    with pytest.raises(run.Interrupted) as e:
+        flow_grpo.main(["--iterations", "2", "--log-every", "0", "--eval-samples-per-prompt", "1", "--output-dir",
+                        str(tmp_path)])
+    assert e.value.code == 1
+    assert str(e.value).startswith("stopped before completing the run's outputs: another run took over its directory")
+    assert str(e.value).endswith("; this run writes nothing more into it")
+    for name in ("final", "final.partial", "summary.json", "samples.png"):
+        assert not (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "run.lock").read_text())["token"] == "theirs"  # untouched
+
+
 @pytest.mark.slow
 def test_a_run_suspended_past_the_watch_finds_its_directory_taken_and_stops_without_writing(tmp_path):
     """As it happens, with real processes and the real 2-minute watch: a run suspended (SIGSTOP, as Ctrl-Z) gives no
