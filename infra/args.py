@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from infra.rewards import LEARNED_REWARDS, POINT_REWARDS, PROMPT_PARSERS, reward_names
-from infra.tasks import CUSTOM_MODELS, DEFAULT_REWARDS, MODELS, default_prompts, read_prompts, run_prompts
+from infra.tasks import (CUSTOM_MODELS, DEFAULT_REWARDS, MODELS, default_prompts, read_prompts, reward_spec,
+                         run_prompts)
 
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 # What a resumed run may change: where things are, how often it logs and saves, memory, speed, and how long it runs.
@@ -115,7 +116,7 @@ def check_reward_fits(args, files: dict[str, list[str]]):
     first reward call, after the model loads."""
     if args.model not in DEFAULT_REWARDS:  # a registered model: its own rewards
         return
-    names = [item.partition(":")[0].strip() for item in (args.reward or DEFAULT_REWARDS[args.model]).split(",")]
+    names = [item.partition(":")[0].strip() for item in reward_spec(args).split(",")]
     for name in names:
         points = name in POINT_REWARDS
         if (args.model == "toy2d") != points and (points or name in PROMPT_PARSERS or name in LEARNED_REWARDS):

@@ -206,12 +206,13 @@ REWARD_FILES = {"hpsv2": ("HPS_v2.1_compressed.pt",), "pickscore": ("PickScore_v
                 "clip": ("clip-vit-large-patch14",), "imagereward": ("ImageReward.pt", "med_config.json")}
 
 
-def reward_digest(spec: str, root: Optional[str] = None) -> Optional[str]:
+def reward_digest(spec: Optional[str], root: Optional[str] = None) -> Optional[str]:
     """A fingerprint of the learned reward weights `spec` ("pickscore", "hpsv2:1,clip:0.5") reads from --reward-dir:
     each file's name, size and the SHA-256 of its first and last MiB (hashing GBs of weights whole would take a
-    minute); hidden files (`hf download`'s .cache, its timestamps) are left out. None without a learned reward, or
-    while one is missing (loading it says what to fetch)."""
-    names = [name for name in (item.strip().partition(":")[0] for item in spec.split(",")) if name in REWARD_FILES]
+    minute); hidden files (`hf download`'s .cache, its timestamps) are left out. None without a learned reward (or
+    without a reward: a registered model's own), or while one is missing (loading it says what to fetch)."""
+    names = [name for name in (item.strip().partition(":")[0] for item in (spec or "").split(","))
+             if name in REWARD_FILES]
     root, digest = reward_dir(root), hashlib.sha256()
     for name in names:
         for part in REWARD_FILES[name]:

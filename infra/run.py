@@ -41,7 +41,7 @@ from common import NonFiniteError, Policy, check_finite, parse_toy_prompt
 from infra import attention
 from infra.progress import LOG_INTERVAL, duration
 from infra.rewards import attention_shapes, reward_digest, reward_dir
-from infra.tasks import DEFAULT_REWARDS, Task, evaluate, sample_grid
+from infra.tasks import Task, evaluate, reward_spec, sample_grid
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "final.partial", "checkpoints", "samples.png",
            "samples_before.png", "samples_after.png")  # what a run writes into its --output-dir (final.partial: a
@@ -172,18 +172,13 @@ def inputs_changed(checkpoint: Path, args, prompts: dict[str, Optional[list[str]
                 f"trained (its transformer/config.json differs from the one recorded): give the pipeline directory "
                 f"the run started from")
     spec = reward_spec(args)
-    rewards = reward_digest(spec, args.reward_dir) if spec else None
+    rewards = reward_digest(spec, args.reward_dir)
     if rewards and saved.get("rewards") and rewards != saved["rewards"]:
         return (f"cannot resume {checkpoint}: the weights of --reward {spec} in {reward_dir(args.reward_dir)} are not "
                 f"those the run trained with (their files differ from the ones recorded): the resumed run would "
                 f"optimise another reward, and score its \"after\" evaluation with another model than its \"before\"; "
                 f"point --reward-dir at the weights the run started with")
     return None
-
-
-def reward_spec(args) -> Optional[str]:
-    """The --reward a run trains on: the flag, else its model's default (None for a model registered without one)."""
-    return args.reward or DEFAULT_REWARDS.get(args.model)
 
 
 def write_error(e: BaseException, out: Path) -> Optional[str]:
@@ -194,7 +189,8 @@ def write_error(e: BaseException, out: Path) -> Optional[str]:
     holding the error of each process that failed."""
     failures = getattr(e, "failures", None)  # (CheckpointException: {rank: (its error, its traceback)})
     if isinstance(failures, dict) and failures:
-        rank, (error, _) = next(iter(sorted(failures.items(), key=lambda item: item[0])))
+        rank = min(failures)
+        error = failures[rank][0]
         what = write_error(error, out) if isinstance(error, Exception) else None
         return f"process {rank}: {what}" if what else None
     if isinstance(e, OSError):
@@ -743,11 +739,10 @@ class Run:
                         "elapsed": self.elapsed_before + time.time() - self.start_time}
             torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
             if self.is_main:  # what a resume compares its prompts, --pretrained and rewards with (inputs_changed)
-                spec = reward_spec(self.args)
                 (path / "inputs.json").write_text(json.dumps({
                     "train": prompt_digest(self.task.train_prompts), "eval": prompt_digest(self.task.eval_prompts),
                     "base": base_digest(self.args.pretrained),
-                    "rewards": reward_digest(spec, self.args.reward_dir) if spec else None}))
+                    "rewards": reward_digest(reward_spec(self.args), self.args.reward_dir)}))
         error = self._agree(writing.error)
         if error is None:
             state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively

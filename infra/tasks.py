@@ -139,7 +139,7 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
     prompts = run_prompts(args)
     train, evals = prompts["train"], prompts["eval"]
     task = _build(args, keep_reference, device, log, train, evals)
-    name = args.reward or DEFAULT_REWARDS.get(args.model)
+    name = reward_spec(args)
     task.reward_fn = CheckedReward(task.reward_fn, f"reward {name!r}" if name else
                                    f"the reward of --model {args.model}")
     if args.gradient_checkpointing:
@@ -163,6 +163,11 @@ def load_task(args, keep_reference: bool, device="cpu", log=print) -> Task:
 
 DEFAULT_REWARDS = {"toy2d": "toy_mode", "tiny-flux": "mean_color", "shapes": "geneval", "flux": "pickscore",
                    "sd3": "pickscore"}
+
+
+def reward_spec(args) -> Optional[str]:
+    """The --reward a run trains on: the flag, else its model's default (None for a model registered without one)."""
+    return args.reward or DEFAULT_REWARDS.get(args.model)
 
 
 def default_prompts(model: str) -> Optional[tuple[list[str], list[str]]]:
@@ -202,7 +207,7 @@ def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[
     if args.model not in DEFAULT_REWARDS:
         raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
     # The reward first: a missing reward model (or its package) stops the run before minutes of model loading
-    reward = get_reward(args.reward or DEFAULT_REWARDS[args.model], device, args.reward_dir)
+    reward = get_reward(reward_spec(args), device, args.reward_dir)
     if args.model == "toy2d":
         return Task(toy2d_policy(keep_reference, device, log), reward, *default_prompts("toy2d"),
                     {"on_manifold": toy_on_manifold})

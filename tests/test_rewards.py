@@ -293,6 +293,7 @@ def test_the_reward_digest_fingerprints_the_weights_not_where_they_lie(tmp_path)
     (tmp_path / "b" / "PickScore_v1" / ".cache" / "model.safetensors.metadata").write_text("downloaded just now")
     assert rewards.reward_digest("pickscore:2, mean_color", str(tmp_path / "b")) == digest  # (weights: flags)
     assert rewards.reward_digest("mean_color", str(root)) is None  # no weights to fingerprint
+    assert rewards.reward_digest(None, str(root)) is None  # a registered model's own reward
     hps = root / "HPS_v2.1_compressed.pt"
     assert rewards.reward_digest("hpsv2", str(root)) is None  # missing: its load says what to fetch
     data = bytearray(torch.randint(0, 256, (3 * 2 ** 20,), generator=torch.Generator().manual_seed(0),
