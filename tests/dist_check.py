@@ -114,19 +114,12 @@ def full_disk_on_one_process(out: Path, rank: int) -> dict:
     import errno
     import os
 
-    save = torch.save
-
-    def full(obj, f, *a, **k):
+    def full(save, obj, f, *a, **k):
         if rank == 1 and str(f).endswith("checkpoint-2.partial/run_state_1.pt"):  # (after accelerate's own files)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
         return save(obj, f, *a, **k)
 
-    torch.save = full
-    try:
-        return outcome(["--iterations", "3", "--output-dir", str(out / "full_disk"), "--log-every", "0",
-                        "--checkpoint-every", "1", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
-    finally:
-        torch.save = save
+    return checkpointing_run(out / "full_disk", full)
 
 
 def taken_over_while_checkpointing(out: Path, rank: int) -> dict:
@@ -135,18 +128,23 @@ def taken_over_while_checkpointing(out: Path, rank: int) -> dict:
     processes must stop with its line, checkpoint-2 neither completed nor left half-written."""
     import socket
 
-    save = torch.save
-
-    def suspended(obj, f, *a, **k):
+    def suspended(save, obj, f, *a, **k):
         save(obj, f, *a, **k)
         if rank == 0 and str(f).endswith("checkpoint-2.partial/run_state_0.pt"):
             (out / "taken" / "run.lock").write_text(json.dumps({"host": socket.gethostname() + "-other", "pid": 4242,
                                                                 "token": "theirs", "started": "2026-12-07 10:00:00"}))
 
-    torch.save = suspended
+    return checkpointing_run(out / "taken", suspended)
+
+
+def checkpointing_run(run_dir: Path, save_with) -> dict:
+    """outcome() of a 3-iteration run with a checkpoint after each, its torch.save calls going through
+    `save_with(torch.save, obj, f, ...)`."""
+    save = torch.save
+    torch.save = lambda *a, **k: save_with(save, *a, **k)
     try:
-        return outcome(["--iterations", "3", "--output-dir", str(out / "taken"), "--log-every", "0",
-                        "--checkpoint-every", "1", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
+        return outcome(["--iterations", "3", "--output-dir", str(run_dir), "--log-every", "0", "--checkpoint-every",
+                        "1", "--save-weights", "false", "--eval-samples-per-prompt", "8"])
     finally:
         torch.save = save
 
