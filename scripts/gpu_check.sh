@@ -31,10 +31,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # no stale tables
 rm -f "$OUT"/{timing,timing_full_depth,levers,levers_merged,levers_full_depth}.md "$OUT/smoke_lines.txt"
-PY=${PYTHON:-$(for py in python python3; do command -v $py > /dev/null && $py -c "import torch" 2> /dev/null &&
-  { command -v $py; break; }; done)}
-[[ -n $PY ]] || { echo "neither python nor python3 imports torch here: set PYTHON=/path/to/python"; exit 1; }
-export PYTHON=$PY
+. scripts/python.sh  # PY
 CONFIG=${GPU_CHECK_TIMING_CONFIG:-flux-dev}
 DEPTH=${GPU_CHECK_DEPTH:-19 38}
 PARTS=" ${GPU_CHECK_PARTS:-1 2 3} "

@@ -17,10 +17,7 @@
 # through it too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(for py in python python3; do command -v $py > /dev/null && $py -c "import torch" 2> /dev/null &&
-  { command -v $py; break; }; done)}
-[[ -n $PY ]] || { echo "neither python nor python3 imports torch here: set PYTHON=/path/to/python"; exit 1; }
-export PYTHON=$PY
+. scripts/python.sh  # PY
 OUT=${1:-runs/gpu_smoke}
 mkdir -p "$OUT"
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
