@@ -208,9 +208,11 @@ REWARD_FILES = {"hpsv2": ("HPS_v2.1_compressed.pt",), "pickscore": ("PickScore_v
 
 def reward_digest(spec: Optional[str], root: Optional[str] = None) -> Optional[str]:
     """A fingerprint of the learned reward weights `spec` ("pickscore", "hpsv2:1,clip:0.5") reads from --reward-dir:
-    each file's name, size and the SHA-256 of its first and last MiB (hashing GBs of weights whole would take a
-    minute); hidden files (`hf download`'s .cache, its timestamps) are left out. None without a learned reward (or
-    without a reward: a registered model's own), or while one is missing (loading it says what to fetch)."""
+    each file's name, size and the SHA-256 of its first and last MiB and of a 4 KiB page at every MiB between
+    (hashing GBs of weights whole would take a minute): other weights of the same size differ in every page of a
+    tensor they change, so only a change to tensors under a MiB in the middle of a file goes unseen. Hidden files
+    (`hf download`'s .cache, its timestamps) are left out. None without a learned reward (or without a reward: a
+    registered model's own), or while one is missing (loading it says what to fetch)."""
     names = [name for name in (item.strip().partition(":")[0] for item in (spec or "").split(","))
              if name in REWARD_FILES]
     root, digest = reward_dir(root), hashlib.sha256()
@@ -225,7 +227,9 @@ def reward_digest(spec: Optional[str], root: Optional[str] = None) -> Optional[s
                 size = f.stat().st_size
                 digest.update(f"{name} {f.relative_to(root)} {size}\n".encode())
                 with open(f, "rb") as data:
-                    digest.update(data.read(2 ** 20))
+                    for start in (0, *range(2 ** 20, size - 2 ** 20, 2 ** 20)):
+                        data.seek(start)
+                        digest.update(data.read(2 ** 20 if start == 0 else 2 ** 12))
                     data.seek(max(size - 2 ** 20, 0))
                     digest.update(data.read(2 ** 20))
     return digest.hexdigest() if names else None

@@ -283,7 +283,8 @@ def test_a_registered_models_reward_is_checked_and_named_by_its_model(tmp_path):
 
 def test_the_reward_digest_fingerprints_the_weights_not_where_they_lie(tmp_path):
     """What a checkpoint records of its reward models (rewards.reward_digest): the same files at another path, with
-    `hf download`'s hidden metadata rewritten, read alike; other weights (a byte at the end of a large file) do not."""
+    `hf download`'s hidden metadata rewritten, read alike; other weights do not: a byte changed at the end of a large
+    file, or a MiB changed in its middle (a tensor of a fine-tune that left the first and last MiB alone)."""
     import shutil
     root = save_tiny_clip_rewards(tmp_path / "a")
     digest = rewards.reward_digest("pickscore", str(root))
@@ -296,13 +297,17 @@ def test_the_reward_digest_fingerprints_the_weights_not_where_they_lie(tmp_path)
     assert rewards.reward_digest(None, str(root)) is None  # a registered model's own reward
     hps = root / "HPS_v2.1_compressed.pt"
     assert rewards.reward_digest("hpsv2", str(root)) is None  # missing: its load says what to fetch
-    data = bytearray(torch.randint(0, 256, (3 * 2 ** 20,), generator=torch.Generator().manual_seed(0),
+    data = bytearray(torch.randint(0, 256, (8 * 2 ** 20,), generator=torch.Generator().manual_seed(0),
                                    dtype=torch.uint8).numpy().tobytes())
     hps.write_bytes(bytes(data))
     before = rewards.reward_digest("hpsv2", str(root))
     data[-1] ^= 1
     hps.write_bytes(bytes(data))
     assert before is not None and rewards.reward_digest("hpsv2", str(root)) != before
+    data[-1] ^= 1
+    data[7 * 2 ** 19: 9 * 2 ** 19] = bytes(2 ** 20)  # a MiB in the middle of eight, from 3.5 MiB to 4.5 MiB
+    hps.write_bytes(bytes(data))
+    assert rewards.reward_digest("hpsv2", str(root)) != before
 
 
 def test_a_resume_refuses_reward_weights_other_than_the_runs(tmp_path):
