@@ -36,6 +36,7 @@ import torch
 from common import EMA, CommonArgs, arg, gathered_group_advantages, mean_stats, sample_ode, select, static_shift
 from infra.args import parse_args
 from infra.distributed import accumulating, optimizer_step
+from infra.pipelines import pipeline_sigmas
 from infra.run import Run
 from infra.tasks import load_task
 
@@ -82,10 +83,12 @@ class Args(CommonArgs):
         if self.num_train_timesteps > self.num_steps:
             raise ValueError(f"--num-train-timesteps {self.num_train_timesteps} must be at most --num-steps "
                              f"{self.num_steps} (the nodes of the rollout schedule it draws from)")
-        # How many nodes lie above --t-min: here for the DPM flow schedule (the official config's), which no model
-        # changes; a model's own schedule (FLUX's depends on the resolution) is checked once the model has loaded
-        if self.rollout_schedule == "dpm-flow":
-            check_t_min(self, rollout_sigmas(self))
+        # How many nodes lie above --t-min, before FLUX or SD3 load (minutes): the DPM flow schedule (the official
+        # config's) depends on no model, theirs on the pipeline's config files (FLUX's also on the resolution). The
+        # other models' schedules are checked once they have loaded (seconds).
+        sigmas = rollout_sigmas(self) if self.rollout_schedule == "dpm-flow" else pipeline_sigmas(self, self.num_steps)
+        if sigmas is not None:
+            check_t_min(self, sigmas)
 
 
 PRESETS = {
@@ -238,7 +241,7 @@ def main(argv=None):
     theta_minus = EMA(policy.trainable_parameters(), args.ema_decay)  # the sampling model
     eval_ema = EMA(policy.trainable_parameters(), decay=0.9, every=8) if args.eval_ema else None
     sigmas = rollout_sigmas(args, policy).to(run.device)
-    try:  # FLUX's own schedule is known only now; before anything is written
+    try:  # the schedule of a model other than FLUX and SD3 is known only now; before anything is written
         check_t_min(args, sigmas)
     except ValueError as e:
         raise SystemExit(f"dgpo.py: {e}") from None

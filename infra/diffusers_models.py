@@ -336,14 +336,19 @@ class SD3Policy(DiffusersPolicy):
                               (self.latent_hw // cfg.patch_size) ** 2 + self.uncond["prompt_embeds"].shape[1])
 
     def sigmas(self, num_steps: int, shift: Optional[float] = None) -> torch.Tensor:
-        """The pipeline scheduler's own N-step schedule, as StableDiffusion3Pipeline and Flow-GRPO's SD3 code
-        take it (`set_timesteps(N)`): N timesteps from sigma 1 down to the scheduler's shifted sigma_min, shifted,
-        then 0. Its last nonzero sigma is near 0, unlike the FLUX/DanceGRPO `shift(linspace(1, 0, N + 1))`."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        config = {**self.scheduler_config, **({"shift": shift} if shift is not None else {})}
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        scheduler.set_timesteps(num_steps)
-        return scheduler.sigmas.double()
+        return sd3_sigmas(self.scheduler_config, num_steps, shift)
+
+
+def sd3_sigmas(scheduler_config: dict, num_steps: int, shift: Optional[float] = None) -> torch.Tensor:
+    """The SD3 pipeline scheduler's own N-step schedule, as StableDiffusion3Pipeline and Flow-GRPO's SD3 code take
+    it (`set_timesteps(N)`): N timesteps from sigma 1 down to the scheduler's shifted sigma_min, shifted, then 0. Its
+    last nonzero sigma is near 0, unlike the FLUX/DanceGRPO `shift(linspace(1, 0, N + 1))`. `shift` replaces the
+    config's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    config = {**scheduler_config, **({"shift": shift} if shift is not None else {})}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.double()
 
 
 # diffusers' own tiny test configs: FLUX.1-dev's architecture at 68k parameters, and a 1-level VAE

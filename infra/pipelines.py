@@ -19,10 +19,11 @@ from typing import Callable, Optional
 
 import torch
 
+from common import make_sigmas
 from infra import attention
 from infra.pretrained import cached_model_path
 from infra.progress import Progress
-from infra.diffusers_models import FluxPolicy, SD3Policy, pipeline_class
+from infra.diffusers_models import FluxPolicy, SD3Policy, pipeline_class, sd3_sigmas
 
 
 class CachedTextEncoder:
@@ -156,6 +157,27 @@ def text_encoder_shape(encoder, max_sequence_length: int) -> attention.Attention
         return attention.AttentionShape(cfg.num_heads, cfg.d_kv, max_sequence_length, mask="bias")
     return attention.AttentionShape(cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads,
                                     cfg.max_position_embeddings, mask="causal")
+
+
+def pipeline_sigmas(args, num_steps: int) -> Optional[torch.Tensor]:
+    """The N-step sampling schedule of --model flux / sd3 (the loaded policy's `sigmas(N, --shift)`), read from the
+    --pretrained directory's config files without loading a weight, so that DGPO checks its timestep clip as the
+    flags are parsed, not after minutes of loading. FLUX's dynamic shift needs the packed image sequence length,
+    (resolution / the VAE's factor / 2)^2; SD3's schedule is its scheduler config's. None for the other models, a
+    hub id, or config files that do not read (the load then says what is wrong)."""
+    path = Path(args.pretrained or "").expanduser()
+    if args.model not in PIPELINES or not (path / "model_index.json").is_file():
+        return None
+    try:
+        if args.model == "sd3":
+            return sd3_sigmas(json.loads((path / "scheduler" / "scheduler_config.json").read_text()), num_steps,
+                              args.shift)
+        if args.shift is not None:  # FLUX with a static shift (DanceGRPO, G2RPO)
+            return make_sigmas(num_steps, shift=args.shift)
+        levels = len(json.loads((path / "vae" / "config.json").read_text())["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return make_sigmas(num_steps, image_seq_len=(args.resolution // 2 ** (levels - 1) // 2) ** 2)
 
 
 def build_pipeline_policy(args, train: list[str], evals: list[str], keep_reference: bool, device="cpu",

@@ -324,7 +324,7 @@ BUGS = [
      "ETA {duration(spent / self.total * (self.total - self.done))}",
      "tests/test_prompt_cache.py::test_progress_lines_come_at_most_every_interval_and_never_from_a_quiet_process"),
     ("DGPO's timestep clip on the DPM flow schedule waits for the model to load", "dgpo.py",
-     "        if self.rollout_schedule == \"dpm-flow\":\n", "        if False:\n",
+     "sigmas = rollout_sigmas(self) if self.rollout_schedule", "sigmas = None if self.rollout_schedule",
      "tests/test_cli.py::test_the_timestep_clip_on_the_dpm_flow_schedule_is_checked_with_the_flags"),
     ("each process names the default --output-dir from its own clock", "infra/run.py",
      "        if default_dir:\n            self._claim_default_dir()\n", "",
@@ -454,6 +454,16 @@ BUGS = [
      "                        taken = self.lock.lost() if self.lock is not None else None\n",
      "                        taken = None\n",
      "tests/test_run_lock.py::test_a_run_whose_directory_is_taken_over_while_it_writes_final_does_not_complete_it"),
+    # the eighth session: checks before loading, the reward digest's middle
+    ("the reward digest reads only a file's first and last MiB", "infra/rewards.py",
+     "for start in (0, *range(2 ** 20, size - 2 ** 20, 2 ** 20)):", "for start in (0,):",
+     "tests/test_rewards.py::test_the_reward_digest_fingerprints_the_weights_not_where_they_lie"),
+    ("FLUX's schedule read before loading takes the VAE's factor as 2^levels", "infra/pipelines.py",
+     "args.resolution // 2 ** (levels - 1) // 2", "args.resolution // 2 ** levels // 2",
+     "tests/test_flux_pipeline.py::test_the_schedule_read_before_loading_is_the_loaded_policys"),
+    ("DGPO checks its timestep clip on FLUX's schedule only after FLUX loads", "dgpo.py",
+     'else pipeline_sigmas(self, self.num_steps)', "else None",
+     "tests/test_flux_pipeline.py::test_dgpo_checks_its_timestep_clip_on_flux_schedule_before_loading"),
 ]
 
 

@@ -137,6 +137,30 @@ def test_ode_sampling_and_decoding_equal_the_flux_pipelines_own(pipeline_dir, pr
     assert_pipeline_samples_the_same_images(policy, pipe, num_steps, guidance_scale=3.5)
 
 
+def test_the_schedule_read_before_loading_is_the_loaded_policys(pipeline_dir, prompt_files, tmp_path):
+    """`pipeline_sigmas` reads FLUX's schedule from the pipeline directory's configs (no weight loaded): it equals the
+    loaded policy's, at two resolutions (the dynamic shift follows the image's sequence length) and a static shift."""
+    for extra in ([], ["--resolution", "64"], ["--shift", "3"]):
+        args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path, *extra))
+        policy = tasks.load_task(args, keep_reference=False, log=lambda *_: None).policy
+        for n in (2, 6, 10):
+            torch.testing.assert_close(pipelines.pipeline_sigmas(args, n), policy.sigmas(n, args.shift),
+                                       rtol=0, atol=0)
+
+
+def test_dgpo_checks_its_timestep_clip_on_flux_schedule_before_loading(pipeline_dir, prompt_files, tmp_path,
+                                                                        monkeypatch):
+    """FLUX's 6-step schedule is 1, 0.892, 0.767, ... at 32 px and 1, 0.904, 0.790, ... at 64 px: --t-min 0.78 leaves
+    two nodes for three timesteps at 32 px (refused as the flags are parsed, nothing loaded) and three at 64 px."""
+    monkeypatch.setattr(pipelines, "build_pipeline_policy", lambda *a, **k: pytest.fail("loaded the pipeline"))
+    parse = lambda *extra: parse_args(dgpo.Args, dgpo.PRESETS, _flags(pipeline_dir, prompt_files, tmp_path,
+                                                                     "--t-min", "0.78", "--num-train-timesteps", "3",
+                                                                     *extra))
+    with pytest.raises(SystemExit, match=r"--t-min 0.78 leaves 2 nodes of the rollout schedule \[1.0, 0.892"):
+        parse()
+    assert parse("--resolution", "64").resolution == 64
+
+
 def test_missing_or_wrong_weights_fail_with_the_fetch_command(pipeline_dir, prompt_files, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     flags = _flags(pipeline_dir, prompt_files, tmp_path)

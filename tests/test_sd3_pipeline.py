@@ -70,6 +70,23 @@ def test_cfg_velocity_matches_the_pipelines_denoising_step(pipeline_dir, prompt_
         torch.testing.assert_close(policy.sigmas(6, shift), scheduler.sigmas.double())
 
 
+def test_the_schedule_read_before_loading_is_the_loaded_policys(pipeline_dir, prompt_file, tmp_path):
+    """`pipeline_sigmas` reads SD3's schedule from the pipeline's scheduler config (shift 2.5 here), no weight loaded:
+    it equals the loaded policy's, with and without --shift; DGPO refuses a timestep clip against it as it parses."""
+    from infra.pipelines import pipeline_sigmas
+    for extra in ([], ["--shift", "5"]):
+        args = parse_args(flow_grpo.Args, flow_grpo.PRESETS, _flags(pipeline_dir, prompt_file, tmp_path, *extra))
+        policy = _policy(pipeline_dir, prompt_file, tmp_path, *extra)
+        for n in (2, 6, 10):
+            torch.testing.assert_close(pipeline_sigmas(args, n), policy.sigmas(n, args.shift), rtol=0, atol=0)
+    args = parse_args(dgpo.Args, dgpo.PRESETS, _flags(pipeline_dir, prompt_file, tmp_path, "--t-min", "0.9",
+                                                      "--num-train-timesteps", "2"))
+    assert int((pipeline_sigmas(args, 6) >= 0.9).sum()) == 2  # 1.0 and 0.909 (6 steps at shift 2.5)
+    with pytest.raises(SystemExit, match="--t-min 0.9 leaves 2 nodes of the rollout schedule"):
+        parse_args(dgpo.Args, dgpo.PRESETS, _flags(pipeline_dir, prompt_file, tmp_path, "--t-min", "0.9",
+                                                   "--num-train-timesteps", "3"))
+
+
 def test_attention_shape_counts_image_patches_and_every_text_token(pipeline_dir, prompt_file, tmp_path):
     """What the attention kernel check runs on (infra/attention.py): 32 x 32 latents in 2 x 2 patches, and the CLIP
     (77) plus T5 (--max-sequence-length 16) tokens."""
