@@ -449,6 +449,7 @@ class Run:
         self.memory_plan = None  # --fit-memory's plan, for summary.json
         self._attention_checked = False
         self.lock = None  # the main process's RunLock on --output-dir, from the first write on
+        self._store_prefix = None  # several processes: this run's keys in the process group's key-value store
         NonFiniteError.stopping = self._stopping
         if on_main_thread:  # Ctrl-C from here on, the model's minutes of loading included: one line, not a traceback
             self._previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupted),
@@ -628,7 +629,8 @@ class Run:
             raise SystemExit(refusal)
         self.accelerator.wait_for_everyone()
         if self.accelerator.num_processes > 1:  # every process writes its part of each checkpoint into --output-dir
-            written = broadcast_object_list([text if self.is_main else None])[0]
+            written, token = broadcast_object_list([text, self.lock.me["token"]] if self.is_main else [None, None])
+            self._store_prefix = f"flowrl/{token}/"  # this run's keys in the process group's store (_failed_writes)
             config = self.out / "config.json"
             sees = torch.tensor([float(config.is_file() and config.read_text() == written)], device=self.device)
             blind = [rank for rank, ok in enumerate(self.accelerator.gather(sees).tolist()) if not ok]
@@ -720,6 +722,56 @@ class Run:
             raise SystemExit(mismatch)
         return path
 
+    @contextlib.contextmanager
+    def _failed_writes_watched(self, partial: Path):
+        """DeepSpeed, several processes: a checkpoint write that fails on one process alone leaves the others waiting
+        in the closing barrier of DeepSpeed's `save_checkpoint`, a collective the failed process never joins, so
+        `_agree` cannot reach them (they would wait there for --dist-timeout-minutes). Inside this block, the process
+        whose write failed stops alone through the function it yields: it posts its line in the process group's
+        key-value store (no collective) and stops. A thread on every process watches that key and stops its process
+        with the posted line wherever it waits (os._exit: the barrier never returns); the main process removes the
+        half-written checkpoint, lets go of its lock and prints the line first. Elsewhere (DDP, FSDP2, whose sharded
+        save raises on every process) it yields None: the processes agree (`_agree`)."""
+        from accelerate.utils import DistributedType
+        if self._store_prefix is None or self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            yield None
+            return
+        store = torch.distributed.distributed_c10d._get_default_store()
+        key = f"{self._store_prefix}write-failed/{partial.name}"
+        done = threading.Event()  # set before this process posts: it stops on its own line, not the thread
+
+        def watch():
+            while not done.wait(0.5):
+                try:
+                    posted = store.check([key]) and not done.is_set()
+                    line = store.get(key).decode() if posted else None
+                except Exception:  # (the store gone: a process that hosted it has ended; nothing left to watch)
+                    return
+                if posted:
+                    if self.is_main:
+                        shutil.rmtree(partial, ignore_errors=True)
+                        if self.lock is not None:
+                            self.lock.release()
+                        print(line, file=sys.stderr, flush=True)
+                    sys.stdout.flush()
+                    os._exit(1)
+
+        def stop_alone(what: str):
+            done.set()
+            with contextlib.suppress(Exception):  # (no store to post to: the others wait, as without this watch)
+                store.set(key, what + self._resume_hint())
+            if self.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+            self._stop(what, 1)
+
+        thread = threading.Thread(target=watch, name="failed-write watch", daemon=True)
+        thread.start()
+        try:
+            yield stop_alone
+        finally:
+            done.set()
+            thread.join()
+
     def save_checkpoint(self, iterations_done: int):
         """<output_dir>/checkpoints/checkpoint-N: accelerate's state (model, optimizer, every process's RNGs), each
         process's run state (generators, EMA, counters, the before-evaluation), and the weights in the format
@@ -729,21 +781,27 @@ class Run:
         if self.is_main and path.exists():  # half checkpoint that `latest` would pick
             shutil.rmtree(path)
         self.accelerator.wait_for_everyone()
-        with WriteFailure(self.out) as writing:  # every process's part (a full disk, a quota: one line, below)
-            self.accelerator.save_state(str(path))
-            state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
-                     for name, obj in self.state.items()}
-            progress = {"algorithm": self.algorithm, "iteration": iterations_done, "nfe": dict(self.task.policy.nfe),
-                        "before": self.before, "fingerprint_before": self.fingerprint_before,
-                        "toy_samples_before": self.toy_samples.get("before"), "eval_seconds": self.eval_seconds,
-                        "elapsed": self.elapsed_before + time.time() - self.start_time}
-            torch.save({"state": state, "progress": progress}, path / f"run_state_{self.accelerator.process_index}.pt")
-            if self.is_main:  # what a resume compares its prompts, --pretrained and rewards with (inputs_changed)
-                (path / "inputs.json").write_text(json.dumps({
-                    "train": prompt_digest(self.task.train_prompts), "eval": prompt_digest(self.task.eval_prompts),
-                    "base": base_digest(self.args.pretrained),
-                    "rewards": reward_digest(reward_spec(self.args), self.args.reward_dir)}))
-        error = self._agree(writing.error)
+        with self._failed_writes_watched(path) as stop_alone:  # (DeepSpeed; None elsewhere)
+            with WriteFailure(self.out) as writing:  # every process's part (a full disk, a quota: one line, below)
+                self.accelerator.save_state(str(path))
+                state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                         for name, obj in self.state.items()}
+                progress = {"algorithm": self.algorithm, "iteration": iterations_done,
+                            "nfe": dict(self.task.policy.nfe), "before": self.before,
+                            "fingerprint_before": self.fingerprint_before,
+                            "toy_samples_before": self.toy_samples.get("before"), "eval_seconds": self.eval_seconds,
+                            "elapsed": self.elapsed_before + time.time() - self.start_time}
+                torch.save({"state": state, "progress": progress},
+                           path / f"run_state_{self.accelerator.process_index}.pt")
+                if self.is_main:  # what a resume compares its prompts, --pretrained and rewards with (inputs_changed)
+                    (path / "inputs.json").write_text(json.dumps({
+                        "train": prompt_digest(self.task.train_prompts), "eval": prompt_digest(self.task.eval_prompts),
+                        "base": base_digest(self.args.pretrained),
+                        "rewards": reward_digest(reward_spec(self.args), self.args.reward_dir)}))
+            if writing.error is not None and stop_alone is not None:
+                stop_alone(f"could not write checkpoint {final}: process {self.accelerator.process_index}: "
+                           f"{writing.error}")
+            error = self._agree(writing.error)
         if error is None:
             state = gathered_state_dict(self.task.policy)  # every process: FSDP gathers the weights collectively
             with WriteFailure(self.out) as writing:

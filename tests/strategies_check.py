@@ -12,6 +12,7 @@ gradient-norm clip; sharded `save_state` / `load_state`; the full state dict gat
 Not covered: NCCL, CUDA memory, GPU kernels (the --compile run generates C++ for the CPU, not GPU kernels).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/strategies_check.py {ddp,fsdp,deepspeed} OUT PIPELINE
+    python -m torch.distributed.run --nproc_per_node 2 tests/strategies_check.py deepspeed-full-disk OUT {1,0,1}
 """
 
 import json
@@ -120,10 +121,20 @@ def main(strategy: str, out: Path, pipeline: Path):
     from accelerate.state import AcceleratorState
     (out / f"distributed_type_{os.environ['RANK']}.json").write_text(
         json.dumps(str(AcceleratorState().distributed_type)))
-    # a full disk on process 1 alone; under DeepSpeed on both (its save waits in its own closing barrier for a process
-    # that failed alone: docs/usage.md)
-    full = (0, 1) if strategy == "deepspeed" else (1,)
-    (out / f"full_disk_{os.environ['RANK']}.json").write_text(json.dumps(full_disk(out, tiny, full)))
+    # a full disk on process 1 alone (DeepSpeed's own launch: `deepspeed_full_disk`, below)
+    if strategy != "deepspeed":
+        (out / f"full_disk_{os.environ['RANK']}.json").write_text(json.dumps(full_disk(out, tiny, (1,))))
+
+
+def deepspeed_full_disk(out: Path, ranks: tuple[int, ...]):
+    """A full disk on `ranks` under DeepSpeed, in a launch of its own: a process that did not fail is stopped by the
+    failed one's line from the key-value store (Run._failed_writes_watched), with os._exit, so it writes no result
+    and no later run could follow in this launch."""
+    switch_strategy_on_cpu("deepspeed")
+    quiet = ["--log-every", "0", "--eval-samples-per-prompt", "2", "--eval-ema", "false"]
+    # a process left waiting in a collective fails after a minute, not --dist-timeout-minutes' default 120
+    result = full_disk(out, ["--model", "tiny-flux", *quiet, "--dist-timeout-minutes", "1"], ranks)
+    (out / f"full_disk_{os.environ['RANK']}.json").write_text(json.dumps(result))
 
 
 def full_disk(out: Path, tiny: list[str], ranks: tuple[int, ...]) -> dict:
@@ -157,4 +168,7 @@ def full_disk(out: Path, tiny: list[str], ranks: tuple[int, ...]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    if sys.argv[1] == "deepspeed-full-disk":  # ... deepspeed-full-disk OUT RANKS (e.g. 1, or 0,1)
+        deepspeed_full_disk(Path(sys.argv[2]), tuple(int(r) for r in sys.argv[3].split(",")))
+    else:
+        main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))

@@ -7,6 +7,7 @@ installs it; see docs/multi-gpu.md)."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,13 +162,12 @@ def test_compiled_blocks_train_as_eager_ones_under_each_strategy(runs, strategy)
     assert largest <= 2 * dgpo.PRESETS["tiny-flux"]["learning_rate"]  # (NaN fails here too)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_full_disk_on_one_process_stops_every_process_with_its_line(runs, strategy):
     """Process 1 alone cannot write its part of checkpoint-2 (strategies_check.py): under FSDP2 the sharded save
     raises a CheckpointException (a BaseException) on every process, under DDP process 1's RNG state fails alone.
     Both processes stop with the same line, naming process 1 under FSDP2; the half checkpoint goes, checkpoint-1
-    stays. DeepSpeed's save waits in its closing barrier for a process that failed alone (docs/usage.md): there the
-    disk is full for both processes, and both stop together."""
+    stays. (DeepSpeed: the next test.)"""
     results = [json.loads((runs[strategy] / f"full_disk_{rank}.json").read_text()) for rank in (0, 1)]
     checkpoints = runs[strategy] / "full_disk" / "checkpoints"
     assert [r["status"] for r in results] == [1, 1] and results[0]["message"] == results[1]["message"]
@@ -176,6 +176,37 @@ def test_a_full_disk_on_one_process_stops_every_process_with_its_line(runs, stra
     assert ("process 1: File too large" if strategy == "fsdp" else "unexpected pos") in line, line
     assert f"last checkpoint {checkpoints / 'checkpoint-1'}; resume: " in line
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-1"]
+
+
+@pytest.mark.skipif("deepspeed" not in STRATEGIES, reason="deepspeed is not installed")
+@pytest.mark.parametrize("ranks", ["1", "0,1"])
+def test_a_deepspeed_checkpoint_that_fails_on_one_process_stops_every_process(ranks, tmp_path):
+    """DeepSpeed ZeRO-2, the disk full for process 1 alone from checkpoint-2 on (or for both): process 0 has written
+    its part and waits in the closing barrier of DeepSpeed's save_checkpoint, which process 1 never reaches. Process
+    1 posts its line in the process group's store and stops; process 0's watch reads it there and stops it (without
+    it, process 0 waited for --dist-timeout-minutes, 120). The launch ends with the line printed once, exit status
+    1, checkpoint-1 kept and the half checkpoint-2 gone. With the disk full for both, either line, printed once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "strategies_check.py"), "deepspeed-full-disk", str(tmp_path), ranks]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoints = tmp_path / "full_disk" / "checkpoints"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("could not write checkpoint")]
+    assert len(lines) == 1, proc.stderr[-4000:]  # the main process's line
+    line = re.compile(rf"could not write checkpoint {re.escape(str(checkpoints / 'checkpoint-2'))}: process "
+                      rf"{'1' if ranks == '1' else '[01]'}: RuntimeError: .*unexpected pos.*; last checkpoint "
+                      rf"{re.escape(str(checkpoints / 'checkpoint-1'))}; resume: launch ")
+    assert line.match(lines[0]), lines[0]
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-1"]
+    assert not (tmp_path / "full_disk" / "run.lock").exists()  # let go of, also by a process the watch stopped
+    # each process stopped on its own failed write (its line its result, status 1), or was stopped by the watch where
+    # it waited (os._exit(1): no result, and the launch's exit status 1)
+    results = {rank: json.loads(path.read_text()) for rank in (0, 1)
+               if (path := tmp_path / f"full_disk_{rank}.json").exists()}
+    assert all(r["status"] == 1 and line.match(r["message"]) for r in results.values()), results
+    assert len(results) == 2 or proc.returncode == 1, (results, proc.returncode)
+    if ranks == "1":  # process 0 wrote its part and waited in DeepSpeed's barrier: only the watch could stop it
+        assert list(results) == [1] and results[1]["message"] == lines[0]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
