@@ -237,6 +237,7 @@ def reward_digest(spec: Optional[str], root: Optional[str] = None) -> Optional[s
 
 REWARDS: dict[str, Callable] = {"toy_mode": toy_mode_reward, "mean_color": mean_color_reward,
                                 "geneval": geneval_reward}  # the programmatic rewards: no weights to load
+BUILT_IN_REWARDS = frozenset(REWARDS)  # the others in REWARDS are registered (register_reward)
 
 
 def _shapes_prompt(prompt: str):

@@ -21,7 +21,7 @@ import torch
 from common import TOY_NUM_MODES, Policy, Toy2DPolicy, check_finite, sample_ode, toy_on_manifold
 from infra.diffusers_models import build_tiny_flux
 from infra.progress import LOG_INTERVAL, Progress
-from infra.rewards import COLORS, CheckedReward, get_reward
+from infra.rewards import BUILT_IN_REWARDS, COLORS, REWARDS, CheckedReward, get_reward
 
 
 @dataclass
@@ -208,6 +208,7 @@ def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[
         raise ValueError(f"unknown model {args.model!r}; available: {', '.join(MODELS + tuple(CUSTOM_MODELS))}")
     # The reward first: a missing reward model (or its package) stops the run before minutes of model loading
     reward = get_reward(reward_spec(args), device, args.reward_dir)
+    probe_registered_rewards(args, train or [], device)
     if args.model == "toy2d":
         return Task(toy2d_policy(keep_reference, device, log), reward, *default_prompts("toy2d"),
                     {"on_manifold": toy_on_manifold})
@@ -229,6 +230,31 @@ def _build(args, keep_reference: bool, device="cpu", log=print, train: Optional[
                          f"--eval-prompts)")
     policy = build_pipeline_policy(args, train, evals, keep_reference, device, log)
     return Task(policy, reward, train, evals, grid_prompts=evals[:4])  # samples_{before,after}.png: 4 eval prompts
+
+
+def probe_registered_rewards(args, prompts: list[str], device="cpu"):
+    """A reward of your own (`register_reward`) is called once, before the model loads, on two random samples of what
+    the model makes (toy2d: 2D points; the others: images in [0, 1] at the run's resolution) with two of the run's
+    prompts: one that returns something else than one number per sample (CheckedReward) stops the run now, not after
+    minutes of loading and the first evaluation batch. The built-in rewards are checked with the flags."""
+    names = [item.strip().partition(":")[0] for item in reward_spec(args).split(",")]
+    registered = [name for name in names if name in REWARDS and name not in BUILT_IN_REWARDS]
+    if not registered or not prompts:
+        return
+    generator = torch.Generator().manual_seed(0)
+    size = args.resolution
+    if args.model == "shapes":  # (its base makes 32 px images, whatever --resolution says)
+        from infra import shapes
+        size = shapes.IMAGE_SIZE
+    samples = (torch.randn(2, 2, generator=generator) if args.model == "toy2d" else
+               torch.rand(2, 3, size, size, generator=generator)).to(device)
+    what = "2D points" if args.model == "toy2d" else f"{size} px images"
+    for name in registered:
+        try:
+            CheckedReward(REWARDS[name], f"reward {name!r}")(samples, (list(prompts) * 2)[:2])
+        except SystemExit as e:
+            raise SystemExit(f"{e} (called on 2 random {what} and 2 of the run's prompts, before the model loads)") \
+                from None
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4,

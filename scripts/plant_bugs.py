@@ -468,6 +468,9 @@ BUGS = [
      "        if self._store_prefix is None or self.accelerator.distributed_type != DistributedType.DEEPSPEED:\n",
      "        if True:\n",
      "tests/test_strategies.py::test_a_deepspeed_checkpoint_that_fails_on_one_process_stops_every_process"),
+    ("a registered reward is first called after the model loads", "infra/tasks.py",
+     "    probe_registered_rewards(args, train or [], device)\n", "",
+     "tests/test_rewards.py::test_a_registered_reward_of_the_wrong_shape_stops_the_run_before_the_model_loads"),
 ]
 
 

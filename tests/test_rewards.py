@@ -221,18 +221,34 @@ def test_a_reward_that_does_not_return_one_number_per_sample_stops_with_its_name
             check(fn)
 
 
-def test_a_registered_reward_of_the_wrong_shape_stops_the_run_before_training(tmp_path):
-    """End to end: a registered reward that scores each colour channel is refused at the first evaluation, with
-    its name, not as a reshape error inside the method."""
+@pytest.mark.parametrize("model, made", [("toy2d", "2D points"), ("tiny-flux", "32 px images")])
+def test_a_registered_reward_of_the_wrong_shape_stops_the_run_before_the_model_loads(model, made, tmp_path,
+                                                                                    monkeypatch):
+    """End to end: a registered reward that returns two numbers per sample is refused with its name, not as a reshape
+    error inside the method, and before the model loads (a FLUX load takes minutes): it is called once on two random
+    samples of what the model makes, with the run's prompts. (One of the right shape passes that call and trains:
+    the next test.)"""
     import flow_grpo
-    from common import toy_mode_reward
-    rewards.register_reward("per_channel", lambda x, p: toy_mode_reward(x, p)[:, None].expand(-1, 3))
+    from infra import tasks
+    seen = []
+
+    def two_numbers(x, p):
+        seen.append((tuple(x.shape), list(p)))
+        return x.flatten(1)[:, :2]
+
+    rewards.register_reward("two_numbers", two_numbers)
+    monkeypatch.setattr(tasks, "toy2d_policy", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(tasks, "build_tiny_flux", lambda *a, **k: pytest.fail("loaded the model"))
     try:
-        with pytest.raises(SystemExit, match=r"reward 'per_channel' returned shape \(32, 3\)"):
-            flow_grpo.main(["--reward", "per_channel", "--iterations", "1", "--eval-samples-per-prompt", "4",
+        with pytest.raises(SystemExit, match=rf"reward 'two_numbers' returned shape \(2, 2\) for 2 samples; .* \(called "
+                                             rf"on 2 random {made} and 2 of the run's prompts, before the model loads"):
+            flow_grpo.main(["--model", model, "--reward", "two_numbers", "--iterations", "1",
                             "--output-dir", str(tmp_path / "run")])
     finally:
-        del rewards.REWARDS["per_channel"]
+        del rewards.REWARDS["two_numbers"]
+    prompts = tasks.default_prompts(model)[0][:2]
+    assert seen == [((2, 2) if model == "toy2d" else (2, 3, 32, 32), prompts)]
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_usage_pages_own_reward_example_trains_toward_its_reward(tmp_path, monkeypatch, capsys):
