@@ -251,7 +251,8 @@ def probe_registered_rewards(args, prompts: list[str], device="cpu"):
     what = "2D points" if args.model == "toy2d" else f"{size} px images"
     for name in registered:
         try:
-            CheckedReward(REWARDS[name], f"reward {name!r}")(samples, (list(prompts) * 2)[:2])
+            with torch.no_grad():
+                CheckedReward(REWARDS[name], f"reward {name!r}")(samples, (list(prompts) * 2)[:2])
         except SystemExit as e:
             raise SystemExit(f"{e} (called on 2 random {what} and 2 of the run's prompts, before the model loads)") \
                 from None
