@@ -730,8 +730,9 @@ class Run:
         whose write failed stops alone through the function it yields: it posts its line in the process group's
         key-value store (no collective) and stops. A thread on every process watches that key and stops its process
         with the posted line wherever it waits (os._exit: the barrier never returns); the main process removes the
-        half-written checkpoint, lets go of its lock and prints the line first. Elsewhere (DDP, FSDP2, whose sharded
-        save raises on every process) it yields None: the processes agree (`_agree`)."""
+        half-written checkpoint, lets go of its lock and prints the line first. No process exits before every process
+        has read the line (`everyone_knows`). Elsewhere (DDP, FSDP2, whose sharded save raises on every process) it
+        yields None: the processes agree (`_agree`)."""
         from accelerate.utils import DistributedType
         if self._store_prefix is None or self.accelerator.distributed_type != DistributedType.DEEPSPEED:
             yield None
@@ -740,8 +741,17 @@ class Run:
         key = f"{self._store_prefix}write-failed/{partial.name}"
         done = threading.Event()  # set before this process posts: it stops on its own line, not the thread
 
+        def everyone_knows(timeout: float = 30.0):
+            """Count this process in, then wait until every process has (at most `timeout` s): one that exited first
+            would break the others' wait in the barrier ("Connection closed by peer") before they read the line."""
+            with contextlib.suppress(Exception):  # (the store gone with a process that hosted it)
+                store.add(f"{key}/known", 1)
+                deadline = time.time() + timeout
+                while store.add(f"{key}/known", 0) < self.accelerator.num_processes and time.time() < deadline:
+                    time.sleep(0.05)
+
         def watch():
-            while not done.wait(0.5):
+            while not done.wait(0.2):
                 try:
                     posted = store.check([key]) and not done.is_set()
                     line = store.get(key).decode() if posted else None
@@ -753,6 +763,7 @@ class Run:
                         if self.lock is not None:
                             self.lock.release()
                         print(line, file=sys.stderr, flush=True)
+                    everyone_knows()
                     sys.stdout.flush()
                     os._exit(1)
 
@@ -760,6 +771,7 @@ class Run:
             done.set()
             with contextlib.suppress(Exception):  # (no store to post to: the others wait, as without this watch)
                 store.set(key, what + self._resume_hint())
+            everyone_knows()
             if self.is_main:
                 shutil.rmtree(partial, ignore_errors=True)
             self._stop(what, 1)
