@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from infra.rewards import LEARNED_REWARDS, POINT_REWARDS, PROMPT_PARSERS, reward_names
+from infra.rewards import LEARNED_REWARDS, POINT_REWARDS, PROMPT_PARSERS, reward_names, spec_names
 from infra.tasks import (CUSTOM_MODELS, DEFAULT_REWARDS, MODELS, default_prompts, read_prompts, reward_spec,
                          run_prompts)
 
@@ -116,7 +116,7 @@ def check_reward_fits(args, files: dict[str, list[str]]):
     first reward call, after the model loads."""
     if args.model not in DEFAULT_REWARDS:  # a registered model: its own rewards
         return
-    names = [item.partition(":")[0].strip() for item in reward_spec(args).split(",")]
+    names = spec_names(reward_spec(args))
     for name in names:
         points = name in POINT_REWARDS
         if (args.model == "toy2d") != points and (points or name in PROMPT_PARSERS or name in LEARNED_REWARDS):

@@ -253,7 +253,7 @@ class FluxPolicy(DiffusersPolicy):
             raise ValueError(f"resolution {resolution} gives an odd latent size {latent_hw}; FLUX packs 2x2 patches")
         super().__init__(transformer, vae, text_encoder, resolution, guidance_scale, lora_rank, lora_alpha,
                          keep_reference, device)
-        self.image_seq_len = (latent_hw // 2) ** 2
+        self.image_seq_len = flux_image_seq_len(resolution, len(vae.config.block_out_channels))
         self.img_ids = flux_image_ids(latent_hw // 2).to(device)
         self.txt_ids = torch.zeros(text_encoder.seq_len, 3, device=device)
 
@@ -337,6 +337,13 @@ class SD3Policy(DiffusersPolicy):
 
     def sigmas(self, num_steps: int, shift: Optional[float] = None) -> torch.Tensor:
         return sd3_sigmas(self.scheduler_config, num_steps, shift)
+
+
+def flux_image_seq_len(resolution: int, vae_levels: int) -> int:
+    """FLUX's packed image sequence length, which sets its dynamic shift: the VAE halves the image at each of its
+    levels after the first (8x for FLUX.1-dev's 4), then the transformer packs 2x2 latent patches into one token
+    (1024 tokens at 512 px)."""
+    return (resolution // 2 ** (vae_levels - 1) // 2) ** 2
 
 
 def sd3_sigmas(scheduler_config: dict, num_steps: int, shift: Optional[float] = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from common import make_sigmas
 from infra import attention
 from infra.pretrained import cached_model_path
 from infra.progress import Progress
-from infra.diffusers_models import FluxPolicy, SD3Policy, pipeline_class, sd3_sigmas
+from infra.diffusers_models import FluxPolicy, SD3Policy, flux_image_seq_len, pipeline_class, sd3_sigmas
 
 
 class CachedTextEncoder:
@@ -177,7 +177,7 @@ def pipeline_sigmas(args, num_steps: int) -> Optional[torch.Tensor]:
         levels = len(json.loads((path / "vae" / "config.json").read_text())["block_out_channels"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return make_sigmas(num_steps, image_seq_len=(args.resolution // 2 ** (levels - 1) // 2) ** 2)
+    return make_sigmas(num_steps, image_seq_len=flux_image_seq_len(args.resolution, levels))
 
 
 def build_pipeline_policy(args, train: list[str], evals: list[str], keep_reference: bool, device="cpu",

@@ -206,6 +206,11 @@ REWARD_FILES = {"hpsv2": ("HPS_v2.1_compressed.pt",), "pickscore": ("PickScore_v
                 "clip": ("clip-vit-large-patch14",), "imagereward": ("ImageReward.pt", "med_config.json")}
 
 
+def spec_names(spec: Optional[str]) -> list[str]:
+    """The reward names of a --reward spec ("hpsv2:1,clip:0.5" -> ["hpsv2", "clip"]), as `get_reward` reads them."""
+    return [item.strip().partition(":")[0] for item in (spec or "").split(",")]
+
+
 def reward_digest(spec: Optional[str], root: Optional[str] = None) -> Optional[str]:
     """A fingerprint of the learned reward weights `spec` ("pickscore", "hpsv2:1,clip:0.5") reads from --reward-dir:
     each file's name, size and the SHA-256 of its first and last MiB and of a 4 KiB page at every MiB between
@@ -213,8 +218,7 @@ def reward_digest(spec: Optional[str], root: Optional[str] = None) -> Optional[s
     tensor they change, so only a change to tensors under a MiB in the middle of a file goes unseen. Hidden files
     (`hf download`'s .cache, its timestamps) are left out. None without a learned reward (or without a reward: a
     registered model's own), or while one is missing (loading it says what to fetch)."""
-    names = [name for name in (item.strip().partition(":")[0] for item in (spec or "").split(","))
-             if name in REWARD_FILES]
+    names = [name for name in spec_names(spec) if name in REWARD_FILES]
     root, digest = reward_dir(root), hashlib.sha256()
     for name in names:
         for part in REWARD_FILES[name]:

@@ -21,7 +21,7 @@ import torch
 from common import TOY_NUM_MODES, Policy, Toy2DPolicy, check_finite, sample_ode, toy_on_manifold
 from infra.diffusers_models import build_tiny_flux
 from infra.progress import LOG_INTERVAL, Progress
-from infra.rewards import BUILT_IN_REWARDS, COLORS, REWARDS, CheckedReward, get_reward
+from infra.rewards import BUILT_IN_REWARDS, COLORS, REWARDS, CheckedReward, get_reward, spec_names
 
 
 @dataclass
@@ -237,8 +237,7 @@ def probe_registered_rewards(args, prompts: list[str], device="cpu"):
     the model makes (toy2d: 2D points; the others: images in [0, 1] at the run's resolution) with two of the run's
     prompts: one that returns something else than one number per sample (CheckedReward) stops the run now, not after
     minutes of loading and the first evaluation batch. The built-in rewards are checked with the flags."""
-    names = [item.strip().partition(":")[0] for item in reward_spec(args).split(",")]
-    registered = [name for name in names if name in REWARDS and name not in BUILT_IN_REWARDS]
+    registered = [name for name in spec_names(reward_spec(args)) if name in REWARDS and name not in BUILT_IN_REWARDS]
     if not registered or not prompts:
         return
     generator = torch.Generator().manual_seed(0)

@@ -71,6 +71,10 @@ def switch_strategy_on_cpu(strategy: str):
     accelerate.Accelerator.__init__ = strategy_init
 
 
+# the trained weights are compared (not an evaluation EMA, which 2-3 iterations never update)
+QUIET = ["--log-every", "0", "--eval-samples-per-prompt", "2", "--eval-ema", "false"]
+
+
 def corner_red(images, prompts):
     """The bf16 run's reward: the red of the top-left 4 x 4 pixels."""
     return images.float()[:, 0, :4, :4].mean(dim=(1, 2))
@@ -83,9 +87,7 @@ def main(strategy: str, out: Path, pipeline: Path):
 
     import dgpo
     import flow_grpo
-    # the trained weights are compared (not an evaluation EMA, which 2-3 iterations never update)
-    quiet = ["--log-every", "0", "--eval-samples-per-prompt", "2", "--eval-ema", "false"]
-    tiny = ["--model", "tiny-flux", *quiet]
+    tiny = ["--model", "tiny-flux", *QUIET]
     # full fine-tuning: every weight sharded; 3 iterations with a checkpoint after each
     flow_grpo.main([*tiny, "--lora-rank", "0", "--iterations", "3", "--checkpoint-every", "1",
                     "--output-dir", str(out / "flow_full")])
@@ -116,7 +118,7 @@ def main(strategy: str, out: Path, pipeline: Path):
     dist.barrier()
     flow_grpo.main(["--preset", "tiny-flux", "--model", "flux", "--pretrained", str(pipeline), "--train-prompts",
                     str(prompts), "--reward", "corner_red", "--max-sequence-length", "16", "--mixed-precision", "bf16",
-                    "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "1", *quiet,
+                    "--lora-rank", "8", "--iterations", "2", "--checkpoint-every", "1", *QUIET,
                     "--output-dir", str(out / "flux_bf16_lora")])
     from accelerate.state import AcceleratorState
     (out / f"distributed_type_{os.environ['RANK']}.json").write_text(
@@ -131,9 +133,8 @@ def deepspeed_full_disk(out: Path, ranks: tuple[int, ...]):
     failed one's line from the key-value store (Run._failed_writes_watched), with os._exit, so it writes no result
     and no later run could follow in this launch."""
     switch_strategy_on_cpu("deepspeed")
-    quiet = ["--log-every", "0", "--eval-samples-per-prompt", "2", "--eval-ema", "false"]
     # a process left waiting in a collective fails after a minute, not --dist-timeout-minutes' default 120
-    result = full_disk(out, ["--model", "tiny-flux", *quiet, "--dist-timeout-minutes", "1"], ranks)
+    result = full_disk(out, ["--model", "tiny-flux", *QUIET, "--dist-timeout-minutes", "1"], ranks)
     (out / f"full_disk_{os.environ['RANK']}.json").write_text(json.dumps(result))
 
 
